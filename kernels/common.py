@@ -1,0 +1,98 @@
+"""Pieces shared by the forward and backward launchers.
+
+Layout inside every kernel ("packed GQA"): the Hq = Hkv * G query heads that share one KV head are
+folded into the row axis. Row r of KV head hkv is query position i = r // G of query head
+hkv * G + r % G, so one program loads each K/V tile once for the whole group (decode steps with
+Sq = 1 still fill a block of rows), and dk/dv come out already summed over the group.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    return not interpreting() and os.environ.get("PREFIXATTN_AUTOTUNE", "1") != "0"
+
+
+def poisoning() -> bool:
+    """PREFIXATTN_POISON=1 fills every kernel output with NaN before launch (tests and debugging):
+    an element the kernel forgot to write then shows up instead of hiding as stale memory."""
+    return os.environ.get("PREFIXATTN_POISON", "0") == "1"
+
+
+def alloc(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    if poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
+def block_d(head_dim: int) -> int:
+    # tl.dot needs every dimension >= 16; the padded columns load as zeros and do not change
+    # any dot product.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def block_p(num_prefix: int, block_n: int) -> int:
+    """Key block for the prefix: no wider than the prefix (P = 16 should not pay for 64 columns)."""
+    return max(16, min(block_n, triton.next_power_of_2(max(num_prefix, 1))))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (users ask for fp32 to match a reference to 1e-4);
+    # half inputs ignore this and use the tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def bucket(n: int) -> int:
+    """Autotune key bucket: the next power of two, so decode steps (Sk grows by one) reuse a tuning."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int, int]:
+    """(row, head, slot, dim) strides; a shared (Hkv, P, D) prefix has row stride 0."""
+    if prefix.dim() == 3:
+        return (0, *prefix.stride())
+    return tuple(prefix.stride())
+
+
+def dummy(t: torch.Tensor) -> torch.Tensor:
+    """A valid pointer for an absent optional tensor (the kernel never reads it)."""
+    return t
+
+
+@triton.jit
+def tanh(x):
+    # tanh through exp2 (no libdevice, so it also runs under the interpreter); saturates cleanly
+    # to +-1 for large |x|.
+    e = tl.math.exp2(x * 2.8853900817779268)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = [
+    "LOG2E", "LN2", "interpreting", "autotune_enabled", "poisoning", "alloc", "block_d", "block_p",
+    "dot_precision", "num_sms", "bucket", "prefix_strides", "dummy", "tanh", "ceil_div", "math",
+]

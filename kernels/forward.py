@@ -1,0 +1,264 @@
+"""Forward kernel: one online softmax over the prefix blocks, then the sequence blocks.
+
+For a block of packed rows (see common.py) of KV head hkv in batch row b:
+
+    stage 1  prefix:   for each block of prefix slots (all visible)       s = scale * q . pk
+    stage 2  sequence: blocks every row sees in full (no causal mask)     s = scale * q . k
+    stage 3  sequence: the diagonal blocks, causal mask j <= i + Sk - Sq
+             (blocks after the last row's diagonal are never visited)
+    each block:  m' = max(m, rowmax s);  l = l * 2^(m - m') + rowsum 2^(s - m');
+                 acc = acc * 2^(m - m') + 2^(s - m') v                  (base-2, s in log2 units)
+    epilogue:    out = acc / l;   lse = (m + log2 l) * ln 2               (natural log, fp32)
+
+Key padding masks keys in stages 2-3. A row that sees nothing (P = 0, every key masked) keeps
+m = -inf and l = 0: it writes out = 0 and lse = +inf, which the backward reads as "p = 0".
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    LOG2E,
+    alloc,
+    autotune_enabled,
+    block_d,
+    block_p,
+    bucket,
+    dot_precision,
+    interpreting,
+    prefix_strides,
+    tanh,
+)
+
+
+@triton.jit
+def _attend(
+    acc, l_i, m_i, q, i_row,
+    K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd, KPM_ptr, stride_mn,
+    lo, hi, n_limit, causal_off, qk_scale, softcap_scale, softcap_mul,
+    offs_d, d_ok,
+    MASK_LIMIT: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Fold keys [lo, hi) into the running (acc, l, m) of a block of rows."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < n_limit
+        k = tl.load(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if INTERPRET:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            s = tanh(qk * softcap_scale) * softcap_mul
+        else:
+            s = qk * qk_scale
+        if MASK_LIMIT:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        if MASK_CAUSAL:
+            s = tl.where(offs_n[None, :] <= i_row[:, None] + causal_off, s, float("-inf"))
+        if HAS_KPM:
+            kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0)
+            s = tl.where((kp != 0)[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _fwd_configs():
+    if not autotune_enabled():
+        if interpreting():
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 64, 4, 3),
+            (64, 64, 4, 3),
+            (64, 32, 4, 2),
+            (32, 64, 4, 3),
+        ]
+    ]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
+    rows = named_args.get("R_BUCKET", kwargs.get("R_BUCKET", 1 << 20))
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bd >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
+            continue
+        if rows <= 64 and bm > 64:  # decode / short chunks: do not pad rows to 128
+            continue
+        keep.append(c)
+    return keep or configs[-1:]
+
+
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["R_BUCKET", "SK_BUCKET", "P", "BLOCK_D", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, PK, PV, KPM, PIDX, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hkv, Sq, Sk, P, G, R, HEAD_DIM,
+    qk_scale, softcap_scale, softcap_mul,
+    R_BUCKET, SK_BUCKET,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, SOFTCAP: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    causal_off = Sk - Sq
+
+    # ---- the block of packed rows: (query head hkv*G + g, position i) ----
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = offs_r < R
+    i_row = offs_r // G
+    g_row = offs_r % G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_q = b.to(tl.int64) * stride_qb + (hkv * G + g_row) * stride_qh + i_row.to(tl.int64) * stride_qm
+    q = tl.load(Q + row_q[:, None] + offs_d[None, :] * stride_qd, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERPRET:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # ---- stage 1: the prefix (shared, per row, or this row's bank entry), always visible ----
+    if HAS_INDEX:
+        prow = tl.load(PIDX + b).to(tl.int64)
+    else:
+        prow = b.to(tl.int64)
+    PK_ptr = PK + prow * stride_pkb + hkv * stride_pkh
+    PV_ptr = PV + prow * stride_pvb + hkv * stride_pvh
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, q, i_row, PK_ptr, PV_ptr, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        KPM, stride_mn, 0, P, P, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
+        MASK_LIMIT=True, MASK_CAUSAL=False, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
+    )
+
+    # ---- stages 2-3: the sequence ----
+    K_ptr = K + b.to(tl.int64) * stride_kb + hkv * stride_kh
+    V_ptr = V + b.to(tl.int64) * stride_vb + hkv * stride_vh
+    KPM_ptr = KPM + b.to(tl.int64) * stride_mb
+    if CAUSAL:
+        i_first = (pid_m * BLOCK_M) // G
+        i_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, R) - 1) // G
+        full_end = tl.minimum(i_first + causal_off + 1, Sk)  # keys every row of the block sees
+        hi = tl.minimum(i_last + causal_off + 1, Sk)  # keys past this are masked for every row
+    else:
+        full_end = Sk
+        hi = Sk
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, q, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        KPM_ptr, stride_mn, 0, full_end, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
+        offs_d, d_ok,
+        MASK_LIMIT=False, MASK_CAUSAL=False, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+    )
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, q, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        KPM_ptr, stride_mn, full_end, hi, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
+        offs_d, d_ok,
+        MASK_LIMIT=True, MASK_CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+    )
+
+    # ---- epilogue ----
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    row_o = b.to(tl.int64) * stride_ob + (hkv * G + g_row) * stride_oh + i_row.to(tl.int64) * stride_om
+    tl.store(Out + row_o[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+    # lse is (B, Hq, Sq) contiguous
+    lse_off = (b.to(tl.int64) * Hkv * G + hkv * G + g_row) * Sq + i_row
+    tl.store(Lse + lse_off, lse, mask=r_ok)
+
+
+def softcap_args(scale: float, softcap: float) -> tuple[float, float]:
+    """(x multiplier, tanh multiplier) so that s_log2 = tanh(qk * a) * c for softcap, else unused."""
+    if softcap > 0:
+        return scale / softcap, softcap * LOG2E
+    return 1.0, 1.0
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Inputs are validated by prefixattn.ops. Returns (out, lse)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    R = G * Sq
+    P = prefix_k.shape[-2]
+    out = alloc((B, Hq, Sq, D), like=q)
+    lse = alloc((B, Hq, Sq), like=q, dtype=torch.float32)
+    if B == 0:
+        return out, lse
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+    kpm_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    pidx = prefix_index if prefix_index is not None else q
+    a, c = softcap_args(scale, softcap)
+    BLOCK_D = block_d(D)
+
+    def grid(meta):
+        return (triton.cdiv(R, meta["BLOCK_M"]), B * Hkv)
+
+    _fwd_kernel[grid](
+        q, k, v, prefix_k, prefix_v, kpm, pidx, out, lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+        *kpm_strides, *out.stride(),
+        Hkv, Sq, Sk, P, G, R, D,
+        scale * LOG2E, a, c,
+        bucket(R), bucket(Sk),
+        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
+        SOFTCAP=softcap > 0, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=BLOCK_D, BLOCK_P=block_p(P, 64),
+    )
+    return out, lse

@@ -1,0 +1,35 @@
+"""prefixattn: fused Triton attention kernels for prefix tuning, and a one-call patcher.
+
+    import prefixattn
+    out = prefixattn.prefix_attention(q, k, v, prefix_k, prefix_v)      # the op
+    model = prefixattn.patch(model, num_prefix_tokens=32)               # a transformers model
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .ops import prefix_attention
+
+__version__ = "0.1.0"
+
+# The patcher and PEFT interop import transformers; load them on first use so that the op alone
+# stays light.
+_LAZY = {
+    "patch": "patch",
+    "unpatch": "patch",
+    "is_patched": "patch",
+    "save_prefix": "prefix",
+    "load_prefix": "prefix",
+    "save_peft": "peft",
+    "load_peft": "peft",
+}
+
+__all__ = ["prefix_attention", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'prefixattn' has no attribute {name!r}")
