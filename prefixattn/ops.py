@@ -75,8 +75,10 @@ def _check_inputs(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    if q.dtype not in SUPPORTED_DTYPES and not (q.dtype == torch.float64 and backend == "torch"):
+        raise TypeError(
+            f"q has dtype {q.dtype}; supported: float16, bfloat16, float32 (float64 with backend='torch')"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"mixed dtypes: q is {q.dtype} but {name} is {t.dtype}")

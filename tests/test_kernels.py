@@ -1,0 +1,207 @@
+"""The Triton kernels (through the interpreter on CPU) against the float64 concat reference:
+forward and every gradient, over shapes, GQA, padding, decode, prefix forms, causal or not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import REL_TOL, assert_close_rel, concat_reference
+
+import prefixattn
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    # Every kernel output starts as NaN: an element a kernel forgets to write fails the test.
+    monkeypatch.setenv("PREFIXATTN_POISON", "1")
+
+
+@dataclass
+class Case:
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 2
+    Sq: int = 19
+    Sk: int = 19
+    P: int = 5
+    D: int = 16
+    causal: bool = True
+    prefix: str = "shared"  # shared | row | bank
+    padding: str = "none"  # none | left | right | empty_row
+    softcap: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"B{self.B}-H{self.Hq}/{self.Hkv}-Sq{self.Sq}-Sk{self.Sk}-P{self.P}-D{self.D}"
+                f"-{'causal' if self.causal else 'full'}-{self.prefix}-{self.padding}"
+                + (f"-cap{self.softcap}" if self.softcap else ""))
+
+
+CASES = [
+    Case(Sq=37, Sk=37, D=80),  # odd sizes, D not a power of two
+    Case(Hq=2, Hkv=2, P=1),  # MHA, a single prefix slot
+    Case(Hq=6, Hkv=2, P=17, D=32),  # GQA group of 3, prefix spans two blocks
+    Case(prefix="row", padding="left"),
+    Case(prefix="bank", padding="right"),
+    Case(Sq=1, Sk=33),  # decode step over a KV cache
+    Case(Sq=1, Sk=33, prefix="bank", padding="left", Hq=8, Hkv=2),
+    Case(Sq=9, Sk=40),  # chunked prefill: bottom-right causal
+    Case(Sq=23, Sk=11, causal=False),  # encoder, Sq > Sk
+    Case(causal=False, padding="left", prefix="row"),
+    Case(P=0, padding="empty_row"),  # nothing to attend: must be 0, not NaN
+    Case(P=0, Sq=1, Sk=7),
+    Case(softcap=4.0, Sq=21, Sk=21, padding="right"),
+    Case(D=8, Sq=7, Sk=7, P=3),  # head dim below the 16-wide dot: padded
+    Case(D=96, Sq=5, Sk=18, P=2, B=1, Hq=3, Hkv=1),
+    Case(B=3, Sq=17, Sk=17, P=40, prefix="bank"),
+]
+
+
+def make_inputs(c: Case, dtype=torch.float32, device="cpu", requires_grad=True, gen=None):
+    kw = dict(dtype=dtype, device=device)
+    q = torch.randn(c.B, c.Hq, c.Sq, c.D, **kw, generator=gen)
+    k = torch.randn(c.B, c.Hkv, c.Sk, c.D, **kw, generator=gen)
+    v = torch.randn(c.B, c.Hkv, c.Sk, c.D, **kw, generator=gen)
+    prefix_index = None
+    if c.prefix == "shared":
+        pshape = (c.Hkv, c.P, c.D)
+    elif c.prefix == "row":
+        pshape = (c.B, c.Hkv, c.P, c.D)
+    else:  # a bank of 4 entries; entry 1 is never used and must get exactly zero gradient
+        pshape = (4, c.Hkv, c.P, c.D)
+        prefix_index = torch.tensor([3, 0, 3, 2, 0][: c.B], device=device)
+    pk = torch.randn(*pshape, **kw, generator=gen)
+    pv = torch.randn(*pshape, **kw, generator=gen)
+    mask = None
+    if c.padding != "none":
+        mask = torch.ones(c.B, c.Sk, dtype=torch.bool, device=device)
+        if c.padding == "left":
+            mask[0, : c.Sk // 3] = False
+        elif c.padding == "right":
+            mask[-1, c.Sk - c.Sk // 3:] = False
+        elif c.padding == "empty_row":
+            mask[0, :] = False
+    tensors = [q, k, v, pk, pv]
+    if requires_grad:
+        for t in tensors:
+            t.requires_grad_(True)
+    return tensors, mask, prefix_index
+
+
+def run_case(c: Case, dtype=torch.float32, device="cpu", tol=None):
+    (q, k, v, pk, pv), mask, idx = make_inputs(c, dtype, device)
+    out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=c.causal,
+                                      prefix_index=idx, softcap=c.softcap, backend="triton")
+    ref = concat_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=c.causal,
+                           prefix_index=idx, softcap=c.softcap)
+    tol = tol or REL_TOL[dtype]
+    assert out.dtype == dtype
+    assert_close_rel(out, ref, tol, f"{c} out")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, pk, pv), do)
+    refs = torch.autograd.grad(ref, (q, k, v, pk, pv), do.double())
+    for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, refs):
+        if c.P == 0 and name.startswith("dprefix"):
+            assert g.shape == r.shape and g.numel() == 0
+            continue
+        assert_close_rel(g, r, tol, f"{c} {name}")
+    return out, grads, mask, idx
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_matches_float64_reference(case):
+    out, grads, mask, idx = run_case(case)
+    if case.padding == "empty_row" and case.P == 0:
+        assert torch.all(out[0] == 0), "a row that sees nothing must give exactly 0"
+    if case.prefix == "bank":
+        used = set(idx.tolist())
+        for entry in range(4):
+            if entry not in used:
+                assert torch.all(grads[3][entry] == 0) and torch.all(grads[4][entry] == 0)
+
+
+def test_fp16_through_interpreter():
+    run_case(Case(Sq=21, Sk=21, D=32), dtype=torch.float16)
+
+
+def test_non_contiguous_inputs():
+    """Hugging Face hands over q/k/v as transposes of (B, S, H, D) tensors."""
+    B, S, Hq, Hkv, D, P = 2, 13, 4, 2, 16, 3
+    q = torch.randn(B, S, Hq, D).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, S, Hkv, D).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, S, Hkv, D).transpose(1, 2).requires_grad_()
+    pk = torch.randn(P, Hkv, D).transpose(0, 1).requires_grad_()  # (Hkv, P, D), strided
+    pv = torch.randn(Hkv, D, P).transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous() and not pk.is_contiguous() and not pv.is_contiguous()
+    out = prefixattn.prefix_attention(q, k, v, pk, pv, backend="triton")
+    ref = concat_reference(q, k, v, pk, pv)
+    assert_close_rel(out, ref, 2e-3, "out")
+    do = torch.randn(B, Hq, S, D).transpose(-1, -2).contiguous().transpose(-1, -2)  # strided dO
+    for g, r in zip(torch.autograd.grad(out, (q, k, v, pk, pv), do),
+                    torch.autograd.grad(ref, (q, k, v, pk, pv), do.double())):
+        assert_close_rel(g, r, 2e-3, "grad")
+
+
+def test_layer0_computes_only_the_prefix_gradient(monkeypatch):
+    """q, k, v need no gradient (layer 0 of a frozen model): the backward launches no dq/dk/dv work."""
+    import prefixattn.kernels as kernels
+
+    seen = {}
+    real = kernels.attention_backward
+
+    def spy(*args):
+        seen["need_dq"], seen["need_dkv"], seen["need_dprefix"] = args[13:16]
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "attention_backward", spy)
+    c = Case(Sq=11, Sk=11)
+    (q, k, v, pk, pv), _, _ = make_inputs(c, requires_grad=False)
+    pk.requires_grad_(True)
+    pv.requires_grad_(True)
+    out = prefixattn.prefix_attention(q, k, v, pk, pv, backend="triton")
+    dpk, dpv = torch.autograd.grad(out, (pk, pv), torch.ones_like(out))
+    assert seen == {"need_dq": False, "need_dkv": False, "need_dprefix": True}
+    ref = concat_reference(q, k, v, pk, pv)
+    rpk, rpv = torch.autograd.grad(ref, (pk, pv), torch.ones_like(ref, dtype=torch.float64))
+    assert_close_rel(dpk, rpk, 2e-3, "dprefix_k")
+    assert_close_rel(dpv, rpv, 2e-3, "dprefix_v")
+
+
+def test_only_kv_gradients():
+    c = Case(Sq=9, Sk=14, prefix="row")
+    (q, k, v, pk, pv), _, _ = make_inputs(c, requires_grad=False)
+    k.requires_grad_(True)
+    out = prefixattn.prefix_attention(q, k, v, pk, pv, backend="triton")
+    (dk,) = torch.autograd.grad(out.sum(), (k,))
+    ref = concat_reference(q, k, v, pk, pv)
+    (rk,) = torch.autograd.grad(ref.sum(), (k,))
+    assert_close_rel(dk, rk, 2e-3, "dk")
+
+
+def test_no_prefix_equals_plain_causal_attention():
+    c = Case(P=0, Sq=15, Sk=15)
+    (q, k, v, _, _), _, _ = make_inputs(c, requires_grad=False)
+    out = prefixattn.prefix_attention(q, k, v, backend="triton")
+    kk = k.repeat_interleave(2, dim=1)
+    vv = v.repeat_interleave(2, dim=1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), kk.double(), vv.double(), is_causal=True)
+    assert_close_rel(out, ref, 2e-3, "out")
+
+
+def test_custom_scale():
+    c = Case(Sq=10, Sk=10)
+    (q, k, v, pk, pv), _, _ = make_inputs(c, requires_grad=False)
+    out = prefixattn.prefix_attention(q, k, v, pk, pv, scale=0.37, backend="triton")
+    ref = concat_reference(q, k, v, pk, pv, scale=0.37)
+    assert_close_rel(out, ref, 2e-3, "out")
+
+
+def test_backward_is_deterministic_on_repeat():
+    c = Case(B=3, Sq=20, Sk=20, prefix="shared")
+    (q, k, v, pk, pv), _, _ = make_inputs(c)
+    out = prefixattn.prefix_attention(q, k, v, pk, pv, backend="triton")
+    do = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, (pk, pv), do, retain_graph=True)
+    g2 = torch.autograd.grad(out, (pk, pv), do)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))

@@ -1,0 +1,163 @@
+"""The public op: the torch backend against the float64 reference, gradcheck, backend choice,
+bad input (a clear error before any kernel runs) and torch.compile without graph breaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_rel, concat_reference
+from test_kernels import CASES, Case, make_inputs
+
+import prefixattn
+from prefixattn.ops import resolve_backend
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_backend_matches_reference(case):
+    (q, k, v, pk, pv), mask, idx = make_inputs(case)
+    out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal,
+                                      prefix_index=idx, softcap=case.softcap, backend="torch")
+    ref = concat_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal,
+                           prefix_index=idx, softcap=case.softcap)
+    assert_close_rel(out, ref, 1e-5, "out")
+    do = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v, pk, pv), do, allow_unused=True),
+                    torch.autograd.grad(ref, (q, k, v, pk, pv), do.double(), allow_unused=True)):
+        if r is None or r.numel() == 0:
+            continue
+        assert_close_rel(g, r, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("case", [
+    Case(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, P=3, D=8, padding="left"),
+    Case(B=2, Hq=2, Hkv=1, Sq=1, Sk=6, P=2, D=8, prefix="bank"),
+    Case(B=1, Hq=2, Hkv=2, Sq=6, Sk=4, P=2, D=8, causal=False, softcap=2.0),
+], ids=str)
+def test_torch_backend_gradcheck(case):
+    (q, k, v, pk, pv), mask, idx = make_inputs(case, dtype=torch.float64)
+
+    def f(q, k, v, pk, pv):
+        return prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal,
+                                           prefix_index=idx, softcap=case.softcap, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, pk, pv))
+
+
+def test_auto_backend_choice(monkeypatch):
+    q = torch.randn(1, 1, 1, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", q) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend("auto", q) == "torch"
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        resolve_backend("triton", q)
+    assert resolve_backend("torch", q) == "torch"
+
+
+def _good():
+    B, Hq, Hkv, S, P, D = 2, 4, 2, 5, 3, 16
+    return dict(
+        q=torch.randn(B, Hq, S, D), k=torch.randn(B, Hkv, S, D), v=torch.randn(B, Hkv, S, D),
+        prefix_k=torch.randn(Hkv, P, D), prefix_v=torch.randn(Hkv, P, D),
+    )
+
+
+def _with(**changes):
+    args = _good()
+    args.update(changes)
+    return args
+
+
+BAD = [
+    ("q rank", lambda: _with(q=torch.randn(2, 4, 16)), ValueError, "q must be 4-D"),
+    ("k not a tensor", lambda: _with(k=[1, 2]), TypeError, "k must be a torch.Tensor"),
+    ("batch", lambda: _with(k=torch.randn(3, 2, 5, 16), v=torch.randn(3, 2, 5, 16)), ValueError, "batch mismatch"),
+    ("k/v shapes", lambda: _with(v=torch.randn(2, 2, 6, 16)), ValueError, "k and v must have the same shape"),
+    ("head dim", lambda: _with(k=torch.randn(2, 2, 5, 8), v=torch.randn(2, 2, 5, 8)), ValueError, "head dim mismatch"),
+    ("groups", lambda: _with(q=torch.randn(2, 3, 5, 16)), ValueError, "multiple of key/value heads"),
+    ("int dtype", lambda: _with(q=torch.ones(2, 4, 5, 16, dtype=torch.int32)), TypeError, "supported: float16"),
+    ("mixed dtype", lambda: _with(k=torch.randn(2, 2, 5, 16, dtype=torch.float64),
+                                  v=torch.randn(2, 2, 5, 16, dtype=torch.float64)), TypeError, "mixed dtypes"),
+    ("prefix dtype", lambda: _with(prefix_k=torch.randn(2, 3, 16).half(), prefix_v=torch.randn(2, 3, 16).half()),
+     TypeError, "mixed dtypes"),
+    ("prefix heads", lambda: _with(prefix_k=torch.randn(3, 3, 16), prefix_v=torch.randn(3, 3, 16)),
+     ValueError, "prefix has 3 heads"),
+    ("prefix dim", lambda: _with(prefix_k=torch.randn(2, 3, 8), prefix_v=torch.randn(2, 3, 8)),
+     ValueError, "prefix head dim"),
+    ("prefix pair", lambda: _with(prefix_v=None), ValueError, "both prefix_k and prefix_v"),
+    ("prefix shapes", lambda: _with(prefix_v=torch.randn(2, 4, 16)), ValueError, "same shape"),
+    ("prefix rank", lambda: _with(prefix_k=torch.randn(3, 16), prefix_v=torch.randn(3, 16)), ValueError,
+     "prefix_k must be"),
+    ("per-row rows", lambda: _with(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16)),
+     ValueError, "per-row prefix"),
+    ("causal Sq>Sk", lambda: _with(q=torch.randn(2, 4, 6, 16)), ValueError, "Sq <= Sk"),
+    ("head dim too big", lambda: dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300),
+                                      v=torch.randn(1, 1, 2, 300)), ValueError, "unsupported head dim"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_error(name, make, exc, msg):
+    with pytest.raises(exc, match=msg):
+        prefixattn.prefix_attention(**make())
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
+    (dict(key_padding_mask=torch.ones(2, 5)), TypeError, "key_padding_mask must be bool"),
+    (dict(backend="cuda"), ValueError, "unknown backend"),
+    (dict(scale=-1.0), ValueError, "scale must be a finite positive"),
+    (dict(scale="big"), TypeError, "scale must be a float"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite positive"),
+    (dict(softcap=-2.0), ValueError, "softcap must be >= 0"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(prefix_index=torch.tensor([0, 1])), ValueError, "prefix_index selects rows"),
+], ids=lambda x: str(x)[:40])
+def test_bad_options_are_clear_errors(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        prefixattn.prefix_attention(**_good(), **kwargs)
+
+
+@pytest.mark.parametrize("index,exc,msg", [
+    (torch.tensor([0, 4]), ValueError, "out of range"),
+    (torch.tensor([-1, 0]), ValueError, "out of range"),
+    (torch.tensor([0.0, 1.0]), TypeError, "integer tensor"),
+    (torch.tensor([0, 1, 2]), ValueError, "shape"),
+])
+def test_bad_prefix_index(index, exc, msg):
+    args = _good()
+    args["prefix_k"] = torch.randn(4, 2, 3, 16)
+    args["prefix_v"] = torch.randn(4, 2, 3, 16)
+    with pytest.raises(exc, match=msg):
+        prefixattn.prefix_attention(**args, prefix_index=index)
+
+
+def test_bad_input_fails_before_any_kernel(monkeypatch):
+    import prefixattn.kernels as kernels
+
+    def boom(*a, **k):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(kernels, "attention_forward", boom)
+    with pytest.raises(ValueError):
+        prefixattn.prefix_attention(**_with(q=torch.randn(2, 3, 5, 16)), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_compile_fullgraph(backend):
+    """No graph breaks: the kernels are custom ops with fake implementations."""
+    torch._dynamo.reset()
+    (q, k, v, pk, pv), mask, _ = make_inputs(Case(Sq=9, Sk=9, padding="left"))
+
+    def step(q, k, v, pk, pv, mask):
+        out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, backend=backend)
+        return (out * out).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v, pk, pv, mask)
+    grads = torch.autograd.grad(loss, (q, k, v, pk, pv))
+    ref = step(q, k, v, pk, pv, mask)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, pk, pv))
+    assert_close_rel(loss.detach(), ref.detach(), 1e-5, "loss")
+    for g, r in zip(grads, ref_grads):
+        assert_close_rel(g, r, 1e-5, "grad")
