@@ -1,0 +1,89 @@
+"""Which transformers model families the patcher supports, and how each numbers its positions.
+
+A family is supported when its attention layers call transformers' ``AttentionInterface`` (so the
+patcher can plug in without touching any ``forward``). Families with their own attention code
+(Falcon, Bloom, GPT-J, ...) are refused with an error that names the supported ones.
+
+Positions follow PEFT prefix tuning, which passes the prefix as a KV cache of length P: the
+sequence is numbered from P. Most families number positions ``arange(S) + past``; OPT numbers them
+from the cumulative sum of the attention mask, so its rule is different (``"mask_cumsum"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn as nn
+
+PositionRule = Literal["arange", "mask_cumsum"]
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    positions: PositionRule = "arange"
+    tested: bool = True
+
+
+# Families with tests (tests/test_patch_families.py) against PEFT prefix tuning.
+TESTED_FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama"),
+        Family("mistral"),
+        Family("qwen2"),
+        Family("qwen3"),
+        Family("gemma"),
+        Family("gemma2"),
+        Family("phi3"),
+        Family("gpt2"),
+        Family("gpt_neox"),
+        Family("opt", positions="mask_cumsum"),
+    )
+}
+
+# Known to keep their own attention code (no AttentionInterface): refused by name.
+OWN_ATTENTION_FAMILIES = ("falcon", "bloom", "gptj", "gpt_neo", "codegen", "mpt")
+
+
+def supported_names() -> str:
+    return ", ".join(sorted(TESTED_FAMILIES))
+
+
+def _uses_attention_interface(model: nn.Module) -> bool:
+    """transformers' own heuristic (PreTrainedModel._can_set_attn_implementation): the modeling file
+    routes attention through ``ALL_ATTENTION_FUNCTIONS.get_interface``."""
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if can_set is None:
+        return False
+    try:
+        return bool(can_set())
+    except Exception:
+        return False
+
+
+def resolve_family(model: nn.Module) -> Family:
+    """The family of a transformers model, or a ValueError that says why it cannot be patched."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise TypeError(
+            f"prefixattn.patch expects a transformers PreTrainedModel (or a PEFT PrefixTuning model), "
+            f"got {type(model).__name__}"
+        )
+    model_type = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} ({model_type}) is an encoder-decoder model; prefixattn.patch supports "
+            f"decoder-only language models. Supported families: {supported_names()}"
+        )
+    if model_type in OWN_ATTENTION_FAMILIES or not _uses_attention_interface(model):
+        raise ValueError(
+            f"{type(model).__name__} ({model_type}) has its own attention code that does not go through "
+            f"transformers' AttentionInterface, so prefixattn cannot plug into it. Supported families: "
+            f"{supported_names()} (other families whose attention uses the AttentionInterface are "
+            "accepted with a warning)"
+        )
+    if model_type in TESTED_FAMILIES:
+        return TESTED_FAMILIES[model_type]
+    return Family(model_type, positions="arange", tested=False)
