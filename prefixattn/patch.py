@@ -368,6 +368,15 @@ def _capture(model: nn.Module, state: PatchState, token_ids: list[int]) -> dict[
         model.train(was_training)
 
 
+def _probe_token(model: nn.Module) -> int:
+    cfg = model.config
+    pad = getattr(cfg, "pad_token_id", None)
+    for tok in (getattr(cfg, "bos_token_id", None), 1, 2, 0):
+        if isinstance(tok, int) and tok != pad and tok < cfg.get_text_config().vocab_size:
+            return tok
+    return 0
+
+
 def _tokenize(init_text: Any, tokenizer: Any) -> list[int]:
     if isinstance(init_text, str):
         if tokenizer is None:
@@ -502,7 +511,7 @@ def patch(
         state.hooks.append(base.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
 
         # Probe: one token through the frozen model tells which layers attend, and their (Hkv, D).
-        captured = _capture(model, state, [0])
+        captured = _capture(model, state, [_probe_token(model)])
         if not captured:
             raise ValueError(f"{type(model).__name__}: no attention layer went through the AttentionInterface; "
                              "cannot patch it")

@@ -90,3 +90,24 @@ def batch(batch_size: int = 3, length: int = 7, padding: str = "none", seed: int
         raise ValueError(padding)
     ids = ids.masked_fill(mask == 0, 0)
     return ids, mask
+
+
+def patched_twin(peft_model, backend: str = "torch", **kwargs):
+    """prefixattn's model carrying the same prefix as ``peft_model`` (patched from a deep copy)."""
+    import prefixattn
+
+    return prefixattn.patch(copy.deepcopy(peft_model), backend=backend, **kwargs)
+
+
+def peft_prefix_as_kv(peft_model, grad: bool = False):
+    """PEFT's prefix embedding (or its gradient) in prefixattn's (L, 2, 1, Hkv, P, D) layout."""
+    cfg = peft_model.active_peft_config
+    weight = peft_model.prompt_encoder["default"].embedding.weight
+    rows = weight.grad if grad else weight.detach()
+    L, H = cfg.num_layers, cfg.num_attention_heads
+    D = cfg.token_dim // H
+    return rows.view(cfg.num_virtual_tokens, L, 2, H, D).permute(1, 2, 3, 0, 4).unsqueeze(2)
+
+
+def labels_for(ids, mask):
+    return ids.masked_fill(mask == 0, -100)
