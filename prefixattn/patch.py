@@ -81,10 +81,10 @@ class PatchState:
     ignore_attention_dropout: bool = False
     previous_impl: Any = None
     previous_requires_grad: dict[str, bool] = field(default_factory=dict)
-    hooks: list[Any] = field(default_factory=list)
     tagged_modules: list[nn.Module] = field(default_factory=list)
     step: PrefixStep | None = None
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # probing / init-from-text
+    layer_modules: list[nn.Module] = field(default_factory=list)
     seen_step_kwarg: bool = False
     wrapped_prepare: bool = False
 
@@ -252,49 +252,67 @@ def _positions(state: PatchState, kwargs: dict, batch: int, length: int, device:
     return (torch.arange(length, device=device) + past + P).unsqueeze(0)
 
 
-def _make_pre_hook(state: PatchState):
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        kwargs = _bind_to_kwargs(module, args, kwargs)
-        prefix_ids = kwargs.pop("prefix_ids", None)
-        kwargs.pop(STEP_KWARG, None)
-        cache = kwargs.get("past_key_values")
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise ValueError("prefixattn does not support static (compileable) KV caches; use the default "
-                             "DynamicCache")
-        if state.capture is not None:  # probing / init from text: the frozen model as is
-            step = PrefixStep(None, None, False)
-            state.step = step
-            kwargs[STEP_KWARG] = step
-            return (), kwargs
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook (with kwargs) on the module that runs the layers: the per-step work.
 
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
-        if ref is None:
-            raise ValueError("prefixattn: the model was called without input_ids or inputs_embeds")
-        batch, length = ref.shape[0], ref.shape[1]
-        device = ref.device
-        config = state.prefix.config
-        if config.bank:
-            if prefix_ids is None:
-                raise ValueError(f"this model has a bank of {config.num_prefixes} prefixes: pass prefix_ids "
-                                 "(a (batch,) long tensor) to choose each row's prefix")
-            prefix_ids = check_prefix_ids(prefix_ids, batch, config, device)
-        elif prefix_ids is not None:
-            raise ValueError("prefix_ids was given but the model has a single prefix (patch with "
-                             "num_prefixes=N for a bank)")
-
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids + state.num_tokens  # as PEFT does for prefix tuning
-        else:
-            kwargs["position_ids"] = _positions(state, kwargs, batch, length, device)
-
-        step = PrefixStep(state.prefix.compute(), prefix_ids, config.bank)
+    A plain function that finds the state on the module (not a closure), so deep copies of a patched
+    model carry their own state.
+    """
+    state: PatchState = module.__dict__[STATE_ATTR]
+    kwargs = _bind_to_kwargs(module, args, kwargs)
+    prefix_ids = kwargs.pop("prefix_ids", None)
+    kwargs.pop(STEP_KWARG, None)
+    cache = kwargs.get("past_key_values")
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise ValueError("prefixattn does not support static (compileable) KV caches; use the default "
+                         "DynamicCache")
+    if state.capture is not None:  # probing / init from text: the frozen model as is
+        step = PrefixStep(None, None, False)
         state.step = step
         kwargs[STEP_KWARG] = step
         return (), kwargs
 
-    return hook
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        raise ValueError("prefixattn: the model was called without input_ids or inputs_embeds")
+    batch, length = ref.shape[0], ref.shape[1]
+    device = ref.device
+    config = state.prefix.config
+    if config.bank:
+        if prefix_ids is None:
+            raise ValueError(f"this model has a bank of {config.num_prefixes} prefixes: pass prefix_ids "
+                             "(a (batch,) long tensor) to choose each row's prefix")
+        prefix_ids = check_prefix_ids(prefix_ids, batch, config, device)
+    elif prefix_ids is not None:
+        raise ValueError("prefix_ids was given but the model has a single prefix (patch with "
+                         "num_prefixes=N for a bank)")
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids + state.num_tokens  # as PEFT does for prefix tuning
+    else:
+        kwargs["position_ids"] = _positions(state, kwargs, batch, length, device)
+
+    if config.projection and module.training and torch.is_grad_enabled():
+        _refuse_reentrant_checkpointing(state)
+    step = PrefixStep(state.prefix.compute(), prefix_ids, config.bank)
+    state.step = step
+    kwargs[STEP_KWARG] = step
+    return (), kwargs
+
+
+def _refuse_reentrant_checkpointing(state: PatchState) -> None:
+    """Reentrant checkpointing backpropagates each layer separately into the graph that made the step's
+    prefix; with the MLP reparameterization that graph would be walked (and freed) once per layer."""
+    for layer in state.layer_modules:
+        if getattr(layer, "gradient_checkpointing", False):
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(func, "keywords", {}).get("use_reentrant", False):
+                raise ValueError(
+                    "prefix_projection=True does not work with reentrant gradient checkpointing "
+                    "(use_reentrant=True); enable checkpointing with use_reentrant=False (transformers' default)"
+                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,11 +340,11 @@ def get_prefix_module(model: nn.Module) -> PrefixKV:
     return state.prefix
 
 
-def _find_layers_owner(model: nn.Module, tagged: list[nn.Module]) -> nn.Module:
+def _find_layers_owner(model: nn.Module, state: PatchState) -> nn.Module:
     """The module that runs the decoder layers (parent of the ModuleList holding the attention layers):
     LlamaModel, GPT2Model, OPTDecoder (OPTForCausalLM calls its decoder directly), ... Its forward takes
     position_ids; the per-step pre-hook goes there."""
-    tagged_ids = {id(m) for m in tagged}
+    tagged_ids = {id(m) for m in state.tagged_modules}
     best = None
     for module in model.modules():
         for child in module.children():
@@ -334,11 +352,13 @@ def _find_layers_owner(model: nn.Module, tagged: list[nn.Module]) -> nn.Module:
                 id(m) in tagged_ids for layer in child for m in layer.modules()
             ):
                 best = module
+                layers = list(child)
                 break
         if best is not None:
             break
     if best is None:
         raise ValueError(f"{type(model).__name__}: could not find the module that runs the attention layers")
+    state.layer_modules = layers
     if "position_ids" not in inspect.signature(best.forward).parameters:
         raise ValueError(f"{type(best).__name__}.forward takes no position_ids; prefixattn cannot number "
                          "positions from P for this model")
@@ -503,12 +523,13 @@ def patch(
             state.tagged_modules.append(module)
     model.__dict__[STATE_ATTR] = state
     try:
-        base = _find_layers_owner(model, state.tagged_modules)
+        base = _find_layers_owner(model, state)
         state.base_model = base
         model.set_attn_implementation(IMPL_NAME)
         if model.config._attn_implementation != IMPL_NAME:
             raise ValueError(f"{type(model).__name__} refused attn_implementation={IMPL_NAME!r}")
-        state.hooks.append(base.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
+        base.__dict__[STATE_ATTR] = state
+        base.register_forward_pre_hook(_pre_hook, with_kwargs=True)
 
         # Probe: one token through the frozen model tells which layers attend, and their (Hkv, D).
         captured = _capture(model, state, [_probe_token(model)])
@@ -568,31 +589,39 @@ def _check_layers(layers: Sequence[int], all_layers: list[int]) -> list[int]:
     return sorted(chosen)
 
 
-def _wrap_prepare_inputs(model: nn.Module, state: PatchState) -> None:
-    """Let generate() accept ``prefix_ids`` (a bank's per-row entries).
+class _PrepareInputsWithPrefixIds:
+    """generate() validates its kwargs against ``prepare_inputs_for_generation``'s signature, so this
+    instance attribute (removed by unpatch) adds a ``prefix_ids`` parameter; generate then expands the
+    ids with the batch (beams, num_return_sequences) and forwards them at every step. It holds the model
+    (not a bound method) so that deep copies of the model get their own."""
 
-    generate() validates its kwargs against prepare_inputs_for_generation's signature, so an instance
-    attribute with a ``prefix_ids`` parameter (removed by unpatch) makes it pass; generate then expands
-    the ids with the batch (beams, num_return_sequences) and forwards them to every step.
-    """
-    original = getattr(model, "prepare_inputs_for_generation", None)
-    if original is None:
-        return
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
-    def prepare_inputs_for_generation(*args: Any, prefix_ids: torch.Tensor | None = None, **kwargs: Any):
-        inputs = original(*args, **kwargs)
+    def __call__(self, *args: Any, prefix_ids: torch.Tensor | None = None, **kwargs: Any) -> dict:
+        inputs = type(self.model).prepare_inputs_for_generation(self.model, *args, **kwargs)
         if prefix_ids is not None:
             inputs["prefix_ids"] = prefix_ids
         return inputs
 
-    model.__dict__["prepare_inputs_for_generation"] = prepare_inputs_for_generation
+
+def _wrap_prepare_inputs(model: nn.Module, state: PatchState) -> None:
+    if getattr(type(model), "prepare_inputs_for_generation", None) is None:
+        return
+    model.__dict__["prepare_inputs_for_generation"] = _PrepareInputsWithPrefixIds(model)
     state.wrapped_prepare = True
 
 
+def _remove_hooks(module: nn.Module) -> None:
+    for key, fn in list(module._forward_pre_hooks.items()):
+        if fn is _pre_hook:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
 def _detach(model: nn.Module, state: PatchState) -> None:
-    for h in state.hooks:
-        h.remove()
-    state.hooks.clear()
+    _remove_hooks(state.base_model)
+    state.base_model.__dict__.pop(STATE_ATTR, None)
     for module in state.tagged_modules:
         module.__dict__.pop(STATE_ATTR, None)
     state.tagged_modules.clear()
