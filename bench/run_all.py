@@ -1,0 +1,130 @@
+"""Run the benchmark suites and write the results: ``python -m bench.run_all --out DIR``.
+
+    python -m bench.run_all --out bench/results          # full grid on a GPU (~8 min on an H100)
+    python -m bench.run_all --quick --out /tmp/b          # a few points
+    python -m bench.run_all --suites micro --out /tmp/b   # one suite
+
+Without a GPU it runs tiny shapes on the CPU (prefixattn's torch backend unless TRITON_INTERPRET=1)
+to show the harness works; such results are labelled CPU and are not kernel speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUITES = ("micro", "train", "bank")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="prefixattn bench", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return ap.parse_args(argv)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: bench/results on a GPU, ./bench-cpu on a CPU)")
+    ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--suites", default=",".join(SUITES),
+                    help=f"comma-separated subset of {','.join(SUITES)} (default: all)")
+    ap.add_argument("--providers", default=None,
+                    help="comma-separated microbenchmark providers (default: all)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                    help="prefixattn backend (default auto: triton on GPU)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the microbenchmark grid; shapes left when it runs out are recorded as"
+                         " skipped (default: 330 on GPU, none on CPU)")
+    ap.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time per measurement")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the suites named in ``args`` and write the results; return the JSON document."""
+    from prefixattn._checkout import ensure_kernels_importable
+
+    from . import grid as G
+    from .env import environment
+    from .report import compact, write_all
+
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA device is available")
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    bad = [s for s in suites if s not in SUITES]
+    if bad or not suites:
+        raise SystemExit(f"error: unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+    providers = G.ALL_PROVIDERS if args.providers is None else tuple(args.providers.split(","))
+    unknown = [p for p in providers if p not in G.ALL_PROVIDERS]
+    if unknown:
+        raise SystemExit(f"error: unknown provider(s) {unknown}; choose from {', '.join(G.ALL_PROVIDERS)}")
+    gpu = device.type == "cuda"
+    out_dir = args.out or Path("bench/results" if gpu else "bench-cpu")
+    rep_ms = args.rep_ms if args.rep_ms is not None else (30.0 if gpu else 0.0)
+    if device.type == "cuda" or args.backend == "triton":
+        ensure_kernels_importable()
+    env = environment(device)
+    print(f"prefixattn bench on {env['device']} (torch {env['torch']}, triton {env['triton']}), "
+          f"suites {','.join(suites)} -> {out_dir}", flush=True)
+    if not gpu:
+        print("NOTE: CPU run: tiny shapes, proves the harness works; not kernel speed.", flush=True)
+
+    records: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    if "micro" in suites:
+        if gpu:
+            shapes = G.quick_grid() if args.quick else G.full_grid()
+        else:
+            shapes = G.smoke_grid() if args.quick else G.cpu_grid()
+        budget = args.budget if args.budget is not None else (330.0 if gpu else None)
+        deadline = None if budget is None else time.monotonic() + budget
+        records += _run_micro(shapes, device, providers, args.backend, deadline, rep_ms)
+    if "train" in suites:
+        from .train_step import run_train_bench
+
+        records += run_train_bench(device, quick=args.quick, backend=args.backend)
+    if "bank" in suites:
+        from .bank import run_bank_bench
+
+        records += run_bank_bench(device, quick=args.quick, backend=args.backend, rep_ms=rep_ms)
+
+    paths = write_all(env, records, out_dir)
+    doc = {**env, "records": records}
+    print(f"\nbench done in {time.monotonic() - t0:.0f}s; wrote:", flush=True)
+    for p in paths:
+        print(f"  {p}")
+    print(compact(doc), flush=True)
+    return doc
+
+
+def _run_micro(shapes: list, device: torch.device, providers: tuple[str, ...], backend: str,
+               deadline: float | None, rep_ms: float) -> list[dict[str, Any]]:
+    from prefixattn.progress import Progress
+
+    from .micro import run_shape
+
+    records: list[dict[str, Any]] = []
+    bar = Progress(shapes, desc="micro", every=1)
+    for shape in bar:
+        bar.set(shape=shape.label())
+        bar.write(f"# {shape.label()} [{shape.tag}]")
+        records += run_shape(shape, device, providers=providers, backend=backend, deadline=deadline,
+                             warmup_ms=min(10.0, rep_ms), rep_ms=rep_ms, log=bar.write)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
