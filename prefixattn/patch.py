@@ -81,6 +81,7 @@ class PatchState:
     ignore_attention_dropout: bool = False
     previous_impl: Any = None
     previous_requires_grad: dict[str, bool] = field(default_factory=dict)
+    previous_keys_to_ignore_on_save: Any = None
     tagged_modules: list[nn.Module] = field(default_factory=list)
     step: PrefixStep | None = None
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # probing / init-from-text
@@ -565,6 +566,7 @@ def patch(
             _init_from_text(model, state, texts, tokenizer)
         if config.bank:
             _wrap_prepare_inputs(model, state)
+        _save_only_the_prefix(model, state)
     except BaseException:
         _detach(model, state)
         raise
@@ -612,6 +614,19 @@ def _wrap_prepare_inputs(model: nn.Module, state: PatchState) -> None:
     state.wrapped_prepare = True
 
 
+def _save_only_the_prefix(model: nn.Module, state: PatchState) -> None:
+    """model.save_pretrained() (and so the HF Trainer's checkpoints) writes the prefix, not the frozen model:
+    transformers drops the state-dict keys listed in the instance's ``_keys_to_ignore_on_save``."""
+    if not hasattr(model, "_keys_to_ignore_on_save"):
+        return
+    # (had an instance attribute, its value): restored by unpatch
+    state.previous_keys_to_ignore_on_save = ("_keys_to_ignore_on_save" in model.__dict__,
+                                             model.__dict__.get("_keys_to_ignore_on_save"))
+    frozen = {k for k in model.state_dict() if not k.startswith(MODULE_NAME + ".")}
+    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | frozen
+
+
+
 def _remove_hooks(module: nn.Module) -> None:
     for key, fn in list(module._forward_pre_hooks.items()):
         if fn is _pre_hook:
@@ -631,6 +646,12 @@ def _detach(model: nn.Module, state: PatchState) -> None:
         del model._modules[MODULE_NAME]
     if state.wrapped_prepare:
         model.__dict__.pop("prepare_inputs_for_generation", None)
+    if state.previous_keys_to_ignore_on_save is not None:
+        had, value = state.previous_keys_to_ignore_on_save
+        if had:
+            model.__dict__["_keys_to_ignore_on_save"] = value
+        else:
+            model.__dict__.pop("_keys_to_ignore_on_save", None)
     for name, p in model.named_parameters():
         if name in state.previous_requires_grad:
             p.requires_grad_(state.previous_requires_grad[name])
