@@ -54,12 +54,14 @@ def _config(family: str):
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt")
 
 
-def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "eager"):
-    """A tiny random causal LM of ``family`` in eval mode, fp32."""
+def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "eager", **overrides):
+    """A tiny random causal LM of ``family`` in eval mode, fp32 (``overrides`` set config fields)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = _config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = attn_implementation
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.eval()
