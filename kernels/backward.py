@@ -26,15 +26,17 @@ import triton.language as tl
 from .common import (
     LOG2E,
     alloc,
-    autotune_enabled,
     block_d,
     block_p,
     bucket,
     ceil_div,
     dot_precision,
     interpreting,
+    load_tile,
     num_sms,
+    pick,
     prefix_strides,
+    smem_estimate,
     tanh,
 )
 from .forward import softcap_args
@@ -78,16 +80,16 @@ def _dq_walk(
     lo, hi, n_limit, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
     MASK_LIMIT: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < n_limit
-        k = tl.load(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = load_tile(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok,
+                      MASK_ROWS=MASK_LIMIT, EVEN_D=EVEN_D)
+        v = load_tile(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok,
+                      MASK_ROWS=MASK_LIMIT, EVEN_D=EVEN_D)
         if INTERPRET:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -113,28 +115,44 @@ def _dq_walk(
     return dq
 
 
-def _dq_configs():
-    if not autotune_enabled():
+DQ_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages), in order of preference
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2),
+    (32, 32, 4, 1),
+]
+DKDV_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages): BLOCK_N keys resident, BLOCK_M rows streamed
+    (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2),
+    (32, 32, 4, 1),
+]
+SMEM_LIMIT = 160 * 1024
+
+
+def _configs(table):
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+
+
+def _prune(resident_is_m: bool):
+    """dq keeps q, do and dq (BLOCK_M rows) resident and streams k, v; dk/dv the reverse."""
+    def prune(configs, named_args, **kwargs):
         if interpreting():
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)]
-    ]
+            return configs
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+        es = named_args["Q"].element_size()
 
+        def fits(c):
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            a, b = (bm, bn) if resident_is_m else (bn, bm)
+            return smem_estimate(es, a, b, bd, c.num_stages, 2) <= SMEM_LIMIT
 
-def _prune_bwd(configs, named_args, **kwargs):
-    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
-    keep = [c for c in configs
-            if not (bd >= 256 and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 32 or c.num_stages > 2))]
-    return keep or configs[-1:]
+        return pick(configs, fits)
+    return prune
 
 
 @triton.autotune(
-    configs=_dq_configs(),
-    key=["R_BUCKET", "SK_BUCKET", "P", "BLOCK_D", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
+    configs=_configs(DQ_CONFIGS),
+    key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune(resident_is_m=True)},
 )
 @triton.jit
 def _dq_kernel(
@@ -147,14 +165,16 @@ def _dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hkv, Sq, Sk, P, G, R, HEAD_DIM,
+    Hkv, Sq, Sk, P, G, R,
     scale, qk_scale, softcap_scale, softcap_mul,
     R_BUCKET, SK_BUCKET,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, SOFTCAP: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # the last row blocks see the most causal keys: launch them first to shorten the tail
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
@@ -168,10 +188,10 @@ def _dq_kernel(
     d_ok = offs_d < HEAD_DIM
     rmask = r_ok[:, None] & d_ok[None, :]
     bh_rows = b.to(tl.int64) * Hkv * G + hkv * G + g_row
-    q = tl.load(Q + (b.to(tl.int64) * stride_qb + (hkv * G + g_row) * stride_qh + i_row * stride_qm)[:, None]
-                + offs_d[None, :] * stride_qd, mask=rmask, other=0.0)
-    do = tl.load(DO + (b.to(tl.int64) * stride_dob + (hkv * G + g_row) * stride_doh + i_row * stride_dom)[:, None]
-                 + offs_d[None, :] * stride_dod, mask=rmask, other=0.0)
+    q = load_tile(Q + (b.to(tl.int64) * stride_qb + (hkv * G + g_row) * stride_qh + i_row * stride_qm)[:, None]
+                  + offs_d[None, :] * stride_qd, r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
+    do = load_tile(DO + (b.to(tl.int64) * stride_dob + (hkv * G + g_row) * stride_doh + i_row * stride_dom)[:, None]
+                   + offs_d[None, :] * stride_dod, r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
     if INTERPRET:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -190,7 +210,7 @@ def _dq_kernel(
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, stride_mn,
         0, P, P, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
         MASK_LIMIT=True, MASK_CAUSAL=False, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
+        DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_N=BLOCK_P,
     )
     # sequence: fully visible blocks, then the diagonal
     K_ptr = K + b.to(tl.int64) * stride_kb + hkv * stride_kh
@@ -210,14 +230,14 @@ def _dq_kernel(
         KPM_ptr, stride_mn, 0, full_end, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
         offs_d, d_ok,
         MASK_LIMIT=False, MASK_CAUSAL=False, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+        DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_N=BLOCK_N,
     )
     dq = _dq_walk(
         dq, q, do, lse2, delta, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         KPM_ptr, stride_mn, full_end, hi, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
         offs_d, d_ok,
         MASK_LIMIT=True, MASK_CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+        DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_N=BLOCK_N,
     )
     dq = dq * scale
     tl.store(DQ + (b.to(tl.int64) * stride_dqb + (hkv * G + g_row) * stride_dqh + i_row * stride_dqm)[:, None]
@@ -236,7 +256,7 @@ def _dkdv_walk(
     stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
     Sq, G, R, lo, hi, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
     MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate dk, dv of one key block over packed rows [lo, hi) (transposed scores: keys x rows)."""
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -245,11 +265,10 @@ def _dkdv_walk(
         r_ok = offs_r < R
         i_row = offs_r // G
         g_row = offs_r % G
-        rmask = r_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q_ptr + (g_row * stride_qh + i_row * stride_qm)[:, None] + offs_d[None, :] * stride_qd,
-                    mask=rmask, other=0.0)
-        do = tl.load(DO_ptr + (g_row * stride_doh + i_row * stride_dom)[:, None] + offs_d[None, :] * stride_dod,
-                     mask=rmask, other=0.0)
+        q = load_tile(Q_ptr + (g_row * stride_qh + i_row * stride_qm)[:, None] + offs_d[None, :] * stride_qd,
+                      r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
+        do = load_tile(DO_ptr + (g_row * stride_doh + i_row * stride_dom)[:, None] + offs_d[None, :] * stride_dod,
+                       r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
         if INTERPRET:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -276,22 +295,11 @@ def _dkdv_walk(
     return dk, dv
 
 
-def _dkdv_configs():
-    if not autotune_enabled():
-        if interpreting():
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2)]
-    ]
-
-
 @triton.autotune(
-    configs=_dkdv_configs(),
-    key=["R_BUCKET", "SK_BUCKET", "P", "BLOCK_D", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION",
+    configs=_configs(DKDV_CONFIGS),
+    key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION",
          "NUM_PREFIX_PROGRAMS", "DO_SEQUENCE"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
+    prune_configs_by={"early_config_prune": _prune(resident_is_m=False)},
     reset_to_zero=["DP_ACC_K", "DP_ACC_V"],
 )
 @triton.jit
@@ -306,10 +314,11 @@ def _dkdv_kernel(
     stride_mb, stride_mn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hkv, Sq, Sk, P, G, R, HEAD_DIM,
+    Hkv, Sq, Sk, P, G, R,
     scale, qk_scale, softcap_scale, softcap_mul,
     NUM_PREFIX_PROGRAMS, SPLITS, ROWS_PER_SPLIT,
     R_BUCKET, SK_BUCKET,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, SOFTCAP: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     SHARED_PREFIX: tl.constexpr, DO_SEQUENCE: tl.constexpr,
@@ -354,7 +363,7 @@ def _dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
             Sq, G, R, lo, hi, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
             MASK_CAUSAL=False, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-            DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+            DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_M=BLOCK_M,
         )
         dpk = dpk * scale
         slot = hkv * P * HEAD_DIM + offs_p[:, None] * HEAD_DIM + offs_d[None, :]
@@ -403,7 +412,7 @@ def _dkdv_kernel(
                     Sq, G, R, r_start, r_full, causal_off, qk_scale, softcap_scale, softcap_mul,
                     offs_d, d_ok,
                     MASK_CAUSAL=True, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-                    DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                    DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_M=BLOCK_M,
                 )
             else:
                 r_full = 0
@@ -412,7 +421,7 @@ def _dkdv_kernel(
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                 Sq, G, R, r_full, R, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
                 MASK_CAUSAL=False, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-                DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_M=BLOCK_M,
             )
             dk = dk * scale
             tl.store(DK + b.to(tl.int64) * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn
@@ -532,10 +541,10 @@ def attention_backward(
             *q.stride(), *k.stride(), *v.stride(),
             *prefix_strides(prefix_k), *prefix_strides(prefix_v),
             *grad_out.stride(), *kpm_strides, *dq.stride(),
-            Hkv, Sq, Sk, P, G, R, D,
+            Hkv, Sq, Sk, P, G, R,
             scale, scale * LOG2E, a, c,
             bucket(R), bucket(Sk),
-            **flags, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
+            HEAD_DIM=D, EVEN_D=D == BLOCK_D, **flags, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
         )
 
     if need_dkv or need_dprefix:
@@ -569,11 +578,11 @@ def attention_backward(
             *q.stride(), *k.stride(), *v.stride(),
             *prefix_strides(prefix_k), *prefix_strides(prefix_v),
             *grad_out.stride(), *kpm_strides, *dk_strides, *dv_strides,
-            Hkv, Sq, Sk, P, G, R, D,
+            Hkv, Sq, Sk, P, G, R,
             scale, scale * LOG2E, a, c,
             n_prefix_programs, splits, rows_per_split,
             bucket(R), bucket(Sk),
-            **flags, ATOMIC=atomic, SHARED_PREFIX=prefix_k.dim() == 3, DO_SEQUENCE=need_dkv, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
+            HEAD_DIM=D, EVEN_D=D == BLOCK_D, **flags, ATOMIC=atomic, SHARED_PREFIX=prefix_k.dim() == 3, DO_SEQUENCE=need_dkv, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
         )
 
         if need_dprefix:

@@ -95,4 +95,47 @@ def ceil_div(a: int, b: int) -> int:
 __all__ = [
     "LOG2E", "LN2", "interpreting", "autotune_enabled", "poisoning", "alloc", "block_d", "block_p",
     "dot_precision", "num_sms", "bucket", "prefix_strides", "dummy", "tanh", "ceil_div", "math",
+    "load_tile", "store_tile", "smem_estimate", "pick",
 ]
+
+
+@triton.jit
+def load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile. Masks along D only when D is not the block width: a mask that
+    varies along the contiguous axis stops the compiler from issuing 16-byte vector loads."""
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def store_tile(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
+    if EVEN_D:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None] & d_ok[None, :])
+
+
+def smem_estimate(elsize: int, a_rows: int, b_rows: int, block_d: int, stages: int, resident: int) -> int:
+    """Rough shared memory of a config: `resident` tiles of a_rows x D kept for the whole program
+    plus two streamed b_rows x D tiles per pipeline stage. Used only to choose a safe default
+    when autotuning is off (the autotuner itself skips configs that do not fit)."""
+    return elsize * block_d * (resident * a_rows + 2 * stages * b_rows)
+
+
+def pick(configs, fits):
+    """Autotune off: the first config (in preference order) that fits; on: every config."""
+    if autotune_enabled():
+        return configs
+    for c in configs:
+        if fits(c):
+            return [c]
+    return configs[-1:]

@@ -23,13 +23,16 @@ import triton.language as tl
 from .common import (
     LOG2E,
     alloc,
-    autotune_enabled,
     block_d,
     block_p,
     bucket,
     dot_precision,
     interpreting,
+    load_tile,
+    pick,
     prefix_strides,
+    smem_estimate,
+    store_tile,
     tanh,
 )
 
@@ -41,18 +44,20 @@ def _attend(
     lo, hi, n_limit, causal_off, qk_scale, softcap_scale, softcap_mul,
     offs_d, d_ok,
     MASK_LIMIT: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    MAYBE_EMPTY: tl.constexpr, EVEN_D: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Fold keys [lo, hi) into the running (acc, l, m) of a block of rows."""
+    """Fold keys [lo, hi) into the running (acc, l, m) of a block of rows. Keys past n_limit
+    are masked only when MASK_LIMIT (the fully visible blocks need no mask at all)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < n_limit
-        k = tl.load(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = load_tile(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok,
+                      MASK_ROWS=MASK_LIMIT, EVEN_D=EVEN_D)
+        v = load_tile(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok,
+                      MASK_ROWS=MASK_LIMIT, EVEN_D=EVEN_D)
         if INTERPRET:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -70,7 +75,10 @@ def _attend(
             s = tl.where((kp != 0)[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+        if MAYBE_EMPTY:  # P = 0 with padding: a row may have seen nothing yet (m = -inf)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -80,41 +88,34 @@ def _attend(
     return acc, l_i, m_i
 
 
+FWD_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages), in order of preference
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3),
+    (32, 32, 4, 1),
+]
+
+
 def _fwd_configs():
-    if not autotune_enabled():
-        if interpreting():
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 3),
-            (128, 128, 8, 3),
-            (128, 64, 4, 3),
-            (64, 64, 4, 3),
-            (64, 32, 4, 2),
-            (32, 64, 4, 3),
-        ]
-    ]
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in FWD_CONFIGS]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
+    if interpreting():
+        return configs
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
     rows = named_args.get("R_BUCKET", kwargs.get("R_BUCKET", 1 << 20))
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bd >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
-        if rows <= 64 and bm > 64:  # decode / short chunks: do not pad rows to 128
-            continue
-        keep.append(c)
-    return keep or configs[-1:]
+    es = named_args["Q"].element_size()
+    # decode / short chunks: do not pad rows to 128
+    keep = [c for c in configs if not (rows <= 64 and c.kwargs["BLOCK_M"] > 64)] or configs
+    return pick(keep, lambda c: smem_estimate(es, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd,
+                                              c.num_stages, 1) <= 160 * 1024)
 
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["R_BUCKET", "SK_BUCKET", "P", "BLOCK_D", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION"],
+    key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )
 @triton.jit
@@ -127,14 +128,16 @@ def _fwd_kernel(
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hkv, Sq, Sk, P, G, R, HEAD_DIM,
+    Hkv, Sq, Sk, P, G, R,
     qk_scale, softcap_scale, softcap_mul,
     R_BUCKET, SK_BUCKET,
+    HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, SOFTCAP: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAYBE_EMPTY: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # the last row blocks see the most causal keys: launch them first to shorten the tail
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
@@ -148,7 +151,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     row_q = b.to(tl.int64) * stride_qb + (hkv * G + g_row) * stride_qh + i_row.to(tl.int64) * stride_qm
-    q = tl.load(Q + row_q[:, None] + offs_d[None, :] * stride_qd, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    q = load_tile(Q + row_q[:, None] + offs_d[None, :] * stride_qd, r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
     if INTERPRET:
         q = q.to(tl.float32)
 
@@ -166,7 +169,8 @@ def _fwd_kernel(
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q, i_row, PK_ptr, PV_ptr, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
         KPM, stride_mn, 0, P, P, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
-        MASK_LIMIT=True, MASK_CAUSAL=False, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+        MASK_LIMIT=True, MASK_CAUSAL=False, HAS_KPM=False, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
+        SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
         DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
     )
 
@@ -187,14 +191,16 @@ def _fwd_kernel(
         acc, l_i, m_i, q, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         KPM_ptr, stride_mn, 0, full_end, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
         offs_d, d_ok,
-        MASK_LIMIT=False, MASK_CAUSAL=False, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+        MASK_LIMIT=False, MASK_CAUSAL=False, HAS_KPM=HAS_KPM, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
+        SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
         DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
     )
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         KPM_ptr, stride_mn, full_end, hi, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
         offs_d, d_ok,
-        MASK_LIMIT=True, MASK_CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+        MASK_LIMIT=True, MASK_CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
+        SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
         DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
     )
 
@@ -204,8 +210,8 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     row_o = b.to(tl.int64) * stride_ob + (hkv * G + g_row) * stride_oh + i_row.to(tl.int64) * stride_om
-    tl.store(Out + row_o[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
-             mask=r_ok[:, None] & d_ok[None, :])
+    store_tile(Out + row_o[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), r_ok, d_ok,
+               EVEN_D=EVEN_D)
     # lse is (B, Hq, Sq) contiguous
     lse_off = (b.to(tl.int64) * Hkv * G + hkv * G + g_row) * Sq + i_row
     tl.store(Lse + lse_off, lse, mask=r_ok)
@@ -254,11 +260,12 @@ def attention_forward(
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_strides(prefix_k), *prefix_strides(prefix_v),
         *kpm_strides, *out.stride(),
-        Hkv, Sq, Sk, P, G, R, D,
+        Hkv, Sq, Sk, P, G, R,
         scale * LOG2E, a, c,
         bucket(R), bucket(Sk),
+        HEAD_DIM=D, MAYBE_EMPTY=P == 0 and (key_padding_mask is not None or Sk == 0),
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
         SOFTCAP=softcap > 0, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_D=BLOCK_D, BLOCK_P=block_p(P, 64),
+        EVEN_D=D == BLOCK_D, BLOCK_D=BLOCK_D, BLOCK_P=block_p(P, 64),
     )
     return out, lse

@@ -18,6 +18,9 @@ if not HAS_CUDA:
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set")
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Every kernel output starts as NaN, so a slot a kernel forgets to write fails the comparison.
+os.environ.setdefault("PREFIXATTN_POISON", "1")
+
 # Run on the GPU when there is one, else on the CPU through the interpreter.
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
