@@ -12,110 +12,103 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import torch
 
+from .env import environment
+from .flops import attention_flops
 
-def causal_flops(B, Hq, Sq, Sk, P, D, causal=True):
-    pairs = sum(min(Sk, i + Sk - Sq + 1) for i in range(Sq)) if causal else Sq * Sk
-    return 4.0 * B * Hq * D * (Sq * P + pairs)
+MAIN_SHAPES = [  # B, Hq, Hkv, S, P, D
+    (4, 32, 8, 4096, 64, 128),
+    (8, 32, 8, 1024, 64, 128),
+    (4, 32, 32, 2048, 16, 64),
+    (2, 32, 8, 8192, 256, 128),
+]
+EXTRA_SHAPES = [(16, 32, 8, 512, 64, 128), (4, 16, 16, 4096, 64, 64)]
 
 
-def main(argv=None) -> int:
+def probe_shape(B: int, Hq: int, Hkv: int, S: int, P: int, D: int,
+                dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """fwd and fwd+bwd of prefixattn and of concat + SDPA (lower-right causal), plus layer 0."""
     import triton
-
-    import prefixattn
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="main")
-    ap.add_argument("--json", default=None)
+    import prefixattn
+
+    G = Hq // Hkv
+    mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731
+    q, k, v = mk(B, Hq, S, D), mk(B, Hkv, S, D), mk(B, Hkv, S, D)
+    pk, pv = mk(Hkv, P, D), mk(Hkv, P, D)
+    do = torch.randn(B, Hq, S, D, device="cuda", dtype=dtype)
+
+    def ours():
+        return prefixattn.prefix_attention(q, k, v, pk, pv)
+
+    def concat():
+        kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], 2).repeat_interleave(G, 1)
+        vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], 2).repeat_interleave(G, 1)
+        mask = causal_lower_right(S, S + P)
+        fast = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel(fast):
+            return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+    ref = concat().float()
+    res: dict[str, Any] = {"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "P": P, "D": D,
+                           "rel_err_vs_concat": float((ours().float() - ref).norm() / ref.norm())}
+    shape = dict(B=B, H=Hq, Sq=S, Sk=S, P=P, D=D)
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")  # noqa: E731
+    for name, fn in (("prefixattn", ours), ("concat_causal", concat)):
+        t_f = bench(fn)
+        t_fb = bench(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v, pk, pv), do))
+        res[f"{name}_fwd_ms"] = t_f
+        res[f"{name}_fwdbwd_ms"] = t_fb
+        res[f"{name}_fwd_tflops"] = attention_flops("fwd", **shape) / t_f / 1e9
+        res[f"{name}_fwdbwd_tflops"] = attention_flops("fwd_bwd", **shape) / t_fb / 1e9
+
+    # layer 0: only the prefix needs a gradient
+    q0, k0, v0 = q.detach(), k.detach(), v.detach()
+    res["prefixattn_layer0_fwdbwd_ms"] = bench(
+        lambda: torch.autograd.grad(prefixattn.prefix_attention(q0, k0, v0, pk, pv), (pk, pv), do))
+    res["speedup_fwd"] = res["concat_causal_fwd_ms"] / res["prefixattn_fwd_ms"]
+    res["speedup_fwdbwd"] = res["concat_causal_fwdbwd_ms"] / res["prefixattn_fwdbwd_ms"]
+    return res
+
+
+def best_configs() -> list[str]:
+    """The autotuner's choice per kernel and key (after a probe has run)."""
+    from prefixattn.kernels import backward, forward
+
+    lines = []
+    kernels = (("fwd", forward._fwd_kernel), ("dq", backward._dq_kernel), ("dkdv", backward._dkdv_kernel))
+    for name, kern in kernels:
+        for key, cfg in list(getattr(kern, "cache", {}).items())[:8]:
+            lines.append(f"best {name} {key[:4]} -> {cfg}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", choices=("main", "all"), default="main")
+    ap.add_argument("--json", default=None, help="write the rows and the environment here")
     args = ap.parse_args(argv)
-    dev = "cuda"
-    dt = torch.bfloat16
-    shapes = [
-        # B, Hq, Hkv, S, P, D
-        (4, 32, 8, 4096, 64, 128),
-        (8, 32, 8, 1024, 64, 128),
-        (4, 32, 32, 2048, 16, 64),
-        (2, 32, 8, 8192, 256, 128),
-    ]
-    if args.shapes == "all":
-        shapes += [(16, 32, 8, 512, 64, 128), (4, 16, 16, 4096, 64, 64)]
+    if not torch.cuda.is_available():
+        print("bench.tune needs a CUDA GPU", file=sys.stderr)
+        return 2
+    shapes = MAIN_SHAPES + (EXTRA_SHAPES if args.shapes == "all" else [])
     rows = []
-    for B, Hq, Hkv, S, P, D in shapes:
-        G = Hq // Hkv
-        q = torch.randn(B, Hq, S, D, device=dev, dtype=dt, requires_grad=True)
-        k = torch.randn(B, Hkv, S, D, device=dev, dtype=dt, requires_grad=True)
-        v = torch.randn(B, Hkv, S, D, device=dev, dtype=dt, requires_grad=True)
-        pk = torch.randn(Hkv, P, D, device=dev, dtype=dt, requires_grad=True)
-        pv = torch.randn(Hkv, P, D, device=dev, dtype=dt, requires_grad=True)
-        do = torch.randn(B, Hq, S, D, device=dev, dtype=dt)
-
-        def ours():
-            return prefixattn.prefix_attention(q, k, v, pk, pv)
-
-        def concat():
-            kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], 2).repeat_interleave(G, 1)
-            vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], 2).repeat_interleave(G, 1)
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                              SDPBackend.EFFICIENT_ATTENTION]):
-                return torch.nn.functional.scaled_dot_product_attention(
-                    q, kk, vv, attn_mask=causal_lower_right(S, S + P))
-
-        err = (ours().float() - concat().float()).norm() / concat().float().norm()
-        fl = causal_flops(B, Hq, S, S, P, D)
-        res = {"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "P": P, "D": D, "rel_err_vs_concat": float(err)}
-        for name, fn in (("prefixattn", ours), ("concat_causal", concat)):
-            t_f = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
-
-            def fb(fn=fn):
-                out = fn()
-                torch.autograd.grad(out, (q, k, v, pk, pv), do)
-
-            t_fb = triton.testing.do_bench(fb, warmup=50, rep=200, return_mode="median")
-            res[f"{name}_fwd_ms"] = t_f
-            res[f"{name}_fwdbwd_ms"] = t_fb
-            res[f"{name}_fwd_tflops"] = fl / t_f / 1e9
-            res[f"{name}_fwdbwd_tflops"] = 3.5 * fl / t_fb / 1e9
-
-        # layer 0: only the prefix needs a gradient
-        q0, k0, v0 = q.detach(), k.detach(), v.detach()
-
-        def l0():
-            out = prefixattn.prefix_attention(q0, k0, v0, pk, pv)
-            torch.autograd.grad(out, (pk, pv), do)
-
-        res["prefixattn_layer0_fwdbwd_ms"] = triton.testing.do_bench(l0, warmup=50, rep=200,
-                                                                      return_mode="median")
-        res["speedup_fwd"] = res["concat_causal_fwd_ms"] / res["prefixattn_fwd_ms"]
-        res["speedup_fwdbwd"] = res["concat_causal_fwdbwd_ms"] / res["prefixattn_fwdbwd_ms"]
-        rows.append(res)
-        print(json.dumps(res), flush=True)
-        del q, k, v, pk, pv, do
+    for shape in shapes:
+        rows.append(probe_shape(*shape))
+        print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-
+    configs = best_configs()
+    print("\n".join(configs), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "rows": rows}, f, indent=1)
+            json.dump({**environment(torch.device("cuda")), "rows": rows, "configs": configs}, f, indent=1)
     return 0
 
 
-def _print_best_configs():
-    try:
-        from prefixattn.kernels import backward, forward
-    except Exception:
-        return
-    for name, kern in (("fwd", forward._fwd_kernel), ("dq", backward._dq_kernel),
-                       ("dkdv", backward._dkdv_kernel)):
-        cache = getattr(kern, "cache", {})
-        for key, cfg in list(cache.items())[:8]:
-            print(f"best {name} {key[:4]} -> {cfg}", flush=True)
-
-
 if __name__ == "__main__":
-    rc = main()
-    _print_best_configs()
-    sys.exit(rc)
+    sys.exit(main())
