@@ -42,7 +42,7 @@ def test_gpu_matches_float64_reference(case, dtype):
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v, pk, pv), do)
     refs = torch.autograd.grad(ref, (q, k, v, pk, pv), do.double())
-    for name, g, r in zip(("dq", "dk", "dv", "dpk", "dpv"), grads, refs):
+    for name, g, r in zip(("dq", "dk", "dv", "dpk", "dpv"), grads, refs, strict=True):
         if case.P == 0 and name.startswith("dp"):
             continue
         assert_close_rel(g, r, tol * 1.5, name)
@@ -56,7 +56,7 @@ def test_gpu_backward_bitwise_deterministic(prefix):
     do = torch.randn_like(out)
     g1 = torch.autograd.grad(out, (q, k, v, pk, pv), do, retain_graph=True)
     g2 = torch.autograd.grad(out, (q, k, v, pk, pv), do)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert torch.equal(a, b)
 
 
@@ -67,7 +67,7 @@ def test_gpu_atomic_prefix_gradient_close_to_deterministic():
     outs = [prefixattn.prefix_attention(q, k, v, pk, pv, deterministic=d) for d in (True, False)]
     gd = torch.autograd.grad(outs[0], (pk, pv), do)
     ga = torch.autograd.grad(outs[1], (pk, pv), do)
-    for a, b in zip(ga, gd):
+    for a, b in zip(ga, gd, strict=True):
         assert_close_rel(a, b, 1e-2, "atomic vs fixed-order")
 
 
@@ -81,7 +81,7 @@ def test_gpu_layer0_prefix_only():
     g = torch.autograd.grad(out, (pk, pv), do)
     ref = concat_reference(q, k, v, pk, pv)
     r = torch.autograd.grad(ref, (pk, pv), do.double())
-    for a, b in zip(g, r):
+    for a, b in zip(g, r, strict=True):
         assert_close_rel(a, b, 3e-2, "dprefix")
 
 

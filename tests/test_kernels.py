@@ -101,7 +101,7 @@ def run_case(c: Case, dtype=torch.float32, device="cpu", tol=None):
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v, pk, pv), do)
     refs = torch.autograd.grad(ref, (q, k, v, pk, pv), do.double())
-    for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, refs):
+    for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, refs, strict=True):
         if c.P == 0 and name.startswith("dprefix"):
             assert g.shape == r.shape and g.numel() == 0
             continue
@@ -139,7 +139,7 @@ def test_non_contiguous_inputs():
     assert_close_rel(out, ref, 2e-3, "out")
     do = torch.randn(B, Hq, S, D).transpose(-1, -2).contiguous().transpose(-1, -2)  # strided dO
     for g, r in zip(torch.autograd.grad(out, (q, k, v, pk, pv), do),
-                    torch.autograd.grad(ref, (q, k, v, pk, pv), do.double())):
+                    torch.autograd.grad(ref, (q, k, v, pk, pv), do.double()), strict=True):
         assert_close_rel(g, r, 2e-3, "grad")
 
 
@@ -204,4 +204,4 @@ def test_backward_is_deterministic_on_repeat():
     do = torch.randn_like(out)
     g1 = torch.autograd.grad(out, (pk, pv), do, retain_graph=True)
     g2 = torch.autograd.grad(out, (pk, pv), do)
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))

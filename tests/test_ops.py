@@ -22,7 +22,7 @@ def test_torch_backend_matches_reference(case):
     assert_close_rel(out, ref, 1e-5, "out")
     do = torch.randn_like(out)
     for g, r in zip(torch.autograd.grad(out, (q, k, v, pk, pv), do, allow_unused=True),
-                    torch.autograd.grad(ref, (q, k, v, pk, pv), do.double(), allow_unused=True)):
+                    torch.autograd.grad(ref, (q, k, v, pk, pv), do.double(), allow_unused=True), strict=True):
         if r is None or r.numel() == 0:
             continue
         assert_close_rel(g, r, 1e-5, "grad")
@@ -159,5 +159,5 @@ def test_torch_compile_fullgraph(backend):
     ref = step(q, k, v, pk, pv, mask)
     ref_grads = torch.autograd.grad(ref, (q, k, v, pk, pv))
     assert_close_rel(loss.detach(), ref.detach(), 1e-5, "loss")
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         assert_close_rel(g, r, 1e-5, "grad")
