@@ -31,6 +31,19 @@ from .timing import available_bytes, free_memory, is_oom, peak_mem_mb, sync, tim
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+# Relative error against the reference provider up to which two providers "agree" (per dtype of the
+# inputs; gradients get twice as much: they go through one more reduction).
+AGREE_TOL = {"float32": 2e-3, "float16": 5e-3, "bfloat16": 2e-2}
+
+
+def agrees(err: float | None, err_grad: float | None, dtype: str) -> bool | None:
+    """Whether relative errors are within AGREE_TOL for ``dtype`` (None when nothing was compared)."""
+    if err is None:
+        return None
+    tol = AGREE_TOL.get(dtype, 2e-2)
+    return bool(err <= tol and (err_grad is None or err_grad <= 2 * tol))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -184,7 +197,7 @@ def run_shape(shape: Shape, device: torch.device, *, providers: Sequence[str], b
         try:
             fns[p], kernel[p] = build(p, xc, backend)
         except Exception as e:
-            failed[p] = _short(e) if not isinstance(e, Unsupported) else str(e)
+            failed[p] = _short(e) if not isinstance(e, Unsupported) else f"skipped: {e}"
 
     checks = check(fns, xc, dout, "prefixattn", backward=needs_bwd)
     bwd_failed: dict[str, str] = {}
@@ -205,6 +218,7 @@ def run_shape(shape: Shape, device: torch.device, *, providers: Sequence[str], b
                 rec["kernel"] = kernel[p]
             if p in checks and "fwd_error" not in checks[p]:
                 rec.update({k: checks[p][k] for k in ("rel_err", "rel_err_grad", "ref")})
+                rec["agree"] = agrees(rec["rel_err"], rec["rel_err_grad"], shape.dtype)
             reason = failed.get(p) or (bwd_failed.get(p) if mode != "infer" and mode != "fwd" else None)
             if reason:
                 rec.update(status="skipped" if reason.startswith("skipped") else "error", reason=reason)

@@ -135,12 +135,22 @@ def prefix_causal_mask(x: AttnInputs) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def backend_label(backend: str, q: torch.Tensor) -> str:
+    """What ``backend`` resolves to for tensors like ``q``: 'triton', 'triton (interpreter)' or 'torch'."""
+    from prefixattn.ops import resolve_backend
+
+    which = resolve_backend(backend, q)
+    return "triton (interpreter)" if which == "triton" and q.device.type != "cuda" else which
+
+
 def prefixattn_provider(x: AttnInputs, backend: str = "auto") -> tuple[Fn, str]:
+    label = backend_label(backend, x.q)
+
     def fn() -> torch.Tensor:
         return prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, prefix_index=x.prefix_index,
                                            backend=backend)
 
-    return fn, backend
+    return fn, label
 
 
 def concat_sdpa_mask(x: AttnInputs) -> tuple[Fn, str]:
@@ -242,6 +252,8 @@ def concat_flex(x: AttnInputs) -> tuple[Fn, str]:
         return (kv_idx < P) | (kv_idx - P <= q_idx + off)
 
     dev = x.q.device
+    if dev.type != "cuda" and any(t.requires_grad for t in x.tensors()):
+        raise Unsupported("FlexAttention has no backward on CPU")
     block_mask = create_block_mask(mask_mod, None, None, x.Sq, P + x.Sk, device=str(dev))
     gqa = x.H != x.Hkv
     # compiled on GPU; on CPU the uncompiled path (a correctness check of the harness only)

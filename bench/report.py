@@ -26,13 +26,14 @@ from .env import slug
 REQUIRED = {"provider": str, "mode": str, "B": int, "H": int, "Hkv": int, "S": int, "P": int, "D": int,
             "dtype": str}
 NUMERIC_OR_NONE = ("ms", "tflops", "peak_mem_mb")
+STATUSES = ("ok", "skipped", "error", "oom")
 CONVENTIONS = {
     "ms": "median over repeats (triton.testing.do_bench: CUDA events, L2 flushed, warm-up first)",
     "flops": "fwd = 4*D*(Sq*P + visible causal pairs) per (row, head); bwd = 2.5x fwd; fwd_bwd = 3.5x fwd;"
              " layer0 bwd = 2.5x the prefix part only",
     "peak_mem_mb": "max_memory_allocated during one call minus memory_allocated before it (inputs,"
                    " and the retained graph for mode bwd, not counted); train: peak over the steps,"
-                   " everything included",
+                   " everything included; null = not measured (CPU runs)",
     "baselines": "providers compute the same function from the same tensors; rel_err is against"
                  " prefixattn's output in the same run",
 }
@@ -60,6 +61,10 @@ def validate(doc: dict[str, Any]) -> None:
                 raise ValueError(f"record {i}: {key!r} must be a number or null, got {r.get(key)!r}")
         if (r["ms"] is None) != (r.get("status", "ok") != "ok"):
             raise ValueError(f"record {i}: ms is {r['ms']!r} but status is {r.get('status')!r}")
+        if r.get("status", "ok") not in STATUSES:
+            raise ValueError(f"record {i}: status must be one of {STATUSES}, got {r.get('status')!r}")
+        if r.get("suite") == "bank" and (not isinstance(r.get("N"), int) or isinstance(r.get("N"), bool)):
+            raise ValueError(f"record {i}: a bank record needs the bank size 'N' (int), got {r.get('N')!r}")
 
 
 def stem(env: dict[str, Any]) -> str:
@@ -153,6 +158,8 @@ def micro_tables(recs: list[dict[str, Any]], *, ours: str = "prefixattn", peft: 
 def memory_table(recs: list[dict[str, Any]], mode: str) -> str:
     rows = _grouped(recs).get(mode, {})
     provs = _providers(recs)
+    if not any(r.get("peak_mem_mb") is not None for row in rows.values() for r in row.values()):
+        return f"\n### peak memory, {mode}\n\nnot measured (only measured on CUDA devices)"
     lines = [f"\n### peak memory, {mode} (MiB above the inputs)\n",
              "| shape | " + " | ".join(provs) + " |", "|---|" + "---|" * len(provs)]
     for label, row in rows.items():
@@ -165,8 +172,9 @@ def memory_table(recs: list[dict[str, Any]], mode: str) -> str:
 
 
 def train_table(recs: list[dict[str, Any]]) -> str:
-    lines = ["| provider | model | batch x seq | P | step ms | tokens/s | peak MiB | vs peft_sdpa | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| provider | model | batch x seq | P | step ms | tokens/s | peak MiB | vs peft_sdpa | loss0 "
+             "| logits rel err | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = {(r.get("model"), r["B"], r["S"]): r for r in recs if r["provider"] == "peft_sdpa"}
     for r in recs:
         base = ref.get((r.get("model"), r["B"], r["S"]))
@@ -175,8 +183,12 @@ def train_table(recs: list[dict[str, Any]]) -> str:
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"
         status = r.get("status", "ok") + (f": {r['reason']}" if r.get("reason") else "")
+        if r.get("agree") is False:
+            status += " (DISAGREES)"
+        loss0 = f"{r['loss0']:.4f}" if r.get("loss0") is not None else "-"
+        err = f"{r['logits0_rel_err']:.1e}" if r.get("logits0_rel_err") is not None else "-"
         lines.append(f"| {r['provider']} | {r.get('model', '')} | {r['B']}x{r['S']} | {r['P']} | {ms} "
-                     f"| {tps} | {mem} | {_x(vs)} | {status} |")
+                     f"| {tps} | {mem} | {_x(vs)} | {loss0} | {err} | {status} |")
     return "\n".join(lines)
 
 
@@ -225,7 +237,10 @@ def markdown(doc: dict[str, Any]) -> str:
     bank = [r for r in recs if r.get("suite") == "bank"]
     if bank:
         parts += ["\n## Mixed-task batch: a bank of prefixes\n",
-                  micro_tables(bank, ours="prefixattn_bank", peft="sequential"),
+                  "One call over the bank (prefixattn_bank) against one call per task (sequential) and"
+                  " gathering each row's prefix + masked SDPA (concat_gather, the PEFT-style path).",
+                  micro_tables(bank, ours="prefixattn_bank", peft="concat_gather"),
+                  memory_table(bank, "fwd_bwd"),
                   "\n### agreement with prefixattn_bank\n", accuracy(bank)]
     parts += ["\n## Skipped or failed\n", skips(recs), ""]
     return "\n".join(parts)
@@ -236,7 +251,7 @@ def compact(doc: dict[str, Any]) -> str:
     recs = doc["records"]
     out = [f"== {doc['device']} {doc['date']} torch {doc['torch']} triton {doc['triton']}"
            + ("  [CPU: NOT KERNEL SPEED]" if doc.get("cpu_only") else "")]
-    suites = (("micro", "prefixattn", "concat_sdpa_mask"), ("bank", "prefixattn_bank", "sequential"))
+    suites = (("micro", "prefixattn", "concat_sdpa_mask"), ("bank", "prefixattn_bank", "concat_gather"))
     for suite, ours, peft in suites:
         rs = [r for r in recs if r.get("suite", "micro") == suite]
         if not rs:

@@ -46,15 +46,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but no CUDA device is available")
+            raise ValueError("--device cuda but no CUDA device is available")
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
-        raise SystemExit(f"error: unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+        raise ValueError(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
     providers = G.ALL_PROVIDERS if args.providers is None else tuple(args.providers.split(","))
     unknown = [p for p in providers if p not in G.ALL_PROVIDERS]
     if unknown:
-        raise SystemExit(f"error: unknown provider(s) {unknown}; choose from {', '.join(G.ALL_PROVIDERS)}")
+        raise ValueError(f"unknown provider(s) {unknown}; choose from {', '.join(G.ALL_PROVIDERS)}")
+    if args.rep_ms is not None and not args.rep_ms >= 0:
+        raise ValueError(f"--rep-ms must be >= 0, got {args.rep_ms}")
+    if args.budget is not None and not args.budget > 0:
+        raise ValueError(f"--budget must be positive, got {args.budget}")
     gpu = device.type == "cuda"
     out_dir = args.out or Path("bench/results" if gpu else "bench-cpu")
     rep_ms = args.rep_ms if args.rep_ms is not None else (30.0 if gpu else 0.0)
@@ -85,6 +89,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         records += run_bank_bench(device, quick=args.quick, backend=args.backend, rep_ms=rep_ms)
 
+    for r in records:  # every record says where it ran; CPU numbers are never kernel speed
+        r["device_type"] = device.type
+        if r.get("peak_mem_mb") is None and r.get("status", "ok") == "ok" and not gpu:
+            r["peak_mem_note"] = "not measured on CPU"
     paths = write_all(env, records, out_dir)
     doc = {**env, "records": records}
     print(f"\nbench done in {time.monotonic() - t0:.0f}s; wrote:", flush=True)
@@ -111,7 +119,11 @@ def _run_micro(shapes: list, device: torch.device, providers: tuple[str, ...], b
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
+    try:
+        run(parse_args(argv))
+    except ValueError as e:  # bad arguments: a clear message, no traceback
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
