@@ -553,7 +553,7 @@ def attention_backward(
             n_prefix_programs = ceil_div(P, BLOCK_P) * splits
         else:
             splits, rows_per_split, n_prefix_programs = 1, ROW_GRANULE, 0
-        atomic = need_dprefix and not deterministic and not interp
+        atomic = need_dprefix and not deterministic
         f32 = dict(device=q.device, dtype=torch.float32)
         if need_dprefix and not atomic:
             part_k = torch.empty((B, splits, Hkv, P, D), **f32)

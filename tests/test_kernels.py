@@ -89,10 +89,11 @@ def make_inputs(c: Case, dtype=torch.float32, device="cpu", requires_grad=True, 
     return tensors, mask, prefix_index
 
 
-def run_case(c: Case, dtype=torch.float32, device="cpu", tol=None):
+def run_case(c: Case, dtype=torch.float32, device="cpu", tol=None, deterministic=True):
     (q, k, v, pk, pv), mask, idx = make_inputs(c, dtype, device)
     out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=c.causal,
-                                      prefix_index=idx, softcap=c.softcap, backend="triton")
+                                      prefix_index=idx, softcap=c.softcap, backend="triton",
+                                      deterministic=deterministic)
     ref = concat_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=c.causal,
                            prefix_index=idx, softcap=c.softcap)
     tol = tol or REL_TOL[dtype]
@@ -106,6 +107,9 @@ def run_case(c: Case, dtype=torch.float32, device="cpu", tol=None):
             assert g.shape == r.shape and g.numel() == 0
             continue
         assert_close_rel(g, r, tol, f"{c} {name}")
+    if idx is not None and c.P > 0:  # bank entries no row selected get exactly zero
+        unused = [n for n in range(pk.shape[0]) if n not in idx.tolist()]
+        assert unused and all(torch.count_nonzero(g[n]) == 0 for g in grads[3:] for n in unused)
     return out, grads, mask, idx
 
 
@@ -177,6 +181,13 @@ def test_only_kv_gradients():
     ref = concat_reference(q, k, v, pk, pv)
     (rk,) = torch.autograd.grad(ref.sum(), (k,))
     assert_close_rel(dk, rk, 2e-3, "dk")
+
+
+@pytest.mark.parametrize("c", [Case(prefix="shared", padding="left"), Case(prefix="row", Sq=1, Sk=21),
+                               Case(B=3, prefix="bank", P=17, Hq=6)], ids=str)
+def test_atomic_prefix_gradient(c):
+    # deterministic=False: prefix programs add fp32 partials straight into the bank entry
+    run_case(c, deterministic=False)
 
 
 def test_no_prefix_equals_plain_causal_attention():
