@@ -82,15 +82,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _bench_module() -> Any:
-    """The benchmark harness: ``prefixattn.bench`` when installed that way, else ``bench`` from a checkout."""
+    """The benchmark harness: ``prefixattn.bench`` when installed that way, else ``bench`` from a checkout.
+
+    The console script's sys.path holds the script's directory, not the working directory, so
+    ``bench`` is found next to the prefixattn package (an editable install or a checkout) as well.
+    """
     for name in ("prefixattn.bench.run_all", "bench.run_all"):
         try:
             return importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name not in ("prefixattn.bench", "bench", name):
                 raise
-    raise SystemExit(
-        "error: the benchmark harness (bench/) is not importable: run from a prefixattn source checkout"
+    root = Path(__file__).resolve().parent.parent
+    if (root / "bench" / "run_all.py").is_file():
+        sys.path.insert(0, str(root))
+        return importlib.import_module("bench.run_all")
+    raise ValueError(
+        "the benchmark harness (bench/) is not importable: run from a prefixattn source checkout"
     )
 
 

@@ -90,9 +90,20 @@ class TrainConfig:
             raise ValueError(f"--data {self.data}: no such file")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"--backend must be auto, triton or torch, got {self.backend!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(
+                    f"--device {self.device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+                ) from None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what a run writes into OUT (and all that --overwrite deletes)
+OUTPUTS = ("base_model", "checkpoint", "checkpoint.tmp", "checkpoint.old", "loss.png", "loss.tmp.png")
 
 
 @dataclass
@@ -135,7 +146,7 @@ def build_base_model(cfg: TrainConfig, out: Path) -> tuple[Any, Any]:
     dtype = DTYPES[cfg.dtype]
     if cfg.model is None:
         saved = out / "base_model"
-        if (saved / "config.json").is_file():
+        if cfg.resume and (saved / "config.json").is_file():
             model = LlamaForCausalLM.from_pretrained(saved, dtype=dtype)
         else:
             torch.manual_seed(cfg.seed)
@@ -290,7 +301,13 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     if cfg.resume and not has_ckpt:
         raise ValueError(f"--resume: no checkpoint in {out}")
     if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
+        # only what a run writes: OUT may be a directory holding other things
+        for name in OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -310,6 +327,11 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     history, start = History(), 0
     if cfg.resume:
         start, history = load_checkpoint(out, model, opt, cfg)
+        if start > cfg.steps:
+            raise ValueError(
+                f"--resume: the checkpoint is already at step {start}, past --steps {cfg.steps}; "
+                f"pass a larger --steps to train further"
+            )
         log(f"resumed from {out / 'checkpoint'} at step {start}")
     n_params = sum(p.numel() for p in params)
     log(
@@ -324,7 +346,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     model.train()
     bar = Progress(range(start + 1, cfg.steps + 1), desc="train")
     t_tokens, t_time = 0, 0.0
-    step = start
+    step = done = start
     try:
         for step in bar:
             b = task.batch(step, cfg.batch_size).to(device)
@@ -332,6 +354,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
             loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
             loss.backward()
             opt.step()
+            done = step
             opt.zero_grad(set_to_none=True)
             lv = float(loss)
             if device.type == "cuda":
@@ -351,9 +374,9 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
                 save_checkpoint(out, model, opt, step, history, cfg)
     except KeyboardInterrupt:
         bar.close()
-        done = history.train[-1][0] if history.train else start
-        save_checkpoint(out, model, opt, int(done), history, cfg)
-        log(f"interrupted: checkpoint saved at step {int(done)}; continue with --resume")
+        history.train = [r for r in history.train if r[0] <= done]
+        save_checkpoint(out, model, opt, done, history, cfg)
+        log(f"interrupted: checkpoint saved at step {done}; continue with --resume")
         raise
     plot_path = plot_history(history, out / "loss.png") if cfg.plot else None
     first, last = history.eval[0], history.eval[-1]
