@@ -130,20 +130,21 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
         )
     layer_idx = getattr(module, "layer_idx", None)
     if not isinstance(layer_idx, int):
-        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by layer_idx")
+        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by "
+                           "layer_idx")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
-            f"prefixattn takes a 2-D (batch, keys) padding mask; got a {attention_mask.dim()}-D attention mask "
-            "(custom 4-D masks are not supported)"
+            "prefixattn takes a 2-D (batch, keys) padding mask; got a "
+            f"{attention_mask.dim()}-D attention mask (custom 4-D masks are not supported)"
         )
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         raise ValueError(f"prefixattn: padding mask has {attention_mask.shape[-1]} keys, the layer has "
                          f"{key.shape[2]}")
     if dropout and module.training and not state.ignore_attention_dropout:
         raise ValueError(
-            f"{type(module).__name__} asks for attention dropout {dropout} in training, which prefixattn's fused "
-            "attention does not implement. Set the config's attention dropout to 0, or patch with "
-            "ignore_attention_dropout=True to train without it"
+            f"{type(module).__name__} asks for attention dropout {dropout} in training, which "
+            "prefixattn's fused attention does not implement. Set the config's attention dropout to 0, "
+            "or patch with ignore_attention_dropout=True to train without it"
         )
     softcap = kwargs.get("softcap") or 0.0
     causal = bool(getattr(module, "is_causal", True))
@@ -237,7 +238,8 @@ def check_prefix_ids(prefix_ids: Any, batch: int, config: PrefixConfig, device: 
     return prefix_ids.to(device=device, dtype=torch.long)
 
 
-def _positions(state: PatchState, kwargs: dict, batch: int, length: int, device: torch.device) -> torch.Tensor:
+def _positions(state: PatchState, kwargs: dict, batch: int, length: int,
+               device: torch.device) -> torch.Tensor:
     P = state.num_tokens
     cache = kwargs.get("past_key_values")
     past = 0
@@ -312,7 +314,8 @@ def _refuse_reentrant_checkpointing(state: PatchState) -> None:
             if getattr(func, "keywords", {}).get("use_reentrant", False):
                 raise ValueError(
                     "prefix_projection=True does not work with reentrant gradient checkpointing "
-                    "(use_reentrant=True); enable checkpointing with use_reentrant=False (transformers' default)"
+                    "(use_reentrant=True); enable checkpointing with use_reentrant=False "
+                    "(transformers' default)"
                 )
 
 
@@ -438,7 +441,8 @@ def _check_patch_args(num_prefix_tokens: Any, num_prefixes: Any, dtype: Any, bac
         raise ValueError(f"num_prefix_tokens must be a positive int, got {num_prefix_tokens!r}")
     if num_prefixes is not None and (isinstance(num_prefixes, bool) or not isinstance(num_prefixes, int)
                                      or num_prefixes < 1):
-        raise ValueError(f"num_prefixes must be a positive int (or None for a single prefix), got {num_prefixes!r}")
+        raise ValueError("num_prefixes must be a positive int (or None for a single prefix), got "
+                         f"{num_prefixes!r}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if backend not in BACKENDS:
@@ -475,7 +479,8 @@ def patch(
         prefix_projection: PEFT's reparameterization (embedding + Linear-Tanh-Linear MLP, run once per step).
         projection_hidden_size: the MLP's hidden size (default Hkv*D, as PEFT's encoder_hidden_size).
         num_prefixes: keep a bank of N prefixes; every call then takes ``prefix_ids`` ((batch,) long)
-            choosing each row's entry (``model(ids, prefix_ids=...)``, ``model.generate(..., prefix_ids=...)``).
+            choosing each row's entry (``model(ids, prefix_ids=...)``,
+            ``model.generate(..., prefix_ids=...)``).
         layers: indices of the layers that carry a prefix (default: all).
         init: "random" (N(0, 1), as PEFT's embedding), "zeros", or "text": the keys/values the frozen model
             computes for ``init_text`` (repeated/truncated to P tokens), i.e. the prefix starts out exactly
@@ -489,9 +494,10 @@ def patch(
     from .peft import is_peft_prefix_model, patch_peft_model
 
     if is_peft_prefix_model(model):
-        if num_prefix_tokens is not None or prefix_projection or num_prefixes is not None or layers is not None:
-            raise ValueError("patching a PEFT model takes the prefix shape from its PrefixTuningConfig; do not pass "
-                             "num_prefix_tokens / prefix_projection / num_prefixes / layers")
+        if (num_prefix_tokens is not None or prefix_projection or num_prefixes is not None
+                or layers is not None):
+            raise ValueError("patching a PEFT model takes the prefix shape from its PrefixTuningConfig; do "
+                             "not pass num_prefix_tokens / prefix_projection / num_prefixes / layers")
         return patch_peft_model(model, dtype=dtype, backend=backend,
                                 ignore_attention_dropout=ignore_attention_dropout)
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -535,8 +541,8 @@ def patch(
         # Probe: one token through the frozen model tells which layers attend, and their (Hkv, D).
         captured = _capture(model, state, [_probe_token(model)])
         if not captured:
-            raise ValueError(f"{type(model).__name__}: no attention layer went through the AttentionInterface; "
-                             "cannot patch it")
+            raise ValueError(f"{type(model).__name__}: no attention layer went through the "
+                             "AttentionInterface; cannot patch it")
         shapes = {(k.shape[1], k.shape[3]) for k, _ in captured.values()}
         if len(shapes) != 1:
             raise ValueError(f"{type(model).__name__} has layers with different KV shapes {sorted(shapes)}; "

@@ -57,7 +57,8 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
         raise ValueError(f"prefixattn.patch takes PEFT prefix-tuning models; this one is "
                          f"{_peft_type_name(config.peft_type)}")
     if (config.num_transformer_submodules or 1) != 1:
-        raise ValueError("PEFT prefix tuning with num_transformer_submodules != 1 (encoder-decoder) is not supported")
+        raise ValueError("PEFT prefix tuning with num_transformer_submodules != 1 (encoder-decoder) is "
+                         "not supported")
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     base = peft_model.get_base_model()
     projection = bool(config.prefix_projection and not config.inference_mode)
@@ -79,7 +80,10 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
 
 
 def _check_against_peft_config(ours: PrefixConfig, peft_cfg: Any, what: str) -> None:
-    get = (lambda k: peft_cfg.get(k)) if isinstance(peft_cfg, dict) else (lambda k: getattr(peft_cfg, k, None))
+    if isinstance(peft_cfg, dict):
+        get = peft_cfg.get
+    else:
+        get = lambda k: getattr(peft_cfg, k, None)
     problems = []
     for key, value in (("num_layers", ours.num_layers), ("token_dim", ours.token_dim),
                        ("num_attention_heads", ours.num_kv_heads)):
@@ -128,11 +132,11 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     c = module.config
     _check_prefix_id(prefix_id, c)
     if c.bank and prefix_id is None:
-        raise ValueError(f"the model has a bank of {c.num_prefixes} prefixes: pass prefix_id to choose the entry "
-                         "to export as a PEFT adapter")
+        raise ValueError(f"the model has a bank of {c.num_prefixes} prefixes: pass prefix_id to choose the "
+                         "entry to export as a PEFT adapter")
     if len(c.layers) != c.num_layers:
-        raise ValueError(f"PEFT prefix tuning puts a prefix on every layer; this model's prefix covers layers "
-                         f"{list(c.layers)} of {c.num_layers}, so it cannot be saved in PEFT's format")
+        raise ValueError("PEFT prefix tuning puts a prefix on every layer; this model's prefix covers "
+                         f"layers {list(c.layers)} of {c.num_layers}, so it cannot be saved in PEFT's format")
     with torch.no_grad():
         kv = module.compute()[:, :, prefix_id or 0].float()  # (L, 2, Hkv, P, D)
     rows = kv_to_peft_rows(kv).cpu()
@@ -146,9 +150,12 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     # Stage both files, then rename them into place: an error leaves no partial adapter behind.
     staged: list[tuple[str, Path]] = []
     try:
-        for name, write in ((WEIGHTS_NAME, lambda tmp: save_file({"prompt_embeddings": rows}, tmp,
-                                                                  metadata={"format": "pt"})),
-                            (CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))):
+        writers = (
+            (WEIGHTS_NAME,
+             lambda tmp: save_file({"prompt_embeddings": rows}, tmp, metadata={"format": "pt"})),
+            (CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n")),
+        )
+        for name, write in writers:
             tmp = directory / f".{name}.staged"
             atomic_write(tmp, write)
             staged.append((name, tmp))
@@ -175,7 +182,8 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(cfg_path)!r} is not a JSON object")
     if cfg.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{str(directory)!r} is a {cfg.get('peft_type')!r} adapter; load_peft reads PREFIX_TUNING")
+        raise ValueError(f"{str(directory)!r} is a {cfg.get('peft_type')!r} adapter; load_peft reads "
+                         "PREFIX_TUNING")
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
         raise ValueError(f"{str(directory)!r} is a {cfg.get('task_type')} adapter; load_peft reads CAUSAL_LM")
     if (cfg.get("num_transformer_submodules") or 1) != 1:
@@ -187,13 +195,13 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         if (directory / PICKLE_WEIGHTS_NAME).is_file():
-            raise ValueError(f"{str(directory)!r} holds {PICKLE_WEIGHTS_NAME} (a pickle); prefixattn reads only "
-                             "safetensors (re-save it with PEFT's safe_serialization=True)")
+            raise ValueError(f"{str(directory)!r} holds {PICKLE_WEIGHTS_NAME} (a pickle); prefixattn reads "
+                             "only safetensors (re-save it with PEFT's safe_serialization=True)")
         raise FileNotFoundError(f"{str(directory)!r} has no {WEIGHTS_NAME}")
     tensors, _ = read_tensors(weights, "PEFT adapter weights")
     if set(tensors) != {"prompt_embeddings"}:
-        raise ValueError(f"{str(weights)!r} has tensors {sorted(tensors)}; a prefix-tuning adapter has exactly "
-                         "'prompt_embeddings'")
+        raise ValueError(f"{str(weights)!r} has tensors {sorted(tensors)}; a prefix-tuning adapter has "
+                         "exactly 'prompt_embeddings'")
     emb = tensors["prompt_embeddings"]
     P, L, token_dim = cfg["num_virtual_tokens"], cfg["num_layers"], cfg["token_dim"]
     expected = (P, L * 2 * token_dim)
@@ -207,7 +215,8 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
 
 def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_id: int | None = None,
               **patch_kwargs: Any) -> nn.Module:
-    """Load a PEFT prefix-tuning adapter (from PEFT or ``save_peft``) into ``model``; returns the model to use.
+    """Load a PEFT prefix-tuning adapter (from PEFT or ``save_peft``) into ``model``; returns the model
+    to use.
 
     An unpatched model is patched with the adapter's shape (``patch_kwargs`` such as ``backend`` or
     ``dtype`` pass through); a patched one must match it (for a bank, ``prefix_id`` picks the entry to
@@ -218,8 +227,8 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
     cfg, emb = read_peft_adapter(adapter_directory)
     if is_patched(model):
         if patch_kwargs:
-            raise ValueError(f"the model is already patched; {sorted(patch_kwargs)} only apply when load_peft "
-                             "patches an unpatched model")
+            raise ValueError(f"the model is already patched; {sorted(patch_kwargs)} only apply when "
+                             "load_peft patches an unpatched model")
         module = get_prefix_module(model)
         _validate_adapter_for(module.config, cfg, str(adapter_directory))
     else:
@@ -239,8 +248,8 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
 
     _check_prefix_id(prefix_id, module.config)
     if module.config.bank and prefix_id is None:
-        raise ValueError(f"the model has a bank of {module.config.num_prefixes} prefixes: pass prefix_id to choose "
-                         "the entry to fill")
+        raise ValueError(f"the model has a bank of {module.config.num_prefixes} prefixes: pass prefix_id to "
+                         "choose the entry to fill")
     single = PrefixConfig(**{**asdict(module.config), "num_prefixes": 1, "bank": False})
     module.set_values(peft_rows_to_kv(emb.to(module.kv.dtype), single), prefix_id)
     return model
@@ -261,9 +270,11 @@ def _precheck_unpatched(model: nn.Module, cfg: dict[str, Any], where: str) -> No
     if shapes is not None:
         hkv, d = shapes
         if cfg["num_attention_heads"] != hkv:
-            problems.append(f"num_attention_heads (KV heads): adapter has {cfg['num_attention_heads']}, model has {hkv}")
+            problems.append(f"num_attention_heads (KV heads): adapter has {cfg['num_attention_heads']}, "
+                            f"model has {hkv}")
         if cfg["token_dim"] != hkv * d:
-            problems.append(f"token_dim (KV heads x head dim): adapter has {cfg['token_dim']}, model has {hkv * d}")
+            problems.append(f"token_dim (KV heads x head dim): adapter has {cfg['token_dim']}, "
+                            f"model has {hkv * d}")
     if problems:
         raise ValueError(f"PEFT adapter {where!r} does not match the model: " + "; ".join(problems))
 
@@ -271,11 +282,11 @@ def _precheck_unpatched(model: nn.Module, cfg: dict[str, Any], where: str) -> No
 def _validate_adapter_for(ours: PrefixConfig, cfg: dict[str, Any], where: str) -> None:
     problems = []
     if ours.projection:
-        problems.append("the model's prefix is MLP-reparameterized (prefix_projection=True); a PEFT adapter holds "
-                        "prefix values")
+        problems.append("the model's prefix is MLP-reparameterized (prefix_projection=True); a PEFT "
+                        "adapter holds prefix values")
     if len(ours.layers) != ours.num_layers:
-        problems.append(f"the model's prefix covers layers {list(ours.layers)} of {ours.num_layers}; PEFT adapters "
-                        "cover all layers")
+        problems.append(f"the model's prefix covers layers {list(ours.layers)} of {ours.num_layers}; PEFT "
+                        "adapters cover all layers")
     for key, value in (("num_virtual_tokens", ours.num_tokens), ("num_layers", ours.num_layers),
                        ("token_dim", ours.token_dim), ("num_attention_heads", ours.num_kv_heads)):
         if cfg[key] != value:

@@ -80,8 +80,8 @@ class PrefixKV(nn.Module):
         if c.projection:
             if c.bank:
                 raise ValueError(
-                    "prefix_projection=True cannot be combined with a bank of prefixes (num_prefixes): the MLP "
-                    "would be shared by every entry; use raw prefixes for a bank"
+                    "prefix_projection=True cannot be combined with a bank of prefixes (num_prefixes): the "
+                    "MLP would be shared by every entry; use raw prefixes for a bank"
                 )
             self.embedding = nn.Embedding(P, c.token_dim, dtype=dtype, device=device)
             self.transform = nn.Sequential(
@@ -110,7 +110,8 @@ class PrefixKV(nn.Module):
 
     @torch.no_grad()
     def set_values(self, kv: torch.Tensor, prefix_id: int | None = None) -> None:
-        """Overwrite the raw prefix with ``kv`` (L, 2, N or 1, Hkv, P, D); into one bank entry if prefix_id."""
+        """Overwrite the raw prefix with ``kv`` (L, 2, N or 1, Hkv, P, D); into one bank entry if
+        prefix_id."""
         if self.config.projection:
             raise ValueError("this prefix is reparameterized by an MLP (prefix_projection=True); its values "
                              "cannot be set directly")
@@ -122,7 +123,8 @@ class PrefixKV(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"tokens={c.num_tokens}, layers={len(c.layers)}/{c.num_layers}, kv_heads={c.num_kv_heads}, "
-                f"head_dim={c.head_dim}, prefixes={c.num_prefixes if c.bank else 1}, projection={c.projection}")
+                f"head_dim={c.head_dim}, prefixes={c.num_prefixes if c.bank else 1}, "
+                f"projection={c.projection}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +178,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 
-def read_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensors(path: str | os.PathLike,
+                 what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of a safetensors file; a clear error when it is missing or corrupt."""
     from safetensors import safe_open
 
@@ -210,8 +213,8 @@ def _check_prefix_id(prefix_id: int | None, config: PrefixConfig) -> None:
     if isinstance(prefix_id, bool) or not isinstance(prefix_id, int):
         raise TypeError(f"prefix_id must be an int, got {type(prefix_id).__name__}")
     if not config.bank:
-        raise ValueError("prefix_id selects an entry of a bank of prefixes, but this model has a single prefix "
-                         "(patch with num_prefixes=N for a bank)")
+        raise ValueError("prefix_id selects an entry of a bank of prefixes, but this model has a single "
+                         "prefix (patch with num_prefixes=N for a bank)")
     if not 0 <= prefix_id < config.num_prefixes:
         raise ValueError(f"prefix_id {prefix_id} is out of range: the bank has {config.num_prefixes} entries")
 
@@ -286,13 +289,15 @@ def load_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
     if prefix_id is not None:
         expected = {"kv": expected["kv"][:, :, prefix_id : prefix_id + 1]}
     if set(tensors) != set(expected):
-        raise ValueError(f"prefix file {str(path)!r} has tensors {sorted(tensors)}, expected {sorted(expected)}")
+        raise ValueError(f"prefix file {str(path)!r} has tensors {sorted(tensors)}, expected "
+                         f"{sorted(expected)}")
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(f"prefix file {str(path)!r}: tensor {name!r} has shape {tuple(t.shape)}, "
                              f"the model expects {tuple(expected[name].shape)}")
         if not t.is_floating_point():
-            raise ValueError(f"prefix file {str(path)!r}: tensor {name!r} has dtype {t.dtype}, expected floats")
+            raise ValueError(f"prefix file {str(path)!r}: tensor {name!r} has dtype {t.dtype}, expected "
+                             "floats")
         if not torch.isfinite(t).all():
             raise ValueError(f"prefix file {str(path)!r}: tensor {name!r} has non-finite values")
 
