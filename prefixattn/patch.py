@@ -63,12 +63,15 @@ class PrefixStep:
     prefix_ids: torch.Tensor | None
     bank: bool
 
-    def layer(self, slot: int, dtype: torch.dtype):
+    def layer(self, slot: int, dtype: torch.dtype, device: torch.device):
         kv = self.kv[slot]
-        if kv.dtype != dtype:
-            kv = kv.to(dtype)  # autograd-tracked cast of the fp32 master
+        if kv.dtype != dtype or kv.device != device:
+            # autograd-tracked cast of the fp32 master; the move serves models split over devices
+            # (device_map), whose later layers run away from the input device the prefix lives on
+            kv = kv.to(device=device, dtype=dtype)
         if self.bank:
-            return kv[0], kv[1], self.prefix_ids
+            ids = self.prefix_ids
+            return kv[0], kv[1], ids if ids.device == device else ids.to(device)
         return kv[0, 0], kv[1, 0], None
 
 
@@ -165,7 +168,7 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
                                "base model), not a layer directly")
         slot = state.prefix.slot(layer_idx)
         if slot is not None:
-            pk, pv, index = step.layer(slot, query.dtype)
+            pk, pv, index = step.layer(slot, query.dtype, query.device)
 
     window = kwargs.get("sliding_window")
     if window is not None and window > 0:

@@ -274,7 +274,8 @@ def load_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
         raise ValueError(f"{str(path)!r} has an unreadable prefix config: {e}") from e
 
     model_cfg = module.config
-    single = file_cfg.num_prefixes == 1 and not file_cfg.bank
+    # one entry: saved with prefix_id, from a single-prefix model, or a bank of 1
+    single = file_cfg.num_prefixes == 1
     if prefix_id is not None and not single:
         raise ValueError(f"{str(path)!r} holds a bank of {file_cfg.num_prefixes} prefixes; prefix_id loads a "
                          "single-entry file (saved with save_prefix(..., prefix_id=i))")
