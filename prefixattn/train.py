@@ -300,6 +300,9 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
         )
     if cfg.resume and not has_ckpt:
         raise ValueError(f"--resume: no checkpoint in {out}")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
     if cfg.overwrite and out.exists():
         # only what a run writes: OUT may be a directory holding other things
         for name in OUTPUTS:
@@ -309,9 +312,6 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
 
     base, tokenizer = build_base_model(cfg, out)
     base.to(device)
@@ -356,7 +356,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
             opt.step()
             done = step
             opt.zero_grad(set_to_none=True)
-            lv = float(loss)
+            lv = float(loss.detach())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
