@@ -75,7 +75,13 @@ def plot_e2e(doc: dict[str, Any], path: Path) -> Path | None:
         ax_t.bar(labels, [r.get("tokens_per_s") or 0 for r in train], color="tab:blue")
         ax_t.set_ylabel("tokens/s")
         ax_t.set_title(f"training step: {train[0].get('model', '')}", fontsize=9)
-        ax_m.bar(labels, [r.get("peak_mem_mb") or 0 for r in train], color="tab:orange")
+        if any(r.get("peak_mem_mb") is not None for r in train):
+            ax_m.bar(labels, [r.get("peak_mem_mb") or 0 for r in train], color="tab:orange")
+        else:  # CPU: not measured; no zero bars that could be read as a measurement
+            ax_m.text(0.5, 0.5, "peak memory not measured\n(CUDA only)", ha="center", va="center",
+                      transform=ax_m.transAxes)
+            ax_m.set_xticks([])
+            ax_m.set_yticks([])
         ax_m.set_ylabel("peak MiB")
         ax_m.set_title("training step: peak memory", fontsize=9)
         for ax in (ax_t, ax_m):
