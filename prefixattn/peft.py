@@ -213,6 +213,11 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
     return cfg, emb
 
 
+# patch() arguments that fix the prefix's shape or values: load_peft takes those from the adapter
+_SHAPE_KWARGS = frozenset({"num_prefix_tokens", "num_prefixes", "prefix_projection", "projection_hidden_size",
+                           "layers", "init", "init_text", "tokenizer"})
+
+
 def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_id: int | None = None,
               **patch_kwargs: Any) -> nn.Module:
     """Load a PEFT prefix-tuning adapter (from PEFT or ``save_peft``) into ``model``; returns the model
@@ -234,15 +239,21 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
     else:
         if prefix_id is not None:
             raise ValueError("prefix_id selects a bank entry of an already patched model")
+        shape_kwargs = sorted(_SHAPE_KWARGS & set(patch_kwargs))
+        if shape_kwargs:
+            raise ValueError("load_peft patches an unpatched model with the adapter's own shape; "
+                             f"{shape_kwargs} cannot be set here. To load an adapter into a bank entry, "
+                             "patch first (prefixattn.patch(model, num_prefix_tokens=P, num_prefixes=N)), "
+                             "then load_peft(model, directory, prefix_id=i)")
         _precheck_unpatched(model, cfg, str(adapter_directory))
         model = patch(model, num_prefix_tokens=cfg["num_virtual_tokens"], init="zeros", **patch_kwargs)
         module = get_prefix_module(model)
         try:
             _validate_adapter_for(module.config, cfg, str(adapter_directory))
-        except ValueError:
+        except BaseException:
             from .patch import unpatch
 
-            unpatch(model)
+            unpatch(model)  # leave the model as it came
             raise
     from .prefix import _check_prefix_id
 
