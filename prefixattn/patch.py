@@ -288,7 +288,9 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     if config.bank:
         if prefix_ids is None:
             raise ValueError(f"this model has a bank of {config.num_prefixes} prefixes: pass prefix_ids "
-                             "(a (batch,) long tensor) to choose each row's prefix")
+                             "(a (batch,) long tensor) to choose each row's prefix. With the Hugging Face "
+                             "Trainer, set TrainingArguments(remove_unused_columns=False): by default it "
+                             "drops every batch key that forward() does not name, prefix_ids included")
         prefix_ids = check_prefix_ids(prefix_ids, batch, config, device)
     elif prefix_ids is not None:
         raise ValueError("prefix_ids was given but the model has a single prefix (patch with "
