@@ -232,7 +232,9 @@ def check_prefix_ids(prefix_ids: Any, batch: int, config: PrefixConfig, device: 
     if prefix_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"prefix_ids must be int64 (long) or int32, got {prefix_ids.dtype}")
     if prefix_ids.shape != (batch,):
-        raise ValueError(f"prefix_ids must have shape (batch,) = ({batch},), got {tuple(prefix_ids.shape)}")
+        raise ValueError(f"prefix_ids must have shape (batch,) = ({batch},), got {tuple(prefix_ids.shape)}: "
+                         "one id per row of input_ids (generate() repeats them for num_beams / "
+                         "num_return_sequences itself)")
     if batch and not torch.compiler.is_compiling():
         lo, hi = int(prefix_ids.min()), int(prefix_ids.max())
         if lo < 0 or hi >= config.num_prefixes:
