@@ -4,6 +4,7 @@ JSON schema::
 
     {"device": str, "torch": str, "triton": str | None, "cuda": str | None, "date": "YYYY-MM-DD",
      "cpu_only": bool, ... other environment fields ...,
+     "suite_errors": {suite: "Error: message"}   (only when a whole suite failed),
      "conventions": {...how FLOPs and memory are counted...},
      "records": [{"suite": "micro" | "train" | "bank", "provider": str, "mode": str,
                   "B": int, "H": int, "Hkv": int, "S": int, "P": int, "D": int, "dtype": str,
@@ -71,8 +72,10 @@ def stem(env: dict[str, Any]) -> str:
     return f"{slug(env['device'])}-{env['date']}"
 
 
-def write_all(env: dict[str, Any], records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Write <stem>.json, <stem>.md and the figures into out_dir; return the paths written."""
+def write_all(env: dict[str, Any], records: list[dict[str, Any]], out_dir: Path,
+              figures: bool = True) -> list[Path]:
+    """Write <stem>.json, <stem>.md and (unless ``figures`` is False) the figures into out_dir;
+    return the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {**env, "conventions": CONVENTIONS, "records": records}
     validate(doc)
@@ -80,6 +83,8 @@ def write_all(env: dict[str, Any], records: list[dict[str, Any]], out_dir: Path)
     paths = [base.with_suffix(".json"), base.with_suffix(".md")]
     paths[0].write_text(json.dumps(doc, indent=1, default=str) + "\n")
     paths[1].write_text(markdown(doc))
+    if not figures:
+        return paths
     try:
         from .plots import plot_all
     except ImportError:  # matplotlib missing: the JSON and markdown are the results
@@ -225,6 +230,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"transformers {doc.get('transformers')}, peft {doc.get('peft')}", ""]
     if doc.get("cpu_only"):
         head += ["**CPU run: these numbers only show the harness works. They are not kernel speed.**", ""]
+    for suite, err in doc.get("suite_errors", {}).items():
+        head += [f"**Suite {suite} failed and has no records: {err}**", ""]
     head += ["Conventions: " + "; ".join(f"{k}: {v}" for k, v in doc.get("conventions", {}).items()), ""]
     parts = ["\n".join(head)]
     micro = [r for r in recs if r.get("suite", "micro") == "micro"]

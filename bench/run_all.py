@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -71,35 +72,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("NOTE: CPU run: tiny shapes, proves the harness works; not kernel speed.", flush=True)
 
     records: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
     t0 = time.monotonic()
-    if "micro" in suites:
-        if gpu:
-            shapes = G.quick_grid() if args.quick else G.full_grid()
-        else:
-            shapes = G.smoke_grid() if args.quick else G.cpu_grid()
-        budget = args.budget if args.budget is not None else (330.0 if gpu else None)
-        deadline = None if budget is None else time.monotonic() + budget
-        records += _run_micro(shapes, device, providers, args.backend, deadline, rep_ms)
-    if "train" in suites:
-        from .train_step import run_train_bench
 
-        records += run_train_bench(device, quick=args.quick, backend=args.backend)
-    if "bank" in suites:
-        from .bank import run_bank_bench
+    def label(recs: list[dict[str, Any]]) -> None:
+        for r in recs:  # every record says where it ran; CPU numbers are never kernel speed
+            r["device_type"] = device.type
+            if r.get("peak_mem_mb") is None and r.get("status", "ok") == "ok" and not gpu:
+                r["peak_mem_note"] = "not measured on CPU"
 
-        records += run_bank_bench(device, quick=args.quick, backend=args.backend, rep_ms=rep_ms)
+    for suite in [s for s in SUITES if s in suites]:
+        try:
+            if suite == "micro":
+                if gpu:
+                    shapes = G.quick_grid() if args.quick else G.full_grid()
+                else:
+                    shapes = G.smoke_grid() if args.quick else G.cpu_grid()
+                budget = args.budget if args.budget is not None else (330.0 if gpu else None)
+                deadline = None if budget is None else time.monotonic() + budget
+                new = _run_micro(shapes, device, providers, args.backend, deadline, rep_ms)
+            elif suite == "train":
+                from .train_step import run_train_bench
 
-    for r in records:  # every record says where it ran; CPU numbers are never kernel speed
-        r["device_type"] = device.type
-        if r.get("peak_mem_mb") is None and r.get("status", "ok") == "ok" and not gpu:
-            r["peak_mem_note"] = "not measured on CPU"
+                new = run_train_bench(device, quick=args.quick, backend=args.backend)
+            else:
+                from .bank import run_bank_bench
+
+                new = run_bank_bench(device, quick=args.quick, backend=args.backend, rep_ms=rep_ms)
+        except Exception as e:  # one broken suite must not lose the others' results
+            errors[suite] = f"{type(e).__name__}: {e}"[:500]
+            print(f"!! suite {suite} failed: {errors[suite]}", flush=True)
+            traceback.print_exc()
+            continue
+        label(new)
+        records += new
+        # results on disk after every suite: a run cut short (time limit, crash) keeps what it measured
+        write_all(_with_errors(env, errors), records, out_dir, figures=False)
+
+    env = _with_errors(env, errors)
     paths = write_all(env, records, out_dir)
     doc = {**env, "records": records}
     print(f"\nbench done in {time.monotonic() - t0:.0f}s; wrote:", flush=True)
     for p in paths:
         print(f"  {p}")
     print(compact(doc), flush=True)
+    if errors:
+        print(f"!! failed suites: {', '.join(errors)}", flush=True)
     return doc
+
+
+def _with_errors(env: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
+    return {**env, "suite_errors": dict(errors)} if errors else env
 
 
 def _run_micro(shapes: list, device: torch.device, providers: tuple[str, ...], backend: str,
@@ -120,11 +143,11 @@ def _run_micro(shapes: list, device: torch.device, providers: tuple[str, ...], b
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        run(parse_args(argv))
+        doc = run(parse_args(argv))
     except ValueError as e:  # bad arguments: a clear message, no traceback
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if doc.get("suite_errors") else 0
 
 
 if __name__ == "__main__":

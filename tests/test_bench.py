@@ -301,3 +301,22 @@ def test_train_bench_prefix_moves_the_logits():
         emb.copy_(torch.randn_like(emb))
         b = model(**batch).logits
     assert rel_err(b, a) > 100 * AGREE_TOL[torch.float32]
+
+
+def test_a_failing_suite_keeps_the_others_results(tmp_path, monkeypatch, capsys):
+    from bench import train_step
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_step, "run_train_bench", boom)
+    rc = run_all.main(["--quick", "--suites", "micro,train", "--providers", "prefixattn,concat_sdpa_mask",
+                       "--device", "cpu", "--backend", "torch", "--out", str(tmp_path)])
+    assert rc == 1
+    assert "suite train failed: RuntimeError: boom" in capsys.readouterr().out
+    (path,) = tmp_path.glob("*.json")
+    doc = json.loads(path.read_text())
+    report.validate(doc)
+    assert doc["suite_errors"] == {"train": "RuntimeError: boom"}
+    assert {r["suite"] for r in doc["records"]} == {"micro"} and doc["records"]
+    assert "Suite train failed" in path.with_suffix(".md").read_text()
