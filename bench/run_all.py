@@ -1,8 +1,15 @@
 """Run the benchmark suites and write the results: ``python -m bench.run_all --out DIR``.
 
-    python -m bench.run_all --out bench/results          # full grid on a GPU (~8 min on an H100)
+    python -m bench.run_all --out bench/results          # everything on a GPU (~8 min on an H100)
     python -m bench.run_all --quick --out /tmp/b          # a few points
-    python -m bench.run_all --suites micro --out /tmp/b   # one suite
+    python -m bench.run_all --suites micro --out /tmp/b   # one suite (micro, train, bank)
+
+Suites: ``micro`` (attention microbenchmarks, bench/micro.py; ``--budget`` seconds, 330 by default on
+a GPU, the shapes left are recorded as skipped), ``train`` (one prefix-tuning training step three
+ways, bench/train_step.py) and ``bank`` (a mixed-task batch over a bank of prefixes, bench/bank.py).
+The JSON and markdown are rewritten after every suite; a suite that fails is recorded in
+``suite_errors`` and the exit status is 1. Runs that write to the same directory on the same device
+and day overwrite each other (one file per device and date): give split runs separate ``--out``.
 
 Without a GPU it runs tiny shapes on the CPU (prefixattn's torch backend unless TRITON_INTERPRET=1)
 to show the harness works; such results are labelled CPU and are not kernel speed.

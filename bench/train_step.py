@@ -153,7 +153,9 @@ def run_config(
     import prefixattn
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(spec.config()).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialized where it runs: a 0.5B model is slow to init on a CPU
+        base = LlamaForCausalLM(spec.config())
+    base = base.to(dtype=dtype)
     base.set_attn_implementation("sdpa")
     torch.manual_seed(1)
     model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
