@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import prefixattn
 import pytest
 import torch
 from helpers import assert_close_rel
 from tiny_models import VOCAB, batch, tiny_model
+
+import prefixattn
 
 
 def _patch(model, **kw):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import prefixattn
 import torch
 from helpers import assert_close_rel
 from tiny_models import batch, labels_for, tiny_model
+
+import prefixattn
 
 
 def _enable_checkpointing(model, use_reentrant: bool) -> None:

@@ -22,8 +22,9 @@ def _free_port() -> int:
 
 
 def _model_and_batch():
-    import prefixattn
     from tiny_models import batch, labels_for, tiny_model
+
+    import prefixattn
 
     model = prefixattn.patch(tiny_model("llama"), num_prefix_tokens=4, backend="torch", init="random")
     model.train()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import os
 
-import prefixattn
 import torch
 from tiny_models import VOCAB, tiny_model
+
+import prefixattn
 
 
 class _Data(torch.utils.data.Dataset):

@@ -7,11 +7,12 @@ import copy
 import json
 import os
 
-import prefixattn
 import pytest
 import torch
 from helpers import assert_close_rel
 from tiny_models import batch, patched_twin, peft_twin, tiny_model
+
+import prefixattn
 
 TOL = 1e-4
 

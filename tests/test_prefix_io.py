@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-import prefixattn
 import pytest
 import torch
 from tiny_models import batch, tiny_model
+
+import prefixattn
 
 
 def _patched(family="llama", **kw):
