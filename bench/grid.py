@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-ALL_PROVIDERS = ("prefixattn", "concat_sdpa_mask", "concat_sdpa_causal", "concat_flex", "eager")
+ALL_PROVIDERS = ("prefixattn", "prefixattn_atomic", "concat_sdpa_mask", "concat_sdpa_causal", "concat_flex",
+                 "eager")
 TRAIN_MODES = ("fwd", "bwd", "fwd_bwd", "layer0_fwd_bwd")
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .flops import attention_flops
 from .grid import Shape
-from .providers import PROVIDERS, AttnInputs, Unsupported, eager_bytes, make_inputs, prefixattn_provider
+from .providers import PROVIDERS, AttnInputs, Unsupported, eager_bytes, make_inputs
 from .timing import available_bytes, free_memory, is_oom, peak_mem_mb, sync, time_ms
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -92,8 +92,8 @@ def _clear(x: AttnInputs) -> None:
 
 
 def build(name: str, x: AttnInputs, backend: str) -> tuple[Callable[[], torch.Tensor], str]:
-    if name == "prefixattn":
-        return prefixattn_provider(x, backend)
+    if name.startswith("prefixattn"):
+        return PROVIDERS[name](x, backend)
     return PROVIDERS[name](x)
 
 
@@ -258,7 +258,8 @@ def _time_one(rec: dict[str, Any], p: str, mode: str, xm: AttnInputs, x: AttnInp
 def _line(r: dict[str, Any]) -> str:
     head = f"{r['provider']:>18} {r['mode']:>14} S={r['S']:<5} Sq={r['Sq']:<5}"
     if r["ms"] is None:
-        return f"{head} {r['status']}: {r['reason']}"
+        reason = r["reason"]
+        return f"{head} {reason if reason.startswith(r['status']) else r['status'] + ': ' + reason}"
     err = r.get("rel_err")
     err_s = f" err={err:.1e}" if err is not None else ""
     mem = r.get("peak_mem_mb")

@@ -143,14 +143,20 @@ def backend_label(backend: str, q: torch.Tensor) -> str:
     return "triton (interpreter)" if which == "triton" and q.device.type != "cuda" else which
 
 
-def prefixattn_provider(x: AttnInputs, backend: str = "auto") -> tuple[Fn, str]:
+def prefixattn_provider(x: AttnInputs, backend: str = "auto", deterministic: bool = True) -> tuple[Fn, str]:
     label = backend_label(backend, x.q)
 
     def fn() -> torch.Tensor:
         return prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, prefix_index=x.prefix_index,
-                                           backend=backend)
+                                           backend=backend, deterministic=deterministic)
 
     return fn, label
+
+
+def prefixattn_atomic_provider(x: AttnInputs, backend: str = "auto") -> tuple[Fn, str]:
+    """prefixattn with deterministic=False: dq and the prefix gradient through fp32 atomics."""
+    fn, label = prefixattn_provider(x, backend, deterministic=False)
+    return fn, f"{label}, atomics"
 
 
 def concat_sdpa_mask(x: AttnInputs) -> tuple[Fn, str]:
@@ -283,6 +289,7 @@ def eager(x: AttnInputs) -> tuple[Fn, str]:
 
 PROVIDERS: dict[str, Callable[..., tuple[Fn, str]]] = {
     "prefixattn": prefixattn_provider,
+    "prefixattn_atomic": prefixattn_atomic_provider,
     "concat_sdpa_mask": concat_sdpa_mask,
     "concat_sdpa_causal": concat_sdpa_causal,
     "concat_flex": concat_flex,

@@ -38,9 +38,10 @@ CONVENTIONS = {
     "baselines": "providers compute the same function from the same tensors; rel_err is against"
                  " prefixattn's output in the same run",
 }
-PROVIDER_ORDER = ("prefixattn", "concat_sdpa_mask", "concat_sdpa_causal", "concat_flex", "eager",
-                  "prefixattn_bank", "sequential", "concat_gather", "peft_sdpa", "peft_eager")
-SHORT = {"prefixattn": "ours", "concat_sdpa_mask": "sdpa_mask", "concat_sdpa_causal": "sdpa_causal",
+PROVIDER_ORDER = ("prefixattn", "prefixattn_atomic", "concat_sdpa_mask", "concat_sdpa_causal", "concat_flex",
+                  "eager", "prefixattn_bank", "sequential", "concat_gather", "peft_sdpa", "peft_eager")
+SHORT = {"prefixattn": "ours", "prefixattn_atomic": "ours_atomic", "concat_sdpa_mask": "sdpa_mask",
+         "concat_sdpa_causal": "sdpa_causal",
          "concat_flex": "flex", "eager": "eager", "prefixattn_bank": "bank", "sequential": "sequential",
          "concat_gather": "gather", "peft_sdpa": "peft_sdpa", "peft_eager": "peft_eager",
          "prefixattn_patch": "ours"}

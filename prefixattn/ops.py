@@ -351,8 +351,10 @@ def prefix_attention(
 
     backend: "triton" (the fused kernels; CPU tensors only under TRITON_INTERPRET=1), "torch"
     (pure PyTorch, same semantics), "auto" (triton on CUDA or when interpreting, else torch).
-    deterministic: the prefix gradient is a fixed-order reduction of fp32 partials (default);
-    False allows fp32 atomics where the backend has them.
+    deterministic: True (default): two backward passes are bitwise equal (dq from its own
+    kernel, the prefix gradient a fixed-order reduction of fp32 partials). False: the triton
+    backend adds dq and the prefix gradient with fp32 atomics, saving the dq kernel's two
+    recomputed matmuls per tile pair; the rounding then varies from run to run.
     """
     scale = _check_inputs(
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, scale, softcap, backend

@@ -60,13 +60,14 @@ def test_gpu_backward_bitwise_deterministic(prefix):
         assert torch.equal(a, b)
 
 
-def test_gpu_atomic_prefix_gradient_close_to_deterministic():
+def test_gpu_atomic_gradients_close_to_deterministic():
+    # deterministic=False: dq and the prefix gradient through fp32 atomics
     c = Case(B=8, Hq=16, Hkv=4, Sq=256, Sk=256, P=32, D=128)
     (q, k, v, pk, pv), _, _ = make_inputs(c, dtype=torch.bfloat16, device="cuda")
     do = torch.randn(c.B, c.Hq, c.Sq, c.D, device="cuda", dtype=torch.bfloat16)
     outs = [prefixattn.prefix_attention(q, k, v, pk, pv, deterministic=d) for d in (True, False)]
-    gd = torch.autograd.grad(outs[0], (pk, pv), do)
-    ga = torch.autograd.grad(outs[1], (pk, pv), do)
+    gd = torch.autograd.grad(outs[0], (q, k, v, pk, pv), do)
+    ga = torch.autograd.grad(outs[1], (q, k, v, pk, pv), do)
     for a, b in zip(ga, gd, strict=True):
         assert_close_rel(a, b, 1e-2, "atomic vs fixed-order")
 

@@ -183,11 +183,39 @@ def test_only_kv_gradients():
     assert_close_rel(dk, rk, 2e-3, "dk")
 
 
-@pytest.mark.parametrize("c", [Case(prefix="shared", padding="left"), Case(prefix="row", Sq=1, Sk=21),
-                               Case(B=3, prefix="bank", P=17, Hq=6)], ids=str)
-def test_atomic_prefix_gradient(c):
-    # deterministic=False: prefix programs add fp32 partials straight into the bank entry
+NONDETERMINISTIC_CASES = [
+    Case(prefix="shared", padding="left"),
+    Case(prefix="row", Sq=1, Sk=21),
+    Case(B=3, prefix="bank", P=17, Hq=6),
+    Case(Sq=37, Sk=37, D=80, softcap=4.0),
+    Case(Sq=9, Sk=40, causal=False, padding="right", Hq=8),
+    Case(P=0, padding="empty_row"),
+]
+
+
+@pytest.mark.parametrize("c", NONDETERMINISTIC_CASES, ids=str)
+def test_nondeterministic_backward(c):
+    # deterministic=False: dq from the dk/dv kernel's dS tiles and the prefix gradient straight
+    # into the bank entry, both with fp32 atomics
     run_case(c, deterministic=False)
+
+
+def test_nondeterministic_dq_skips_the_dq_kernel(monkeypatch):
+    from prefixattn.kernels import backward
+
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    real = backward._dq_kernel
+    monkeypatch.setattr(backward, "_dq_kernel", Spy())
+    run_case(Case(Sq=9, Sk=9), deterministic=False)
+    assert not launched
+    run_case(Case(Sq=9, Sk=9), deterministic=True)
+    assert len(launched) == 1
 
 
 def test_no_prefix_equals_plain_causal_attention():
