@@ -12,9 +12,17 @@ For a block of packed rows (see common.py) of KV head hkv in batch row b:
 
 Key padding masks keys in stages 2-3. A row that sees nothing (P = 0, every key masked) keeps
 m = -inf and l = 0: it writes out = 0 and lse = +inf, which the backward reads as "p = 0".
+
+Split-K (decode steps and short chunks over long caches, when the row blocks alone cannot fill
+the GPU): split s of S takes the prefix (s = 0 only) and sequence keys [s*K, (s+1)*K), and writes
+its normalized partial o_s with lse_s (-inf when it saw nothing). _combine_splits_kernel merges:
+
+    lse = log sum_s exp(lse_s),    out = sum_s exp(lse_s - lse) o_s
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -29,6 +37,7 @@ from .common import (
     dot_precision,
     interpreting,
     load_tile,
+    num_sms,
     pick,
     prefix_strides,
     smem_estimate,
@@ -90,8 +99,9 @@ def _attend(
 
 FWD_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages), in order of preference
     (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3),
-    (32, 32, 4, 1),
+    (32, 128, 4, 3), (16, 128, 4, 3), (32, 32, 4, 1),
 ]
+SPLIT_GRANULE = 128  # keys per split are a multiple of every BLOCK_N above
 
 
 def _fwd_configs():
@@ -115,12 +125,12 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION"],
+    key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, KPM, PIDX, Out, Lse,
+    Q, K, V, PK, PV, KPM, PIDX, Out, Lse, OPart, LsePart,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -130,8 +140,8 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     Hkv, Sq, Sk, P, G, R,
     qk_scale, softcap_scale, softcap_mul,
-    R_BUCKET, SK_BUCKET,
-    HEAD_DIM: tl.constexpr,
+    R_BUCKET, SK_BUCKET, KEYS_PER_SPLIT,
+    HEAD_DIM: tl.constexpr, SPLIT_K: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, SOFTCAP: tl.constexpr,
     MAYBE_EMPTY: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -139,9 +149,18 @@ def _fwd_kernel(
     # the last row blocks see the most causal keys: launch them first to shorten the tail
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
     causal_off = Sk - Sq
+    if SPLIT_K:
+        key_lo = split * KEYS_PER_SPLIT
+        key_hi = key_lo + KEYS_PER_SPLIT
+        prefix_hi = tl.where(split == 0, P, 0)
+    else:
+        key_lo = 0
+        key_hi = Sk
+        prefix_hi = P
 
     # ---- the block of packed rows: (query head hkv*G + g, position i) ----
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -168,7 +187,7 @@ def _fwd_kernel(
     PV_ptr = PV + prow * stride_pvb + hkv * stride_pvh
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q, i_row, PK_ptr, PV_ptr, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-        KPM, stride_mn, 0, P, P, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
+        KPM, stride_mn, 0, prefix_hi, P, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
         MASK_LIMIT=True, MASK_CAUSAL=False, HAS_KPM=False, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
         SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
         DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
@@ -189,7 +208,7 @@ def _fwd_kernel(
     full_end = (full_end // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KPM_ptr, stride_mn, 0, full_end, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
+        KPM_ptr, stride_mn, key_lo, tl.minimum(full_end, key_hi), Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
         offs_d, d_ok,
         MASK_LIMIT=False, MASK_CAUSAL=False, HAS_KPM=HAS_KPM, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
         SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
@@ -197,7 +216,7 @@ def _fwd_kernel(
     )
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KPM_ptr, stride_mn, full_end, hi, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
+        KPM_ptr, stride_mn, tl.maximum(full_end, key_lo), tl.minimum(hi, key_hi), Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
         offs_d, d_ok,
         MASK_LIMIT=True, MASK_CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
         SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
@@ -208,13 +227,69 @@ def _fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    row_o = b.to(tl.int64) * stride_ob + (hkv * G + g_row) * stride_oh + i_row.to(tl.int64) * stride_om
-    store_tile(Out + row_o[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), r_ok, d_ok,
-               EVEN_D=EVEN_D)
-    # lse is (B, Hq, Sq) contiguous
-    lse_off = (b.to(tl.int64) * Hkv * G + hkv * G + g_row) * Sq + i_row
-    tl.store(Lse + lse_off, lse, mask=r_ok)
+    if SPLIT_K:
+        # partials (SPLITS, B*Hq*Sq, D) fp32 and (SPLITS, B*Hq*Sq); a split that saw nothing has lse -inf
+        flat = ((split * tl.num_programs(1) + pid_bh).to(tl.int64) * G + g_row) * Sq + i_row
+        tl.store(OPart + flat[:, None] * HEAD_DIM + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+        tl.store(LsePart + flat, tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453),
+                 mask=r_ok)
+    else:
+        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        row_o = b.to(tl.int64) * stride_ob + (hkv * G + g_row) * stride_oh + i_row.to(tl.int64) * stride_om
+        store_tile(Out + row_o[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), r_ok, d_ok,
+                   EVEN_D=EVEN_D)
+        # lse is (B, Hq, Sq) contiguous
+        lse_off = (b.to(tl.int64) * Hkv * G + hkv * G + g_row) * Sq + i_row
+        tl.store(Lse + lse_off, lse, mask=r_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    OPart, LsePart, Out, Lse, N_ROWS, SPLITS, Hq, Sq,
+    stride_ob, stride_oh, stride_om, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, h, i) rows
+    r_ok = offs_r < N_ROWS
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s in range(SPLITS):
+        w = tl.exp(tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")) - m_safe)
+        o = tl.load(OPart + (s * N_ROWS + offs_r.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=mask, other=0.0)
+        w_sum += w
+        acc += w[:, None] * o
+    empty = w_sum == 0.0
+    w_safe = tl.where(empty, 1.0, w_sum)
+    b = offs_r // (Hq * Sq)
+    h = (offs_r // Sq) % Hq
+    i = offs_r % Sq
+    row_o = b.to(tl.int64) * stride_ob + h * stride_oh + i.to(tl.int64) * stride_om
+    tl.store(Out + row_o[:, None] + offs_d[None, :] * stride_od, (acc / w_safe[:, None]).to(Out.dtype.element_ty),
+             mask=mask)
+    tl.store(Lse + offs_r, tl.where(empty, float("inf"), m_safe + tl.log(w_safe)), mask=r_ok)
+
+
+def num_splits(B: int, Hkv: int, R: int, Sk: int, device: torch.device) -> int:
+    """How many key splits the forward uses: more than one only when the row blocks alone leave
+    most of the GPU idle (decode steps, short chunks) and the cache is long enough to share.
+    PREFIXATTN_SPLITS=N forces N (tests)."""
+    forced = os.environ.get("PREFIXATTN_SPLITS")
+    if forced:
+        return max(1, min(int(forced), triton.cdiv(max(Sk, 1), SPLIT_GRANULE)))
+    if R > 64 or Sk < 8 * SPLIT_GRANULE:
+        return 1
+    programs = B * Hkv * triton.cdiv(R, 64)
+    sms = num_sms(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), Sk // (4 * SPLIT_GRANULE), 64))
 
 
 def softcap_args(scale: float, softcap: float) -> tuple[float, float]:
@@ -251,21 +326,36 @@ def attention_forward(
     pidx = prefix_index if prefix_index is not None else q
     a, c = softcap_args(scale, softcap)
     BLOCK_D = block_d(D)
+    splits = num_splits(B, Hkv, R, Sk, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(max(Sk, 1), splits), SPLIT_GRANULE) * SPLIT_GRANULE
+    splits = triton.cdiv(max(Sk, 1), keys_per_split) if splits > 1 else 1
+    if splits > 1:
+        o_part = alloc((splits, B * Hq * Sq, D), like=q, dtype=torch.float32)
+        lse_part = alloc((splits, B * Hq * Sq), like=q, dtype=torch.float32)
+    else:
+        o_part = lse_part = out
 
     def grid(meta):
-        return (triton.cdiv(R, meta["BLOCK_M"]), B * Hkv)
+        return (triton.cdiv(R, meta["BLOCK_M"]), B * Hkv, splits)
 
     _fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, kpm, pidx, out, lse,
+        q, k, v, prefix_k, prefix_v, kpm, pidx, out, lse, o_part, lse_part,
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_strides(prefix_k), *prefix_strides(prefix_v),
         *kpm_strides, *out.stride(),
         Hkv, Sq, Sk, P, G, R,
         scale * LOG2E, a, c,
-        bucket(R), bucket(Sk),
-        HEAD_DIM=D, MAYBE_EMPTY=P == 0 and (key_padding_mask is not None or Sk == 0),
+        bucket(R), bucket(Sk), keys_per_split,
+        HEAD_DIM=D, SPLIT_K=splits > 1, # a row may have seen nothing yet: no prefix and padding, or a split of keys past its diagonal
+        MAYBE_EMPTY=splits > 1 or (P == 0 and (key_padding_mask is not None or Sk == 0)),
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
         SOFTCAP=softcap > 0, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
         EVEN_D=D == BLOCK_D, BLOCK_D=BLOCK_D, BLOCK_P=block_p(P, 64),
     )
+    if splits > 1:
+        n_rows = B * Hq * Sq
+        _combine_splits_kernel[(triton.cdiv(n_rows, 16),)](
+            o_part, lse_part, out, lse, n_rows, splits, Hq, Sq, *out.stride(),
+            HEAD_DIM=D, BLOCK_R=16, BLOCK_D=BLOCK_D,
+        )
     return out, lse

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import DEVICE
 from helpers import REL_TOL, assert_close_rel, concat_reference
 
 import prefixattn
@@ -58,7 +59,7 @@ CASES = [
 ]
 
 
-def make_inputs(c: Case, dtype=torch.float32, device="cpu", requires_grad=True, gen=None):
+def make_inputs(c: Case, dtype=torch.float32, device=DEVICE, requires_grad=True, gen=None):
     kw = dict(dtype=dtype, device=device)
     q = torch.randn(c.B, c.Hq, c.Sq, c.D, **kw, generator=gen)
     k = torch.randn(c.B, c.Hkv, c.Sk, c.D, **kw, generator=gen)
@@ -89,7 +90,7 @@ def make_inputs(c: Case, dtype=torch.float32, device="cpu", requires_grad=True, 
     return tensors, mask, prefix_index
 
 
-def run_case(c: Case, dtype=torch.float32, device="cpu", tol=None, deterministic=True):
+def run_case(c: Case, dtype=torch.float32, device=DEVICE, tol=None, deterministic=True):
     (q, k, v, pk, pv), mask, idx = make_inputs(c, dtype, device)
     out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=c.causal,
                                       prefix_index=idx, softcap=c.softcap, backend="triton",
@@ -216,6 +217,44 @@ def test_nondeterministic_dq_skips_the_dq_kernel(monkeypatch):
     assert not launched
     run_case(Case(Sq=9, Sk=9), deterministic=True)
     assert len(launched) == 1
+
+
+SPLIT_CASES = [
+    Case(Sq=1, Sk=300, Hq=8, Hkv=2, prefix="bank", padding="left"),  # decode over a long cache
+    Case(Sq=3, Sk=260, P=0, padding="empty_row"),  # a split (or every split) sees nothing
+    Case(Sq=40, Sk=300, Hq=4, Hkv=4, D=80, softcap=4.0),  # chunked prefill, odd D
+    Case(Sq=5, Sk=270, causal=False, padding="right", prefix="row"),
+]
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("c", SPLIT_CASES, ids=str)
+def test_split_k_forward(c, splits, monkeypatch):
+    # keys split over programs, partial results merged by logsumexp; the backward reads the merged lse
+    from prefixattn.kernels import forward
+
+    monkeypatch.setenv("PREFIXATTN_SPLITS", str(splits))
+    merges = []
+    real = forward._combine_splits_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(forward, "_combine_splits_kernel", Spy())
+    run_case(c)
+    assert merges, "the split path did not run"
+
+
+def test_split_k_only_when_rows_cannot_fill_the_gpu():
+    from prefixattn.kernels.forward import num_splits
+
+    cpu = torch.device("cpu")  # counts as 4 SMs
+    assert num_splits(B=1, Hkv=1, R=4, Sk=16384, device=cpu) > 1  # decode, long cache
+    assert num_splits(B=1, Hkv=1, R=4, Sk=256, device=cpu) == 1  # short cache
+    assert num_splits(B=8, Hkv=8, R=4, Sk=16384, device=cpu) == 1  # enough programs already
+    assert num_splits(B=1, Hkv=1, R=4096, Sk=4096, device=cpu) == 1  # prefill
 
 
 def test_no_prefix_equals_plain_causal_attention():
