@@ -61,3 +61,18 @@ def concat_reference(q, k, v, prefix_k, prefix_v, *, key_padding_mask=None, caus
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # rows that see nothing give 0
     return torch.einsum("bhij,bhjd->bhid", p, V)
+
+
+def count_launches(monkeypatch, module, kernel_name: str) -> list:
+    """Replace ``module.<kernel_name>`` by a wrapper that records each launch grid and launches the
+    real kernel; returns the (growing) list of grids."""
+    real = getattr(module, kernel_name)
+    grids: list = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(module, kernel_name, Recorder())
+    return grids

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import REL_TOL, assert_close_rel, concat_reference
+from helpers import REL_TOL, assert_close_rel, concat_reference, count_launches
 
 import prefixattn
 
@@ -204,15 +204,7 @@ def test_nondeterministic_backward(c):
 def test_nondeterministic_dq_skips_the_dq_kernel(monkeypatch):
     from prefixattn.kernels import backward
 
-    launched = []
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
-    real = backward._dq_kernel
-    monkeypatch.setattr(backward, "_dq_kernel", Spy())
+    launched = count_launches(monkeypatch, backward, "_dq_kernel")
     run_case(Case(Sq=9, Sk=9), deterministic=False)
     assert not launched
     run_case(Case(Sq=9, Sk=9), deterministic=True)
@@ -234,15 +226,7 @@ def test_split_k_forward(c, splits, monkeypatch):
     from prefixattn.kernels import forward
 
     monkeypatch.setenv("PREFIXATTN_SPLITS", str(splits))
-    merges = []
-    real = forward._combine_splits_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            merges.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(forward, "_combine_splits_kernel", Spy())
+    merges = count_launches(monkeypatch, forward, "_combine_splits_kernel")
     run_case(c)
     assert merges, "the split path did not run"
 
