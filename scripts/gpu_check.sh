@@ -4,7 +4,9 @@
 # tests, the kernel tuning probe and the benchmark suites. Results go to $OUT (or ./gpu-out);
 # copy $OUT/results/* into bench/results/ and commit them with the device and versions.
 #
-#   STAGES="tests tune bench" BENCH_ARGS="--budget 330" bash scripts/gpu_check.sh
+#   STAGES="tests tune" bash scripts/gpu_check.sh                  # ~3-4 min
+#   STAGES=bench BENCH_ARGS="--budget 300" bash scripts/gpu_check.sh # ~7-8 min
+# (the device tool allows 10 minutes per command: run the two halves as two calls)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 STAGES=${STAGES:-tests tune bench}
