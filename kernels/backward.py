@@ -25,11 +25,13 @@ import triton.language as tl
 
 from .common import (
     LOG2E,
+    SMEM_LIMIT,
     alloc,
     block_d,
     block_p,
     bucket,
     ceil_div,
+    configs_from,
     dot_precision,
     interpreting,
     load_tile,
@@ -123,13 +125,6 @@ DKDV_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages): BLOCK_N keys resident, BL
     (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2),
     (32, 32, 4, 1),
 ]
-SMEM_LIMIT = 160 * 1024
-
-
-def _configs(table):
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
 
 
 def _prune(resident_is_m: bool):
@@ -150,7 +145,7 @@ def _prune(resident_is_m: bool):
 
 
 @triton.autotune(
-    configs=_configs(DQ_CONFIGS),
+    configs=configs_from(DQ_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune(resident_is_m=True)},
 )
@@ -303,7 +298,7 @@ def _dkdv_walk(
 
 
 @triton.autotune(
-    configs=_configs(DKDV_CONFIGS),
+    configs=configs_from(DKDV_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION",
          "NUM_PREFIX_PROGRAMS", "DO_SEQUENCE", "DO_PREFIX_GRAD", "ATOMIC_DQ"],
     prune_configs_by={"early_config_prune": _prune(resident_is_m=False)},

@@ -95,7 +95,7 @@ def ceil_div(a: int, b: int) -> int:
 __all__ = [
     "LOG2E", "LN2", "interpreting", "autotune_enabled", "poisoning", "alloc", "block_d", "block_p",
     "dot_precision", "num_sms", "bucket", "prefix_strides", "dummy", "tanh", "ceil_div", "math",
-    "load_tile", "store_tile", "smem_estimate", "pick",
+    "load_tile", "store_tile", "smem_estimate", "pick", "configs_from", "SMEM_LIMIT",
 ]
 
 
@@ -122,6 +122,16 @@ def store_tile(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
         tl.store(ptrs, x, mask=row_ok[:, None])
     else:
         tl.store(ptrs, x, mask=row_ok[:, None] & d_ok[None, :])
+
+
+SMEM_LIMIT = 160 * 1024  # bytes a config may plan for when autotuning is off (H100: 227 KiB per block)
+
+
+def configs_from(table):
+    """triton.Configs from (BLOCK_M, BLOCK_N, warps, stages) rows; one small config under the interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
 
 
 def smem_estimate(elsize: int, a_rows: int, b_rows: int, block_d: int, stages: int, resident: int) -> int:

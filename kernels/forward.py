@@ -30,10 +30,12 @@ import triton.language as tl
 
 from .common import (
     LOG2E,
+    SMEM_LIMIT,
     alloc,
     block_d,
     block_p,
     bucket,
+    configs_from,
     dot_precision,
     interpreting,
     load_tile,
@@ -104,13 +106,6 @@ FWD_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages), in order of preference
 SPLIT_GRANULE = 128  # keys per split are a multiple of every BLOCK_N above
 
 
-def _fwd_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in FWD_CONFIGS]
-
-
 def _prune_fwd(configs, named_args, **kwargs):
     if interpreting():
         return configs
@@ -120,11 +115,11 @@ def _prune_fwd(configs, named_args, **kwargs):
     # decode / short chunks: do not pad rows to 128
     keep = [c for c in configs if not (rows <= 64 and c.kwargs["BLOCK_M"] > 64)] or configs
     return pick(keep, lambda c: smem_estimate(es, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd,
-                                              c.num_stages, 1) <= 160 * 1024)
+                                              c.num_stages, 1) <= SMEM_LIMIT)
 
 
 @triton.autotune(
-    configs=_fwd_configs(),
+    configs=configs_from(FWD_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )
@@ -227,14 +222,14 @@ def _fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    lse_seen = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # natural log
     if SPLIT_K:
         # partials (SPLITS, B*Hq*Sq, D) fp32 and (SPLITS, B*Hq*Sq); a split that saw nothing has lse -inf
         flat = ((split * tl.num_programs(1) + pid_bh).to(tl.int64) * G + g_row) * Sq + i_row
         tl.store(OPart + flat[:, None] * HEAD_DIM + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
-        tl.store(LsePart + flat, tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453),
-                 mask=r_ok)
+        tl.store(LsePart + flat, tl.where(empty, float("-inf"), lse_seen), mask=r_ok)
     else:
-        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse = tl.where(empty, float("inf"), lse_seen)
         row_o = b.to(tl.int64) * stride_ob + (hkv * G + g_row) * stride_oh + i_row.to(tl.int64) * stride_om
         store_tile(Out + row_o[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), r_ok, d_ok,
                    EVEN_D=EVEN_D)
