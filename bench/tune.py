@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+import prefixattn
+
 from .env import environment
 from .flops import attention_flops
 
@@ -32,45 +34,31 @@ def probe_shape(B: int, Hq: int, Hkv: int, S: int, P: int, D: int,
                 dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """fwd and fwd+bwd of prefixattn and of concat + SDPA (lower-right causal), plus layer 0."""
     import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
 
-    import prefixattn
+    from .providers import concat_sdpa_causal, make_inputs, prefixattn_provider
 
-    G = Hq // Hkv
-    mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731
-    q, k, v = mk(B, Hq, S, D), mk(B, Hkv, S, D), mk(B, Hkv, S, D)
-    pk, pv = mk(Hkv, P, D), mk(Hkv, P, D)
+    x = make_inputs(B=B, H=Hq, Hkv=Hkv, Sq=S, Sk=S, P=P, D=D, dtype=dtype, device=torch.device("cuda"))
     do = torch.randn(B, Hq, S, D, device="cuda", dtype=dtype)
-
-    def ours():
-        return prefixattn.prefix_attention(q, k, v, pk, pv)
-
-    def concat():
-        kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], 2).repeat_interleave(G, 1)
-        vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], 2).repeat_interleave(G, 1)
-        mask = causal_lower_right(S, S + P)
-        fast = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        with sdpa_kernel(fast):
-            return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    ours, _ = prefixattn_provider(x)
+    concat, sdpa_backend = concat_sdpa_causal(x)
 
     ref = concat().float()
-    res: dict[str, Any] = {"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "P": P, "D": D,
+    res: dict[str, Any] = {"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "P": P, "D": D, "concat_sdpa": sdpa_backend,
                            "rel_err_vs_concat": float((ours().float() - ref).norm() / ref.norm())}
     shape = dict(B=B, H=Hq, Sq=S, Sk=S, P=P, D=D)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")  # noqa: E731
     for name, fn in (("prefixattn", ours), ("concat_causal", concat)):
         t_f = bench(fn)
-        t_fb = bench(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v, pk, pv), do))
+        t_fb = bench(lambda fn=fn: torch.autograd.grad(fn(), x.tensors(), do))
         res[f"{name}_fwd_ms"] = t_f
         res[f"{name}_fwdbwd_ms"] = t_fb
         res[f"{name}_fwd_tflops"] = attention_flops("fwd", **shape) / t_f / 1e9
         res[f"{name}_fwdbwd_tflops"] = attention_flops("fwd_bwd", **shape) / t_fb / 1e9
 
     # layer 0: only the prefix needs a gradient
-    q0, k0, v0 = q.detach(), k.detach(), v.detach()
+    q0, k0, v0 = x.q.detach(), x.k.detach(), x.v.detach()
     res["prefixattn_layer0_fwdbwd_ms"] = bench(
-        lambda: torch.autograd.grad(prefixattn.prefix_attention(q0, k0, v0, pk, pv), (pk, pv), do))
+        lambda: torch.autograd.grad(prefixattn.prefix_attention(q0, k0, v0, x.pk, x.pv), (x.pk, x.pv), do))
     res["speedup_fwd"] = res["concat_causal_fwd_ms"] / res["prefixattn_fwd_ms"]
     res["speedup_fwdbwd"] = res["concat_causal_fwdbwd_ms"] / res["prefixattn_fwdbwd_ms"]
     return res
