@@ -61,6 +61,9 @@ def _worker(rank: int, port: int, mode: str, out_path: str) -> None:
         if rank == 0:
             torch.save(kv.detach().clone(), out_path)
     finally:
+        # both ranks leave gloo together: a rank tearing down while its peer still has a pending
+        # operation aborts the peer ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
