@@ -26,7 +26,7 @@ class Family:
     tested: bool = True
 
 
-# Families with tests (tests/test_patch_families.py) against PEFT prefix tuning.
+# Families with tests (tests/hf/test_patch_peft_parity.py) against PEFT prefix tuning.
 TESTED_FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (

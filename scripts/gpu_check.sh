@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/device.txt"
 for stage in $STAGES; do
     case "$stage" in
-        tests) python3 -m pytest tests/test_gpu.py tests/test_kernels.py tests/test_ops.py -q -p no:cacheprovider \
+        tests) python3 -m pytest tests/kernels tests/ops -q -p no:cacheprovider \
                    ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
         tune)  python3 -m bench.tune --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | tail -30 ;;
         bench) python3 -m bench.run_all --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;

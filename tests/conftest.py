@@ -22,7 +22,7 @@ if not HAS_CUDA:
 os.environ.setdefault("PREFIXATTN_POISON", "1")
 
 # Run on the GPU when there is one, else on the CPU through the interpreter.
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+from helpers import DEVICE  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
 def pytest_collection_modifyitems(config, items):

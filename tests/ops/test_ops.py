@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_rel, concat_reference
-from test_kernels import CASES, Case, make_inputs
+from helpers import CASES, Case, assert_close_rel, concat_reference, make_inputs
 
 import prefixattn
 from prefixattn.ops import resolve_backend

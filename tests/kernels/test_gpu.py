@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_rel, concat_reference
-from test_kernels import Case, make_inputs
+from helpers import Case, assert_close_rel, concat_reference, make_inputs
 
 import prefixattn
 

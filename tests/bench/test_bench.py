@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import concat_reference, rel_err
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a checkout directory, not an installed package
     sys.path.insert(0, str(ROOT))
 
