@@ -1,7 +1,6 @@
-"""The ``prefixattn`` command: ``info``, ``bench``, ``train``.
+"""The ``prefixattn`` command: ``info``, ``train``. (Benchmarks: ``python -m bench`` from a checkout.)
 
 prefixattn info                     versions, device, usable backends
-prefixattn bench [--quick] [--out DIR]
 prefixattn train [--steps N] [--out DIR] [--model HF_DIR] [--data FILE.jsonl] [--resume]
 """
 
@@ -33,10 +32,8 @@ def backends() -> dict[str, str]:
         out["triton"] = "no: the triton package does not import"
     elif torch.cuda.is_available():
         try:
-            from ._checkout import ensure_kernels_importable
-
-            ok = ensure_kernels_importable()
-            out["triton"] = "yes (CUDA)" if ok else "no: prefixattn.kernels is missing"
+            importlib.import_module("prefixattn.kernels")
+            out["triton"] = "yes (CUDA)"
         except Exception as e:
             out["triton"] = f"no: kernels fail to import ({type(e).__name__}: {e})"
     elif triton_interpreting():
@@ -78,32 +75,6 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"  {name:<7} {state}")
         else:
             print(f"{key + ':':<14}{value}")
-    return 0
-
-
-def _bench_module() -> Any:
-    """The benchmark harness: ``prefixattn.bench`` when installed that way, else ``bench`` from a checkout.
-
-    The console script's sys.path holds the script's directory, not the working directory, so
-    ``bench`` is found next to the prefixattn package (an editable install or a checkout) as well.
-    """
-    for name in ("prefixattn.bench.run_all", "bench.run_all"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name not in ("prefixattn.bench", "bench", name):
-                raise
-    root = Path(__file__).resolve().parent.parent
-    if (root / "bench" / "run_all.py").is_file():
-        sys.path.insert(0, str(root))
-        return importlib.import_module("bench.run_all")
-    raise ValueError(
-        "the benchmark harness (bench/) is not importable: run from a prefixattn source checkout"
-    )
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    _bench_module().run(args)
     return 0
 
 
@@ -154,17 +125,11 @@ def _positive(kind: type) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prefixattn", description="Fused prefix-tuning attention: tools.")
-    sub = ap.add_subparsers(dest="command", metavar="{info,bench,train}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,train}")
     sub.required = True
 
     p = sub.add_parser("info", help="versions, device, usable backends")
     p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("bench", help="attention microbenchmarks (+ training-step and prefix-bank benchmarks)")
-    from ._bench_args import add_bench_arguments
-
-    add_bench_arguments(p)
-    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="prefix-tune a causal LM (default: a built-in job that runs anywhere)")
     pos_i, pos_f = _positive(int), _positive(float)

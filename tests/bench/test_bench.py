@@ -320,3 +320,76 @@ def test_a_failing_suite_keeps_the_others_results(tmp_path, monkeypatch, capsys)
     assert doc["suite_errors"] == {"train": "RuntimeError: boom"}
     assert {r["suite"] for r in doc["records"]} == {"micro"} and doc["records"]
     assert "Suite train failed" in path.with_suffix(".md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m bench: the commands and their argument errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_python_m_bench_micro_writes_json(tmp_path, capsys):
+    from bench.__main__ import main
+
+    rc = main(["micro", "--quick", "--providers", "prefixattn,concat_sdpa_mask", "--backend", "torch",
+               "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    (path,) = tmp_path.glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc["cpu_only"] is True and doc["device"].startswith("CPU")
+    assert {r["suite"] for r in doc["records"]} == {"micro"}
+    assert {r["provider"] for r in doc["records"]} == {"prefixattn", "concat_sdpa_mask"}
+    assert all(r["status"] == "ok" and r["agree"] for r in doc["records"])
+    assert "NOT KERNEL SPEED" in out
+    assert path.with_suffix(".md").is_file()
+
+
+def test_python_m_bench_as_a_subprocess(tmp_path):
+    """``python -m bench bank`` run the documented way: from the checkout, the project installed."""
+    import os
+    import subprocess
+
+    out_dir = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "bench", "bank", "--quick", "--backend", "torch",
+                           "--device", "cpu", "--out", str(out_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out_dir.glob("*.json")
+    doc = json.loads(path.read_text())
+    assert {r["provider"] for r in doc["records"]} == {"prefixattn_bank", "sequential", "concat_gather"}
+    assert all(r["suite"] == "bank" and r["N"] >= 2 and r["agree"] for r in doc["records"])
+    assert "[CPU: NOT KERNEL SPEED]" in proc.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--suites", "micro,sideways"], "unknown suite(s) ['sideways']"),
+    (["--providers", "prefixattn,magic"], "unknown provider(s) ['magic']"),
+    (["micro", "--suites", "bank"], "--suites is implied by the command"),
+    (["sideways"], "unknown command 'sideways'"),
+])
+def test_python_m_bench_bad_arguments(argv, message, tmp_path, capsys):
+    from bench.__main__ import main
+
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_python_m_bench_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    from bench.__main__ import main
+
+    assert main(["--device", "cuda", "--out", str(tmp_path / "b")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_python_m_bench_argparse_errors(capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--backend", "cuda"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
