@@ -157,7 +157,7 @@ def _with_errors(env: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
 
 def _run_micro(shapes: list, device: torch.device, providers: tuple[str, ...], backend: str,
                deadline: float | None, rep_ms: float) -> list[dict[str, Any]]:
-    from prefixattn.progress import Progress
+    from prefixattn.cli.progress import Progress
 
     from .micro import run_shape
 
