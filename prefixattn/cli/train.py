@@ -65,7 +65,7 @@ class TrainConfig:
     out: str = "runs/prefixattn-train"
     model: str | None = None
     data: str | None = None
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 16
     grad_accum: int = 1
     seq_len: int = 32
@@ -80,8 +80,8 @@ class TrainConfig:
     fp16: bool = False
     packing: bool = False
     gradient_checkpointing: bool = False
-    eval_every: int = 50
-    save_every: int = 100
+    eval_every: int = 25
+    save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
     backend: str = "auto"
@@ -234,6 +234,7 @@ def training_arguments(cfg: TrainConfig, out: Path, resuming: bool) -> Any:
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=cfg.device != "cpu" and torch.cuda.is_available(),
         include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
         ddp_find_unused_parameters=False,
         label_names=["labels"],
