@@ -145,3 +145,31 @@ def test_bf16_mixed_precision_runs_and_learns(tmp_path, capsys):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.1, evals
     # the prefix stays an fp32 master copy
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "prefix.safetensors")).values())
+
+
+@pytest.mark.xfail(strict=True, reason="pending in main: packed rows (position_ids restarting per document) "
+                   "in the patcher; until then documents of a packed row see each other")
+def test_packing_trains_like_padded_batches(tmp_path, capsys):
+    """--packing (one flattened row per batch, position_ids restarting per example) computes the losses
+    of right-padded batches of the same examples, so it trains the same prefix."""
+    g = torch.Generator().manual_seed(3)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    rows = []
+    for _ in range(40):  # lengths from a few to ~60 bytes: padding would matter
+        n = int(torch.randint(1, 10, (), generator=g))
+        rows.append({"text": " ".join(words[int(i)] for i in torch.randint(0, 6, (n,), generator=g))})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--data", data, "--steps", 3, "--batch-size", 4, "--eval-every", 3, "--lr", 0.05, *TINY]
+    assert run_cli(["train", "--out", tmp_path / "padded", *common], capsys)[0] == 0
+    assert run_cli(["train", "--out", tmp_path / "packed", "--packing", *common], capsys)[0] == 0
+    hist = {name: run_json(tmp_path / name)["log_history"] for name in ("padded", "packed")}
+    for key in ("loss", "eval_loss"):
+        a = [r[key] for r in hist["padded"] if key in r]
+        b = [r[key] for r in hist["packed"] if key in r]
+        assert len(a) == len(b) > 1
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    a = load_file(str(tmp_path / "padded" / "prefix.safetensors"))
+    b = load_file(str(tmp_path / "packed" / "prefix.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
