@@ -6,7 +6,8 @@
 
 Suites: ``micro`` (attention microbenchmarks, bench/micro.py; ``--budget`` seconds, 330 by default on
 a GPU, the shapes left are recorded as skipped), ``train`` (one prefix-tuning training step three
-ways, bench/train_step.py) and ``bank`` (a mixed-task batch over a bank of prefixes, bench/bank.py).
+ways, bench/train_step.py; a packed mixed-length batch, bench/train_packed.py) and ``bank`` (a
+mixed-task batch over a bank of prefixes, bench/bank.py).
 The JSON and markdown are rewritten after every suite; a suite that fails is recorded in
 ``suite_errors`` and the exit status is 1. Runs that write to the same directory on the same device
 and day overwrite each other (one file per device and date): give split runs separate ``--out``.
@@ -110,9 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 deadline = None if budget is None else time.monotonic() + budget
                 new = _run_micro(shapes, device, providers, args.backend, deadline, rep_ms)
             elif suite == "train":
+                from .train_packed import run_packed_bench
                 from .train_step import run_train_bench
 
                 new = run_train_bench(device, quick=args.quick, backend=args.backend)
+                new += run_packed_bench(device, quick=args.quick, backend=args.backend)
             else:
                 from .bank import run_bank_bench
 
