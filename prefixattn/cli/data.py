@@ -20,11 +20,7 @@ from typing import Any
 
 import torch
 
-IGNORE = -100
-
-
-def _generator(seed: int, stream: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + index) % (2**63 - 1))
+from ..tasks import IGNORE, generator, permutation
 
 
 class SuccessorTask:
@@ -44,7 +40,7 @@ class SuccessorTask:
         self.alphabet = torch.tensor(ids)
         self.size, self.seed, self.seq_len = size, seed, seq_len
         self.stream = 0 if split == "train" else 1
-        self.perm = torch.randperm(self.letters, generator=_generator(seed, 99, 0))
+        self.perm = permutation(seed, self.letters)
 
     def __len__(self) -> int:
         return self.size
@@ -52,7 +48,7 @@ class SuccessorTask:
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         if not 0 <= i < self.size:
             raise IndexError(i)
-        g = _generator(self.seed, self.stream, i)
+        g = generator(self.seed, self.stream, i)
         x = int(torch.randint(0, self.letters, (), generator=g))
         seq = [x]
         for _ in range(self.seq_len - 1):
