@@ -183,3 +183,19 @@ def test_packing_trains_like_padded_batches(tmp_path, capsys):
     b = load_file(str(tmp_path / "packed" / "prefix.safetensors"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_trains_the_same_prefix(tmp_path, capsys):
+    """--gradient-checkpointing (which PEFT's prefix tuning refuses) recomputes the layers in the
+    backward and must give the same prefix."""
+    common = ["--steps", 2, "--batch-size", 8, "--eval-every", 100, "--save-every", 1, "--lr", 0.05, *TINY]
+    assert run_cli(["train", "--out", tmp_path / "a", *common], capsys)[0] == 0
+    assert run_cli(["train", "--out", tmp_path / "b", "--gradient-checkpointing", *common], capsys)[0] == 0
+    (a,) = load_file(str(tmp_path / "a" / "prefix.safetensors")).values()
+    (b,) = load_file(str(tmp_path / "b" / "prefix.safetensors")).values()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # step 2 moved every layer's prefix (a layer whose recomputation lost the prefix gradient would not)
+    (after_one,) = load_file(str(tmp_path / "b" / "checkpoint-1" / "model.safetensors")).values()
+    assert b.shape[0] == 2
+    for layer in range(b.shape[0]):
+        assert (b[layer] - after_one[layer]).abs().max() > 1e-4, layer
