@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from .documents import Documents
 from .ops import prefix_attention
 
 __version__ = "0.1.0"
@@ -26,7 +27,7 @@ _LAZY = {
     "save_peft": "prefix",
 }
 
-__all__ = ["prefix_attention", "__version__", *_LAZY]
+__all__ = ["prefix_attention", "Documents", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
