@@ -495,15 +495,23 @@ def attention_backward(
     lse: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     prefix_index: torch.Tensor | None,
+    doc_start: torch.Tensor | None,
+    doc_end: torch.Tensor | None,
+    sinks: torch.Tensor | None,
     causal: bool,
     scale: float,
     softcap: float,
+    window: int,
     need_dq: bool,
     need_dkv: bool,
     need_dprefix: bool,
+    need_dsinks: bool,
     deterministic: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels for the gradients asked for; the others come back empty."""
+    if doc_start is not None or sinks is not None or window:
+        raise NotImplementedError("documents, sinks and sliding windows are not in the kernels yet")
+    dsinks = q.new_empty((0,))
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -519,7 +527,7 @@ def attention_backward(
     dpv = alloc(prefix_v.shape, like=prefix_v) if need_dprefix else q.new_empty((0,))
     empty = q.new_empty((0,))
     if B == 0 or not (need_dq or need_dkv or need_dprefix):
-        return dq, dk, dv, dpk, dpv
+        return dq, dk, dv, dpk, dpv, dsinks
 
     BLOCK_D = block_d(D)
     BLOCK_P = block_p(P, 64)
@@ -612,4 +620,4 @@ def attention_backward(
                         part, pidx, dst, B, splits, X, MODE=mode, BLOCK=RB,
                     )
                 dpk, dpv = dpk_c, dpv_c
-    return dq, dk, dv, dpk, dpv
+    return dq, dk, dv, dpk, dpv, dsinks

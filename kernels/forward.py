@@ -302,11 +302,17 @@ def attention_forward(
     prefix_v: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     prefix_index: torch.Tensor | None,
+    doc_start: torch.Tensor | None,
+    doc_end: torch.Tensor | None,
+    sinks: torch.Tensor | None,
     causal: bool,
     scale: float,
     softcap: float,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by prefixattn.ops. Returns (out, lse)."""
+    if doc_start is not None or sinks is not None or window:
+        raise NotImplementedError("documents, sinks and sliding windows are not in the kernels yet")
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv

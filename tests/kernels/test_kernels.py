@@ -91,7 +91,7 @@ def test_layer0_computes_only_the_prefix_gradient(monkeypatch):
     real = kernels.attention_backward
 
     def spy(*args):
-        seen["need_dq"], seen["need_dkv"], seen["need_dprefix"] = args[13:16]
+        seen["need_dq"], seen["need_dkv"], seen["need_dprefix"] = args[17:20]
         return real(*args)
 
     monkeypatch.setattr(kernels, "attention_backward", spy)
