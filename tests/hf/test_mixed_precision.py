@@ -1,7 +1,7 @@
 """Mixed precision: under torch.autocast (HF Trainer / TRL with bf16=True) transformers hands the
 attention q and k in fp32 and v in bf16; the patched model computes in the autocast dtype with the prefix
 cast once per step (the plan), matches PEFT under the same autocast, and trains under the HF Trainer with
-bf16=True, with and without gradient checkpointing (TRL's defaults)."""
+bf16=True (with gradient checkpointing too: tests/hf/test_trl.py)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def test_autocast_forward_and_prefix_grad_match_peft_under_the_same_autocast(fam
     assert rel_err(out_o.logits.float(), fp32) < BF16_TOL
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_hf_trainer_trains_a_patched_model_in_bf16(tmp_path, checkpointing, monkeypatch):
+def test_the_hf_trainer_trains_a_patched_model_in_bf16(tmp_path, monkeypatch):
+    """(bf16 with gradient checkpointing: tests/hf/test_trl.py, TRL's defaults.)"""
     from transformers import Trainer, TrainingArguments
 
     import prefixattn
@@ -72,7 +72,7 @@ def test_the_hf_trainer_trains_a_patched_model_in_bf16(tmp_path, checkpointing, 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4,
                              learning_rate=1e-2, use_cpu=True, bf16=True, report_to=[], save_strategy="no",
-                             logging_steps=1, gradient_checkpointing=checkpointing)
+                             logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
