@@ -10,23 +10,24 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from .documents import Documents
 from .ops import prefix_attention
 
 __version__ = "0.1.0"
 
-# The patcher and PEFT interop import transformers; load them on first use so that the op alone
+# The prefix layer (safetensors) and the transformers layer load on first use, so that the op alone
 # stays light.
 _LAZY = {
-    "patch": "patch",
-    "unpatch": "patch",
-    "is_patched": "patch",
+    "patch": "hf",
+    "unpatch": "hf",
+    "is_patched": "hf",
+    "load_peft": "hf",
     "save_prefix": "prefix",
     "load_prefix": "prefix",
-    "save_peft": "peft",
-    "load_peft": "peft",
+    "save_peft": "prefix",
 }
 
-__all__ = ["prefix_attention", "__version__", *_LAZY]
+__all__ = ["prefix_attention", "Documents", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,7 @@ TOL = 1e-4  # relative, fp32 (as in the PEFT parity tests)
 P = 4
 N = 3
 
-patch_module = importlib.import_module("prefixattn.patch")
+patch_module = importlib.import_module("prefixattn.hf.attention")
 
 
 @pytest.fixture(autouse=True)

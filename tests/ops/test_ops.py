@@ -1,27 +1,35 @@
-"""The public op: the torch backend against the float64 reference, gradcheck, backend choice,
-bad input (a clear error before any kernel runs) and torch.compile without graph breaks."""
+"""The public op: the torch backend against the float64 reference (every feature: windows,
+documents, sinks, Dk != Dv), gradcheck, backend choice, autocast, bad input (a clear error before
+any kernel runs) and torch.compile without graph breaks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CASES, Case, assert_close_rel, concat_reference, make_inputs
+from helpers import (
+    CASES,
+    DEVICE,
+    FEATURE_CASES,
+    Case,
+    assert_close_rel,
+    concat_reference,
+    make_case,
+)
 
 import prefixattn
 from prefixattn.ops import resolve_backend
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + FEATURE_CASES, ids=str)
 def test_torch_backend_matches_reference(case):
-    (q, k, v, pk, pv), mask, idx = make_inputs(case)
-    out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal,
-                                      prefix_index=idx, softcap=case.softcap, backend="torch")
-    ref = concat_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal,
-                           prefix_index=idx, softcap=case.softcap)
+    x = make_case(case)
+    out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="torch")
+    ref = concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs())
+    assert out.shape == (case.B, case.Hq, case.Sq, case.dv)
     assert_close_rel(out, ref, 1e-5, "out")
     do = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v, pk, pv), do, allow_unused=True),
-                    torch.autograd.grad(ref, (q, k, v, pk, pv), do.double(), allow_unused=True), strict=True):
+    for g, r in zip(torch.autograd.grad(out, x.grad_inputs, do, allow_unused=True),
+                    torch.autograd.grad(ref, x.grad_inputs, do.double(), allow_unused=True), strict=True):
         if r is None or r.numel() == 0:
             continue
         assert_close_rel(g, r, 1e-5, "grad")
@@ -31,15 +39,20 @@ def test_torch_backend_matches_reference(case):
     Case(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, P=3, D=8, padding="left"),
     Case(B=2, Hq=2, Hkv=1, Sq=1, Sk=6, P=2, D=8, prefix="bank"),
     Case(B=1, Hq=2, Hkv=2, Sq=6, Sk=4, P=2, D=8, causal=False, softcap=2.0),
+    Case(B=2, Hq=2, Hkv=1, Sq=9, Sk=9, P=2, D=4, Dv=6, window=3, sinks=True),
+    Case(B=2, Hq=2, Hkv=2, Sq=8, Sk=8, P=1, D=4, docs=True, sinks=True, padding="right"),
 ], ids=str)
 def test_torch_backend_gradcheck(case):
-    (q, k, v, pk, pv), mask, idx = make_inputs(case, dtype=torch.float64)
+    x = make_case(case, dtype=torch.float64)
+    kwargs = x.op_kwargs()
 
-    def f(q, k, v, pk, pv):
-        return prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal,
-                                           prefix_index=idx, softcap=case.softcap, backend="torch")
+    def f(*tensors):
+        q, k, v, pk, pv = tensors[:5]
+        if case.sinks:
+            kwargs["sinks"] = tensors[5]
+        return prefixattn.prefix_attention(q, k, v, pk, pv, **kwargs, backend="torch")
 
-    assert torch.autograd.gradcheck(f, (q, k, v, pk, pv))
+    assert torch.autograd.gradcheck(f, x.grad_inputs, fast_mode=True)
 
 
 def test_auto_backend_choice(monkeypatch):
@@ -73,6 +86,9 @@ BAD = [
     ("batch", lambda: _with(k=torch.randn(3, 2, 5, 16), v=torch.randn(3, 2, 5, 16)), ValueError, "batch mismatch"),
     ("k/v shapes", lambda: _with(v=torch.randn(2, 2, 6, 16)), ValueError, "k and v must have the same shape"),
     ("head dim", lambda: _with(k=torch.randn(2, 2, 5, 8), v=torch.randn(2, 2, 5, 8)), ValueError, "head dim mismatch"),
+    ("prefix_k vs k", lambda: _with(prefix_k=torch.randn(2, 3, 8)), ValueError, "prefix_k head dim 8 .* Dk=16"),
+    ("prefix_v vs v", lambda: _with(v=torch.randn(2, 2, 5, 24), prefix_v=torch.randn(2, 3, 16)), ValueError,
+     "prefix_v head dim 16 .* Dv=24"),
     ("groups", lambda: _with(q=torch.randn(2, 3, 5, 16)), ValueError, "multiple of key/value heads"),
     ("int dtype", lambda: _with(q=torch.ones(2, 4, 5, 16, dtype=torch.int32)), TypeError, "supported: float16"),
     ("mixed dtype", lambda: _with(k=torch.randn(2, 2, 5, 16, dtype=torch.float64),
@@ -82,9 +98,9 @@ BAD = [
     ("prefix heads", lambda: _with(prefix_k=torch.randn(3, 3, 16), prefix_v=torch.randn(3, 3, 16)),
      ValueError, "prefix has 3 heads"),
     ("prefix dim", lambda: _with(prefix_k=torch.randn(2, 3, 8), prefix_v=torch.randn(2, 3, 8)),
-     ValueError, "prefix head dim"),
+     ValueError, "prefix_k head dim"),
     ("prefix pair", lambda: _with(prefix_v=None), ValueError, "both prefix_k and prefix_v"),
-    ("prefix shapes", lambda: _with(prefix_v=torch.randn(2, 4, 16)), ValueError, "same shape"),
+    ("prefix shapes", lambda: _with(prefix_v=torch.randn(2, 4, 16)), ValueError, "same shape up to the head dim"),
     ("prefix rank", lambda: _with(prefix_k=torch.randn(3, 16), prefix_v=torch.randn(3, 16)), ValueError,
      "prefix_k must be"),
     ("per-row rows", lambda: _with(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16)),
@@ -111,10 +127,93 @@ def test_bad_input_is_a_clear_error(name, make, exc, msg):
     (dict(softcap=-2.0), ValueError, "softcap must be >= 0"),
     (dict(causal=1), TypeError, "causal must be a bool"),
     (dict(prefix_index=torch.tensor([0, 1])), ValueError, "prefix_index selects rows"),
-], ids=lambda x: str(x)[:40])
+    (dict(sliding_window=0), ValueError, "sliding_window must be >= 1"),
+    (dict(sliding_window=-3), ValueError, "sliding_window must be >= 1"),
+    (dict(sliding_window=2.5), TypeError, "sliding_window must be an int"),
+    (dict(sliding_window=4, causal=False, q=torch.randn(2, 4, 5, 16)), ValueError, "sliding_window needs causal"),
+    (dict(documents=torch.zeros(2, 5, dtype=torch.int32)), TypeError, "prefixattn.Documents"),
+    (dict(documents=prefixattn.Documents.from_position_ids(torch.zeros(3, 5, dtype=torch.long))), ValueError,
+     r"documents must have shape \(B, S\) = \(2, 5\)"),
+    (dict(sinks=torch.randn(2)), ValueError, r"sinks must have shape \(Hq,\) = \(4,\)"),
+    (dict(sinks=torch.randn(4, 1)), ValueError, "sinks must have shape"),
+    (dict(sinks=torch.ones(4, dtype=torch.int64)), TypeError, "sinks must be a floating tensor"),
+    (dict(check_index=0), TypeError, "check_index must be a bool"),
+], ids=lambda x: "-".join(x) if isinstance(x, dict) else str(x)[:30])
 def test_bad_options_are_clear_errors(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
-        prefixattn.prefix_attention(**_good(), **kwargs)
+        prefixattn.prefix_attention(**{**_good(), **kwargs})
+
+
+def test_documents_need_sq_equal_sk():
+    args = _with(k=torch.randn(2, 2, 7, 16), v=torch.randn(2, 2, 7, 16))
+    docs = prefixattn.Documents.from_position_ids(torch.arange(7).repeat(2, 1))
+    with pytest.raises(ValueError, match="documents .* need Sq == Sk"):
+        prefixattn.prefix_attention(**args, documents=docs)
+
+
+def test_check_index_false_skips_the_range_check(monkeypatch):
+    """check_index=False must not read prefix_index on the host (the caller validated it)."""
+    args = _good()
+    args["prefix_k"] = torch.randn(4, 2, 3, 16)
+    args["prefix_v"] = torch.randn(4, 2, 3, 16)
+    index = torch.tensor([3, 0])
+    reads = []
+    real_int = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t) or real_int(t))
+    out = prefixattn.prefix_attention(**args, prefix_index=index, check_index=False, backend="torch")
+    assert not reads
+    prefixattn.prefix_attention(**args, prefix_index=index, backend="torch")
+    assert reads, "the default range check reads prefix_index on the host"
+    ref = concat_reference(**args, prefix_index=index)
+    assert_close_rel(out, ref, 1e-5, "out")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(sliding_window=2),
+    dict(documents=prefixattn.Documents.from_position_ids(torch.tensor([[0, 1, 0, 1, 2]] * 2))),
+    dict(sinks=torch.randn(4)),
+    dict(v=torch.randn(2, 2, 5, 8), prefix_v=torch.randn(2, 3, 8)),
+], ids=["window", "documents", "sinks", "Dk!=Dv"])
+def test_every_feature_runs_on_the_kernels(kwargs, monkeypatch):
+    """No feature falls back to torch: auto picks the kernels, and they agree with the torch backend."""
+    import prefixattn.kernels as kernels
+
+    calls = []
+    real = kernels.attention_forward
+    monkeypatch.setattr(kernels, "attention_forward", lambda *a: calls.append(a) or real(*a))
+    args = {name: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for name, t in {**_good(), **kwargs}.items()}
+    if "documents" in args:
+        docs = args["documents"]
+        args["documents"] = prefixattn.Documents(docs.start.to(DEVICE), docs.end.to(DEVICE))
+    out = prefixattn.prefix_attention(**args, backend="auto")
+    assert calls, "backend='auto' did not run the kernels"
+    ref = prefixattn.prefix_attention(**args, backend="torch")
+    assert_close_rel(out, ref, 2e-3, "out")
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    """transformers under autocast hands q/k in fp32 and v in bf16: compute in bf16, like SDPA."""
+    c = Case(Sq=7, Sk=7, D=16)
+    x = make_case(c, requires_grad=False)
+    v16 = x.v.bfloat16()
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        prefixattn.prefix_attention(x.q, x.k, v16, x.pk, x.pv, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefixattn.prefix_attention(x.q, x.k, v16, x.pk, x.pv, backend="torch")
+    assert out.dtype == torch.bfloat16
+    cast = [t.bfloat16() for t in (x.q, x.k, x.v, x.pk, x.pv)]
+    expected = prefixattn.prefix_attention(*cast, backend="torch")
+    assert torch.equal(out, expected)
+    assert_close_rel(out, concat_reference(*cast), 1e-2, "out")
+
+
+def test_autocast_gradients_reach_fp32_leaves():
+    c = Case(Sq=6, Sk=6, sinks=True)
+    x = make_case(c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, sinks=x.sinks, backend="torch")
+    grads = torch.autograd.grad(out.float().sum(), x.grad_inputs)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("index,exc,msg", [
@@ -142,21 +241,29 @@ def test_bad_input_fails_before_any_kernel(monkeypatch):
         prefixattn.prefix_attention(**_with(q=torch.randn(2, 3, 5, 16)), backend="triton")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_torch_compile_fullgraph(backend):
-    """No graph breaks: the kernels are custom ops with fake implementations."""
+@pytest.mark.parametrize("backend,case", [
+    ("triton", Case(Sq=9, Sk=9, padding="left")),
+    ("torch", Case(Sq=9, Sk=9, padding="left")),
+    ("triton", Case(Sq=9, Sk=9, D=16, Dv=8, docs=True, sinks=True, window=4)),
+], ids=lambda x: str(x))
+def test_torch_compile_fullgraph(backend, case):
+    """No graph breaks: the kernels are custom ops with fake implementations (Documents as an input)."""
     torch._dynamo.reset()
-    (q, k, v, pk, pv), mask, _ = make_inputs(Case(Sq=9, Sk=9, padding="left"))
+    x = make_case(case)
+    kw = x.op_kwargs()
+    docs = kw.pop("documents")
+    kw.pop("sinks")
 
-    def step(q, k, v, pk, pv, mask):
-        out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, backend=backend)
+    def step(q, k, v, pk, pv, sinks, docs):
+        out = prefixattn.prefix_attention(q, k, v, pk, pv, **kw, sinks=sinks, documents=docs, backend=backend)
         return (out * out).sum()
 
+    inputs = x.grad_inputs if case.sinks else (*x.grad_inputs, None)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v, pk, pv, mask)
-    grads = torch.autograd.grad(loss, (q, k, v, pk, pv))
-    ref = step(q, k, v, pk, pv, mask)
-    ref_grads = torch.autograd.grad(ref, (q, k, v, pk, pv))
+    loss = compiled(*inputs, docs)
+    grads = torch.autograd.grad(loss, x.grad_inputs)
+    ref = step(*inputs, docs)
+    ref_grads = torch.autograd.grad(ref, x.grad_inputs)
     assert_close_rel(loss.detach(), ref.detach(), 1e-5, "loss")
     for g, r in zip(grads, ref_grads, strict=True):
         assert_close_rel(g, r, 1e-5, "grad")

@@ -1,0 +1,24 @@
+"""The transformers integration: prefix-tune a Hugging Face model through the fused prefix attention.
+
+One path: model layer -> transformers AttentionInterface -> ``attention.py`` (reads its layer's entry of
+the per-step plan) -> ``prefixattn.prefix_attention``. Each module has one job:
+
+    state.py        PatchState and the names the patcher registers/stores things under
+    families.py     which model families are supported, and how each numbers its positions
+    plan.py         the per-step plan (prefix computed and cast once, ids checked once, per-layer views)
+    hooks.py        the forward pre-hook that builds the plan and numbers positions from P
+    attention.py    the registered attention and mask functions
+    probe.py        running the frozen model: shape probe, init-from-text
+    generate.py     generate() with a bank (prefix_ids through prepare_inputs_for_generation)
+    patcher.py      patch_model / unpatch / is_patched: attaching and detaching
+    peft_models.py  patching PEFT PrefixTuning models, load_peft
+    api.py          patch(): a transformers model or a PEFT model
+"""
+
+from __future__ import annotations
+
+from .api import patch
+from .patcher import is_patched, unpatch
+from .peft_models import load_peft
+
+__all__ = ["is_patched", "load_peft", "patch", "unpatch"]

@@ -1,0 +1,65 @@
+"""``prefixattn.patch``: one entry point for a transformers model or a PEFT PrefixTuning model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .patcher import InitKind, patch_model
+from .peft_models import is_peft_prefix_model, patch_peft_model
+
+
+def patch(
+    model: nn.Module,
+    num_prefix_tokens: int | None = None,
+    *,
+    prefix_projection: bool = False,
+    projection_hidden_size: int | None = None,
+    num_prefixes: int | None = None,
+    layers: Sequence[int] | None = None,
+    init: InitKind = "random",
+    init_text: str | Sequence[int] | torch.Tensor | Sequence[Any] | None = None,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    ignore_attention_dropout: bool = False,
+) -> nn.Module:
+    """Prefix-tune a Hugging Face causal LM with the fused prefix attention; returns the model to use.
+
+    Every base parameter is frozen; the prefix is added as ordinary parameters in the submodule
+    ``model.prefixattn_prefix`` (so ``model.parameters()`` / optimizers / DDP / Trainer see it).
+
+    Args:
+        model: a transformers model whose attention goes through the AttentionInterface (Llama, Mistral,
+            Qwen2/3, Gemma 1/2, Phi-3, GPT-2, GPT-NeoX, OPT, ...), or a PEFT ``PeftModel`` with a
+            PREFIX_TUNING adapter (the same prefix is carried over; the base model is returned patched).
+        num_prefix_tokens: P, the number of virtual tokens per layer.
+        prefix_projection: PEFT's reparameterization (embedding + Linear-Tanh-Linear MLP, run once per step).
+        projection_hidden_size: the MLP's hidden size (default Hkv*D, as PEFT's encoder_hidden_size).
+        num_prefixes: keep a bank of N prefixes; every call then takes ``prefix_ids`` ((batch,) long)
+            choosing each row's entry (``model(ids, prefix_ids=...)``,
+            ``model.generate(..., prefix_ids=...)``).
+        layers: indices of the layers that carry a prefix (default: all).
+        init: "random" (N(0, 1), as PEFT's embedding), "zeros", or "text": the keys/values the frozen model
+            computes for ``init_text`` (repeated/truncated to P tokens), i.e. the prefix starts out exactly
+            as if that text preceded every input. For a bank, ``init_text`` may be a list of N texts.
+        tokenizer: needed when init_text is a string.
+        dtype: dtype of the prefix parameters (fp32 master by default; cast once per step to the compute
+            dtype).
+        backend: "auto" | "triton" | "torch", passed to ``prefixattn.prefix_attention``.
+        ignore_attention_dropout: train without the model's attention dropout instead of refusing it.
+    """
+    if is_peft_prefix_model(model):
+        if (num_prefix_tokens is not None or prefix_projection or num_prefixes is not None
+                or layers is not None):
+            raise ValueError("patching a PEFT model takes the prefix shape from its PrefixTuningConfig; do "
+                             "not pass num_prefix_tokens / prefix_projection / num_prefixes / layers")
+        return patch_peft_model(model, dtype=dtype, backend=backend,
+                                ignore_attention_dropout=ignore_attention_dropout)
+    return patch_model(model, num_prefix_tokens, prefix_projection=prefix_projection,
+                       projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes,
+                       layers=layers, init=init, init_text=init_text, tokenizer=tokenizer, dtype=dtype,
+                       backend=backend, ignore_attention_dropout=ignore_attention_dropout)

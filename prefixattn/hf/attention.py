@@ -1,0 +1,123 @@
+"""The attention and mask functions registered with transformers under the name ``"prefixattn"``.
+
+The mask function hands the attention function the 2-D (B, Sk) padding mask (or None without padding).
+The attention function runs once per layer: it looks its layer's prefix up in the step plan (built once
+per step by the pre-hook, ``hooks.py``) and calls ``prefixattn.prefix_attention`` with the sequence K/V
+(the KV cache holds the sequence only; the prefix never enters it). It does no host sync and no copy of
+the prefix unless a layer runs in another dtype or on another device than the plan expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..ops import prefix_attention
+from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
+
+
+def prefix_mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                         kv_offset: int = 0, mask_function: Any = None,
+                         attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """AttentionMaskInterface entry: the 2-D (B, kv_length) bool padding mask, or None without padding.
+
+    Runs once per step (per mask kind), not per layer: its one host read (any padding?) lets unpadded
+    batches skip the mask altogether."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:]
+    if mask.shape[1] < kv_length:
+        raise ValueError(
+            f"prefixattn: the attention mask covers {mask.shape[1]} keys but the layer has {kv_length}; "
+            "static (pre-allocated) caches are not supported, use the default dynamic cache"
+        )
+    if mask.dtype != torch.bool:
+        mask = mask.bool()
+    if bool(mask.all()):
+        return None
+    return mask
+
+
+def _state_of(module: nn.Module) -> PatchState:
+    state = module.__dict__.get(STATE_ATTR)
+    if state is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs with attn_implementation={IMPL_NAME!r} but was not patched by "
+            "prefixattn.patch (set the model's attention implementation back, or patch this model)"
+        )
+    return state
+
+
+def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float | None = None,
+                              dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """AttentionInterface entry: (B, Hq, Sq, D) q and (B, Hkv, Sk, D) k/v -> ((B, Sq, Hq, D), None)."""
+    state = _state_of(module)
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by "
+                           "layer_idx")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            "prefixattn takes a 2-D (batch, keys) padding mask; got a "
+            f"{attention_mask.dim()}-D attention mask (custom 4-D masks are not supported)"
+        )
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
+        raise ValueError(f"prefixattn: padding mask has {attention_mask.shape[-1]} keys, the layer has "
+                         f"{key.shape[2]}")
+    if dropout and module.training and not state.ignore_attention_dropout:
+        raise ValueError(
+            f"{type(module).__name__} asks for attention dropout {dropout} in training, which "
+            "prefixattn's fused attention does not implement. Set the config's attention dropout to 0, "
+            "or patch with ignore_attention_dropout=True to train without it"
+        )
+
+    plan = kwargs.get(STEP_KWARG)
+    if plan is not None:
+        state.seen_step_kwarg = True
+    else:
+        plan = state.plan
+    backend = state.backend
+    if state.capture is not None:  # probing shapes / init from text: the frozen model, no prefix
+        state.capture[layer_idx] = (key.detach(), value.detach())
+        pk = pv = index = None
+        backend = "torch"
+    else:
+        if plan is None or plan.capture:
+            raise RuntimeError("prefixattn: no prefix for this forward pass; call the patched model (or its "
+                               "base model), not a layer directly")
+        pk, pv, index = plan.layer(layer_idx)
+        if pk is not None and (pk.dtype != query.dtype or pk.device != query.device):
+            # a layer away from the plan's dtype/device (device_map splits, mixed dtypes): cast here
+            pk, pv = pk.to(device=query.device, dtype=query.dtype), pv.to(device=query.device,
+                                                                          dtype=query.dtype)
+            if index is not None:
+                index = index.to(query.device)
+
+    window = kwargs.get("sliding_window")
+    if window is not None and window > 0:
+        P = 0 if pk is None else pk.shape[-2]
+        if P + key.shape[2] > window:
+            raise ValueError(
+                f"layer {layer_idx} uses a sliding window of {window} tokens, which would hide part of the "
+                f"{P}-token prefix (prefix + keys = {P + key.shape[2]} > {window}); prefixattn does not "
+                "implement windowed prefix attention, keep prefix + sequence within the window"
+            )
+
+    out = prefix_attention(
+        query, key, value, pk, pv, key_padding_mask=attention_mask,
+        causal=bool(getattr(module, "is_causal", True)), scale=scaling, prefix_index=index,
+        softcap=float(kwargs.get("softcap") or 0.0), backend=backend,
+    )
+    # the triton backend's output is (B, Sq, Hq, D) in memory: the transpose is then free
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register both functions with transformers (idempotent)."""
+    AttentionInterface.register(IMPL_NAME, prefix_attention_function)
+    AttentionMaskInterface.register(IMPL_NAME, prefix_mask_function)

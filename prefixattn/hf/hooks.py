@@ -1,0 +1,141 @@
+"""The forward pre-hook on the module that runs the decoder layers: the per-step work.
+
+Once per forward it checks the call (``prefix_ids`` for a bank, KV cache kind), numbers positions from
+P the way PEFT does, builds the step plan (``plan.py``) and passes it to every layer in the
+``prefixattn_step`` keyword argument that decoder layers hand down to their attention (so gradient
+checkpointing recomputes with the same plan); the plan is also kept on the patch state as a fallback.
+
+PEFT semantics: sequence positions start at P (explicit ``position_ids`` get P added, as PEFT does;
+generate() derives them from the attention mask, so left padding works); OPT's mask-based positions
+count P leading prefix slots.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+
+from .plan import CAPTURE_PLAN, build_plan, check_prefix_ids, compute_dtype
+from .state import STATE_ATTR, STEP_KWARG, PatchState
+
+
+def _bind_to_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(module.forward)
+    bound = sig.bind_partial(*args, **kwargs)
+    out = {}
+    for name, val in bound.arguments.items():
+        param = sig.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(val)
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            if val:
+                raise TypeError(f"{type(module).__name__}.forward got extra positional arguments")
+        else:
+            out[name] = val
+    return out
+
+
+def _positions(state: PatchState, kwargs: dict, batch: int, length: int,
+               device: torch.device) -> torch.Tensor:
+    P = state.num_tokens
+    cache = kwargs.get("past_key_values")
+    past = 0
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        past = int(cache.get_seq_length())
+    mask = kwargs.get("attention_mask")
+    if state.family.positions == "mask_cumsum" and mask is not None and mask.dim() == 2:
+        # OPT: positions = cumsum(mask) - 1 over [P prefix slots; mask], as with PEFT's prefixed mask
+        mask = mask.to(device=device, dtype=torch.long)
+        full = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+        pos = full.cumsum(1) * full - 1
+        return pos[:, -length:]
+    return (torch.arange(length, device=device) + past + P).unsqueeze(0)
+
+
+def _activation_dtype(state: PatchState, embeds: torch.Tensor | None) -> torch.dtype | None:
+    if embeds is not None:
+        return embeds.dtype
+    weight = getattr(state.embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return None
+
+
+def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook (with kwargs) on the module that runs the layers.
+
+    A plain function that finds the state on the module (not a closure), so deep copies of a patched
+    model carry their own state.
+    """
+    state: PatchState = module.__dict__[STATE_ATTR]
+    kwargs = _bind_to_kwargs(module, args, kwargs)
+    prefix_ids = kwargs.pop("prefix_ids", None)
+    kwargs.pop(STEP_KWARG, None)
+    cache = kwargs.get("past_key_values")
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise ValueError("prefixattn does not support static (compileable) KV caches; use the default "
+                         "DynamicCache")
+    if state.capture is not None:  # probing / init from text: the frozen model as is
+        state.plan = CAPTURE_PLAN
+        kwargs[STEP_KWARG] = CAPTURE_PLAN
+        return (), kwargs
+
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        raise ValueError("prefixattn: the model was called without input_ids or inputs_embeds")
+    batch, length = ref.shape[0], ref.shape[1]
+    device = ref.device
+    config = state.prefix.config
+    if config.bank:
+        if prefix_ids is None:
+            raise ValueError(f"this model has a bank of {config.num_prefixes} prefixes: pass prefix_ids "
+                             "(a (batch,) long tensor) to choose each row's prefix. With the Hugging Face "
+                             "Trainer, set TrainingArguments(remove_unused_columns=False): by default it "
+                             "drops every batch key that forward() does not name, prefix_ids included")
+        prefix_ids = check_prefix_ids(prefix_ids, batch, config, device)
+    elif prefix_ids is not None:
+        raise ValueError("prefix_ids was given but the model has a single prefix (patch with "
+                         "num_prefixes=N for a bank)")
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids + state.num_tokens  # as PEFT does for prefix tuning
+    else:
+        kwargs["position_ids"] = _positions(state, kwargs, batch, length, device)
+
+    if config.projection and module.training and torch.is_grad_enabled():
+        _refuse_reentrant_checkpointing(state)
+    plan = build_plan(state.prefix, prefix_ids, compute_dtype(device, _activation_dtype(state, embeds)))
+    state.plan = plan
+    kwargs[STEP_KWARG] = plan
+    return (), kwargs
+
+
+def _refuse_reentrant_checkpointing(state: PatchState) -> None:
+    """Reentrant checkpointing backpropagates each layer separately into the graph that made the step's
+    prefix; with the MLP reparameterization that graph would be walked (and freed) once per layer."""
+    for layer in state.layer_modules:
+        if getattr(layer, "gradient_checkpointing", False):
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(func, "keywords", {}).get("use_reentrant", False):
+                raise ValueError(
+                    "prefix_projection=True does not work with reentrant gradient checkpointing "
+                    "(use_reentrant=True); enable checkpointing with use_reentrant=False "
+                    "(transformers' default)"
+                )
+
+
+def add_pre_hook(module: nn.Module) -> None:
+    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def remove_pre_hooks(module: nn.Module) -> None:
+    for key, fn in list(module._forward_pre_hooks.items()):
+        if fn is pre_hook:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -1,0 +1,250 @@
+"""Patching a transformers model and undoing it: checks of the arguments, attaching (tag the attention
+modules, switch the attention implementation, hook the module that runs the layers, add the prefix
+module) and detaching, ``unpatch`` and ``is_patched``.
+
+No ``forward`` is replaced: the attention goes through transformers' AttentionInterface
+(``attention.py``), the per-step work through a forward pre-hook (``hooks.py``).
+
+Refused with a clear error: families with their own attention code, encoder-decoders, 4-D attention
+masks, static (compileable) caches, a sliding window that would hide part of the prefix
+(P + keys > window), nonzero attention dropout in training (unless ``ignore_attention_dropout=True``,
+which runs without it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from ..ops import BACKENDS
+from ..prefix import MODULE_NAME, PrefixConfig, PrefixKV
+from .attention import register
+from .families import resolve_family
+from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
+from .hooks import add_pre_hook, remove_pre_hooks
+from .probe import capture, init_from_text, input_device, probe_token
+from .state import IMPL_NAME, STATE_ATTR, PatchState, get_state
+
+InitKind = Literal["random", "zeros", "text"]
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` was returned by ``prefixattn.patch`` and not unpatched since."""
+    return get_state(model) is not None
+
+
+def check_patch_args(num_prefix_tokens: Any, num_prefixes: Any, dtype: Any, backend: Any, init: Any) -> None:
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 1:
+        raise ValueError(f"num_prefix_tokens must be a positive int, got {num_prefix_tokens!r}")
+    if num_prefixes is not None and (isinstance(num_prefixes, bool) or not isinstance(num_prefixes, int)
+                                     or num_prefixes < 1):
+        raise ValueError("num_prefixes must be a positive int (or None for a single prefix), got "
+                         f"{num_prefixes!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if init not in ("random", "zeros", "text"):
+        raise ValueError(f"init must be 'random', 'zeros' or 'text', got {init!r}")
+
+
+def _check_layers(layers: Sequence[int], all_layers: list[int]) -> list[int]:
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a sequence of layer indices, got {type(layers).__name__}")
+    chosen = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"layers must hold ints, got {i!r}")
+        j = i + len(all_layers) if i < 0 else i
+        if j not in all_layers:
+            raise ValueError(f"layer {i} does not exist; the model's attention layers are {all_layers}")
+        chosen.append(j)
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers has duplicates: {list(layers)}")
+    if not chosen:
+        raise ValueError("layers is empty; at least one layer must carry a prefix")
+    return sorted(chosen)
+
+
+def _find_layers_owner(model: nn.Module, state: PatchState) -> nn.Module:
+    """The module that runs the decoder layers (parent of the ModuleList holding the attention layers):
+    LlamaModel, GPT2Model, OPTDecoder (OPTForCausalLM calls its decoder directly), ... Its forward takes
+    position_ids; the per-step pre-hook goes there."""
+    tagged_ids = {id(m) for m in state.tagged_modules}
+    best = None
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, nn.ModuleList) and any(
+                id(m) in tagged_ids for layer in child for m in layer.modules()
+            ):
+                best = module
+                layers = list(child)
+                break
+        if best is not None:
+            break
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: could not find the module that runs the attention layers")
+    state.layer_modules = layers
+    if "position_ids" not in inspect.signature(best.forward).parameters:
+        raise ValueError(f"{type(best).__name__}.forward takes no position_ids; prefixattn cannot number "
+                         "positions from P for this model")
+    return best
+
+
+def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, num_prefixes: int | None,
+                  layers: Sequence[int] | None, prefix_projection: bool,
+                  projection_hidden_size: int | None) -> PrefixConfig:
+    """One token through the frozen model tells which layers attend, and their (Hkv, D)."""
+    captured = capture(model, state, [probe_token(model)])
+    if not captured:
+        raise ValueError(f"{type(model).__name__}: no attention layer went through the "
+                         "AttentionInterface; cannot patch it")
+    shapes = {(k.shape[1], k.shape[3]) for k, _ in captured.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"{type(model).__name__} has layers with different KV shapes {sorted(shapes)}; "
+                         "prefixattn needs one (num_kv_heads, head_dim) for all layers")
+    (num_kv_heads, head_dim), = shapes
+    all_layers = sorted(captured)
+    chosen = all_layers if layers is None else _check_layers(layers, all_layers)
+    token_dim = num_kv_heads * head_dim
+    return PrefixConfig(
+        num_tokens=num_prefix_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim, layers=tuple(chosen),
+        num_layers=len(all_layers), num_prefixes=num_prefixes or 1, bank=num_prefixes is not None,
+        projection=bool(prefix_projection),
+        projection_hidden_size=(projection_hidden_size or token_dim) if prefix_projection else 0,
+    )
+
+
+def _init_texts(init_text: Any, config: PrefixConfig) -> list[Any]:
+    texts = list(init_text) if (config.bank and isinstance(init_text, (list, tuple))
+                                and init_text and not isinstance(init_text[0], int)) else None
+    if texts is None:
+        return [init_text] * config.num_prefixes
+    if len(texts) != config.num_prefixes:
+        raise ValueError(f"init_text lists {len(texts)} texts for a bank of {config.num_prefixes}")
+    return texts
+
+
+def patch_model(
+    model: nn.Module,
+    num_prefix_tokens: int | None = None,
+    *,
+    prefix_projection: bool = False,
+    projection_hidden_size: int | None = None,
+    num_prefixes: int | None = None,
+    layers: Sequence[int] | None = None,
+    init: InitKind = "random",
+    init_text: Any = None,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    ignore_attention_dropout: bool = False,
+) -> nn.Module:
+    """``prefixattn.patch`` for a transformers model (not a PEFT model); see ``prefixattn.hf.api.patch``."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("patch the model before wrapping it in DistributedDataParallel / FSDP")
+    if get_state(model) is not None:
+        raise ValueError("this model is already patched by prefixattn (call prefixattn.unpatch first)")
+    check_patch_args(num_prefix_tokens, num_prefixes, dtype, backend, init)
+    if init == "text" and init_text is None:
+        raise ValueError("init='text' needs init_text (a string with tokenizer=, or token ids)")
+    if init != "text" and init_text is not None:
+        raise ValueError("init_text is only used with init='text'")
+    if init == "text" and prefix_projection:
+        raise ValueError("init='text' sets the prefix values directly, which needs prefix_projection=False")
+
+    family = resolve_family(model)
+    if not family.tested:
+        warnings.warn(f"prefixattn: model family {family.model_type!r} is not in the tested set; it goes "
+                      "through the AttentionInterface, so it is patched, but check it against PEFT",
+                      stacklevel=3)
+    register()
+    state = PatchState(family=family, backend=backend, base_model=model,
+                       embeddings=model.get_input_embeddings() if hasattr(model, "get_input_embeddings")
+                       else None, ignore_attention_dropout=ignore_attention_dropout)
+    state.previous_impl = model.config._attn_implementation
+    state.previous_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    # Attach: tag the attention modules, switch the implementation, hook the module running the layers.
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int):
+            module.__dict__[STATE_ATTR] = state
+            state.tagged_modules.append(module)
+    model.__dict__[STATE_ATTR] = state
+    try:
+        base = _find_layers_owner(model, state)
+        state.base_model = base
+        model.set_attn_implementation(IMPL_NAME)
+        if model.config._attn_implementation != IMPL_NAME:
+            raise ValueError(f"{type(model).__name__} refused attn_implementation={IMPL_NAME!r}")
+        base.__dict__[STATE_ATTR] = state
+        add_pre_hook(base)
+
+        config = _probe_config(model, state, num_prefix_tokens, num_prefixes, layers, prefix_projection,
+                               projection_hidden_size)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        prefix = PrefixKV(config, dtype=dtype, device=input_device(model), init=init)
+        model.add_module(MODULE_NAME, prefix)
+        state.prefix = prefix
+        if init == "text":
+            init_from_text(model, state, _init_texts(init_text, config), tokenizer)
+        if config.bank:
+            state.wrapped_prepare = wrap_prepare_inputs(model)
+        _save_only_the_prefix(model, state)
+    except BaseException:
+        _detach(model, state)
+        raise
+    return model
+
+
+def _save_only_the_prefix(model: nn.Module, state: PatchState) -> None:
+    """model.save_pretrained() (and so the HF Trainer's checkpoints) writes the prefix, not the frozen model:
+    transformers drops the state-dict keys listed in the instance's ``_keys_to_ignore_on_save``."""
+    if not hasattr(model, "_keys_to_ignore_on_save"):
+        return
+    # (had an instance attribute, its value): restored by unpatch
+    state.previous_keys_to_ignore_on_save = ("_keys_to_ignore_on_save" in model.__dict__,
+                                             model.__dict__.get("_keys_to_ignore_on_save"))
+    frozen = {k for k in model.state_dict() if not k.startswith(MODULE_NAME + ".")}
+    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | frozen
+
+
+def _detach(model: nn.Module, state: PatchState) -> None:
+    remove_pre_hooks(state.base_model)
+    state.base_model.__dict__.pop(STATE_ATTR, None)
+    for module in state.tagged_modules:
+        module.__dict__.pop(STATE_ATTR, None)
+    state.tagged_modules.clear()
+    if model.config._attn_implementation == IMPL_NAME and state.previous_impl is not None:
+        model.set_attn_implementation(state.previous_impl)
+    if MODULE_NAME in model._modules:
+        del model._modules[MODULE_NAME]
+    if state.wrapped_prepare:
+        unwrap_prepare_inputs(model)
+    if state.previous_keys_to_ignore_on_save is not None:
+        had, value = state.previous_keys_to_ignore_on_save
+        if had:
+            model.__dict__["_keys_to_ignore_on_save"] = value
+        else:
+            model.__dict__.pop("_keys_to_ignore_on_save", None)
+    for name, p in model.named_parameters():
+        if name in state.previous_requires_grad:
+            p.requires_grad_(state.previous_requires_grad[name])
+    model.__dict__.pop(STATE_ATTR, None)
+    state.plan = None
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: restore the previous attention implementation and requires_grad flags, remove the
+    prefix module and hooks. Returns the model."""
+    state = get_state(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by prefixattn")
+    _detach(model, state)
+    return model

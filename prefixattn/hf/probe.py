@@ -1,0 +1,95 @@
+"""Running the frozen model to learn about it: the shape probe at patch time (which layers attend, their
+(Hkv, D)), and PEFT's init-from-text (the keys/values the frozen model computes for a text).
+
+While ``state.capture`` is a dict, the attention function records each layer's (key, value) there and
+attends without a prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .state import PatchState
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs (and so the prefix) live: the input embeddings' device."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "weight"):
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture(model: nn.Module, state: PatchState, token_ids: list[int]) -> dict[int, tuple]:
+    """Run the frozen model (no prefix) on token_ids; returns {layer_idx: (key, value)} as (1, Hkv, T, D)."""
+    was_training = model.training
+    model.eval()
+    state.capture = {}
+    try:
+        ids = torch.tensor([token_ids], dtype=torch.long, device=input_device(model))
+        state.base_model(input_ids=ids, use_cache=False)
+        return state.capture
+    finally:
+        state.capture = None
+        state.plan = None
+        model.train(was_training)
+
+
+def probe_token(model: nn.Module) -> int:
+    """A harmless token id for the shape probe (BOS when there is one, never the pad token)."""
+    cfg = model.config
+    pad = getattr(cfg, "pad_token_id", None)
+    for tok in (getattr(cfg, "bos_token_id", None), 1, 2, 0):
+        if isinstance(tok, int) and tok != pad and tok < cfg.get_text_config().vocab_size:
+            return tok
+    return 0
+
+
+def repeat_to_length(ids: Sequence[int], n: int) -> list[int]:
+    """PEFT's init-from-text rule: repeat the tokens to fill n slots, then truncate."""
+    ids = list(ids)
+    if not ids:
+        raise ValueError("init_text has no tokens")
+    return (ids * math.ceil(n / len(ids)))[:n]
+
+
+def _tokenize(init_text: Any, tokenizer: Any) -> list[int]:
+    if isinstance(init_text, str):
+        if tokenizer is None:
+            raise ValueError("init='text' with a string init_text needs tokenizer=")
+        ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
+    elif isinstance(init_text, torch.Tensor):
+        if init_text.dim() != 1 or init_text.is_floating_point():
+            raise ValueError("init_text as a tensor must be a 1-D tensor of token ids")
+        ids = init_text.tolist()
+    elif isinstance(init_text, Sequence):
+        ids = list(init_text)
+    else:
+        raise TypeError(f"init_text must be a string, a list of token ids or a 1-D tensor, got "
+                        f"{type(init_text).__name__}")
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError("init_text must give a non-empty list of integer token ids")
+    return ids
+
+
+def init_from_text(model: nn.Module, state: PatchState, texts: list[Any], tokenizer: Any) -> None:
+    """Set every bank entry's prefix to what the frozen model computes for its text (PEFT's rule)."""
+    prefix = state.prefix
+    c = prefix.config
+    vocab = model.get_input_embeddings().weight.shape[0]
+    values = []
+    for text in texts:
+        ids = repeat_to_length(_tokenize(text, tokenizer), c.num_tokens)
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"init_text token ids must be in [0, {vocab}), got [{min(ids)}, {max(ids)}]")
+        captured = capture(model, state, ids)
+        per_layer = [torch.stack([captured[layer][0][0], captured[layer][1][0]]) for layer in c.layers]
+        values.append(torch.stack(per_layer))  # (L, 2, Hkv, P, D)
+    kv = torch.stack(values, dim=2)  # (L, 2, N, Hkv, P, D)
+    prefix.set_values(kv)

@@ -1,0 +1,103 @@
+"""The trainable prefix as an ``nn.Module`` (``PrefixKV``), and finding it in a model.
+
+``PrefixKV`` holds, for every layer that carries a prefix, P key and P value vectors per KV head:
+
+- raw (default): one parameter ``kv`` of shape (L, 2, N, Hkv, P, D), L the prefixed layers, 2 = key|value,
+  N the bank entries (1 without a bank). ``kv[l, 0]`` is layer l's key bank (N, Hkv, P, D), contiguous,
+  which the kernel reads in place.
+- PEFT-style reparameterization (``projection=True``): an embedding (P, Hkv*D) and a two-layer MLP
+  (Linear, Tanh, Linear) to (P, L*2*Hkv*D), exactly PEFT's ``PrefixEncoder``. The MLP runs once per
+  step (not once per batch row as in PEFT).
+
+Either way ``PrefixKV.compute()`` gives the (L, 2, N, Hkv, P, D) tensor for the step. Values are kept in
+``dtype`` (fp32 master by default); the patcher casts them once per step to the compute dtype.
+
+A patched model carries its prefix as the submodule named ``MODULE_NAME``, so ``model.parameters()``,
+optimizers, DDP and the Trainer see it, and ``find_prefix`` finds it without knowing about the patcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import PrefixConfig
+from .peft_rows import peft_rows_to_kv
+
+MODULE_NAME = "prefixattn_prefix"
+
+# Wrappers that hold the model they wrap in an attribute: DDP / accelerate (.module), torch.compile
+# (._orig_mod).
+_WRAPPED_ATTRS = ("module", "_orig_mod")
+
+
+class PrefixKV(nn.Module):
+    """Per-layer prefix keys and values (see the module docstring for the layout)."""
+
+    def __init__(self, config: PrefixConfig, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, init: str = "random") -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        L, N, H, P, D = len(c.layers), c.num_prefixes, c.num_kv_heads, c.num_tokens, c.head_dim
+        self.layer_slot = {layer: i for i, layer in enumerate(c.layers)}
+        if c.projection:
+            if c.bank:
+                raise ValueError(
+                    "prefix_projection=True cannot be combined with a bank of prefixes (num_prefixes): the "
+                    "MLP would be shared by every entry; use raw prefixes for a bank"
+                )
+            self.embedding = nn.Embedding(P, c.token_dim, dtype=dtype, device=device)
+            self.transform = nn.Sequential(
+                nn.Linear(c.token_dim, c.projection_hidden_size, dtype=dtype, device=device),
+                nn.Tanh(),
+                nn.Linear(c.projection_hidden_size, L * 2 * c.token_dim, dtype=dtype, device=device),
+            )
+            if init == "zeros":
+                nn.init.zeros_(self.transform[-1].weight)
+                nn.init.zeros_(self.transform[-1].bias)
+        else:
+            self.kv = nn.Parameter(torch.empty((L, 2, N, H, P, D), dtype=dtype, device=device))
+            if init == "zeros":
+                nn.init.zeros_(self.kv)
+            else:  # PEFT's nn.Embedding default: N(0, 1)
+                nn.init.normal_(self.kv)
+
+    def compute(self) -> torch.Tensor:
+        """The prefix of this step, (L, 2, N, Hkv, P, D) in the parameters' dtype."""
+        if not self.config.projection:
+            return self.kv
+        return peft_rows_to_kv(self.transform(self.embedding.weight), self.config)
+
+    def slot(self, layer_idx: int) -> int | None:
+        """Index into the L axis for a model layer, or None when that layer carries no prefix."""
+        return self.layer_slot.get(layer_idx)
+
+    @torch.no_grad()
+    def set_values(self, kv: torch.Tensor, prefix_id: int | None = None) -> None:
+        """Overwrite the raw prefix with ``kv`` (L, 2, N or 1, Hkv, P, D); into one bank entry if
+        prefix_id."""
+        if self.config.projection:
+            raise ValueError("this prefix is reparameterized by an MLP (prefix_projection=True); its values "
+                             "cannot be set directly")
+        target = self.kv if prefix_id is None else self.kv[:, :, prefix_id : prefix_id + 1]
+        if kv.shape != target.shape:
+            raise ValueError(f"prefix values have shape {tuple(kv.shape)}, expected {tuple(target.shape)}")
+        target.copy_(kv.to(device=target.device, dtype=target.dtype))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"tokens={c.num_tokens}, layers={len(c.layers)}/{c.num_layers}, kv_heads={c.num_kv_heads}, "
+                f"head_dim={c.head_dim}, prefixes={c.num_prefixes if c.bank else 1}, "
+                f"projection={c.projection}")
+
+
+def find_prefix(model: nn.Module) -> PrefixKV:
+    """The ``PrefixKV`` of a patched model (also through a DDP / accelerate / torch.compile wrapper);
+    TypeError if the model carries none."""
+    for candidate in (model, *(getattr(model, a, None) for a in _WRAPPED_ATTRS)):
+        if isinstance(candidate, nn.Module):
+            prefix = candidate._modules.get(MODULE_NAME)
+            if isinstance(prefix, PrefixKV):
+                return prefix
+    raise TypeError(f"{type(model).__name__} is not patched by prefixattn.patch")

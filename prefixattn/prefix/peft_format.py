@@ -1,0 +1,184 @@
+"""PEFT's prefix-tuning adapter FORMAT: writing one (``save_peft``), reading and validating one
+(``read_peft_adapter``), and checking an adapter's shape against a prefix.
+
+PEFT's saved prefix-tuning adapter is a directory with
+
+- ``adapter_config.json``: peft_type "PREFIX_TUNING", task_type "CAUSAL_LM", num_virtual_tokens (P),
+  num_layers (L), token_dim (Hkv*D), num_attention_heads (Hkv), num_transformer_submodules (1), ...
+- ``adapter_model.safetensors``: one tensor ``prompt_embeddings`` of shape (P, L*2*Hkv*D), each row laid
+  out [layer][k|v][Hkv][D] (``peft_rows``). With ``prefix_projection`` the MLP is already applied (PEFT
+  saves its output), so ``save_peft`` writes ``prefix_projection: false``: the file is the prefix itself.
+
+Loading an adapter into a model (which may patch it) is the transformers layer's job
+(``prefixattn.hf.peft_models.load_peft``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from .config import PrefixConfig, check_prefix_id
+from .files import atomic_write, read_tensors
+from .module import find_prefix
+from .peft_rows import kv_to_peft_rows
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def check_against_peft_config(ours: PrefixConfig, peft_cfg: Any, what: str) -> None:
+    """The layers and KV shape a PEFT config (object or dict; missing fields pass) gives match ``ours``."""
+    if isinstance(peft_cfg, dict):
+        get = peft_cfg.get
+    else:
+        get = lambda k: getattr(peft_cfg, k, None)
+    problems = []
+    for key, value in (("num_layers", ours.num_layers), ("token_dim", ours.token_dim),
+                       ("num_attention_heads", ours.num_kv_heads)):
+        if get(key) is not None and get(key) != value:
+            problems.append(f"{key}: {what} has {get(key)}, the model needs {value}")
+    if problems:
+        raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
+
+
+def _peft_version() -> str | None:
+    try:
+        return version("peft")
+    except PackageNotFoundError:
+        return None
+
+
+def _peft_config_dict(config: PrefixConfig, base_model: nn.Module) -> dict[str, Any]:
+    name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
+    return {
+        "task_type": "CAUSAL_LM",
+        "peft_type": "PREFIX_TUNING",
+        "auto_mapping": None,
+        "peft_version": _peft_version(),
+        "base_model_name_or_path": name,
+        "revision": None,
+        "inference_mode": True,
+        "num_virtual_tokens": config.num_tokens,
+        "token_dim": config.token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": config.num_kv_heads,
+        "num_layers": config.num_layers,
+        "modules_to_save": None,
+        "init_weights": None,
+        "encoder_hidden_size": config.token_dim,
+        "prefix_projection": False,
+    }
+def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id: int | None = None) -> None:
+    """Write the prefix as a PEFT prefix-tuning adapter (loadable with ``peft.PeftModel.from_pretrained``).
+
+    For a bank, ``prefix_id`` picks the entry to export (required). Every layer must carry a prefix
+    (PEFT has no per-layer opt-out). Both files are staged as temporary files and renamed into place.
+    """
+    module = find_prefix(model)
+    c = module.config
+    check_prefix_id(prefix_id, c)
+    if c.bank and prefix_id is None:
+        raise ValueError(f"the model has a bank of {c.num_prefixes} prefixes: pass prefix_id to choose the "
+                         "entry to export as a PEFT adapter")
+    if len(c.layers) != c.num_layers:
+        raise ValueError("PEFT prefix tuning puts a prefix on every layer; this model's prefix covers "
+                         f"layers {list(c.layers)} of {c.num_layers}, so it cannot be saved in PEFT's format")
+    with torch.no_grad():
+        kv = module.compute()[:, :, prefix_id or 0].float()  # (L, 2, Hkv, P, D)
+    rows = kv_to_peft_rows(kv).cpu()
+    base = getattr(model, "module", model)
+    cfg = _peft_config_dict(c, base)
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Stage both files, then rename them into place: an error leaves no partial adapter behind.
+    staged: list[tuple[str, Path]] = []
+    try:
+        writers = (
+            (WEIGHTS_NAME,
+             lambda tmp: safetensors.torch.save_file({"prompt_embeddings": rows}, tmp,
+                                                     metadata={"format": "pt"})),
+            (CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n")),
+        )
+        for name, write in writers:
+            tmp = directory / f".{name}.staged"
+            atomic_write(tmp, write)
+            staged.append((name, tmp))
+        for name, tmp in staged:
+            os.replace(tmp, directory / name)
+        staged.clear()
+    finally:
+        for _, tmp in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], torch.Tensor]:
+    """Validate and read a PEFT prefix-tuning adapter directory: (config dict, prompt_embeddings)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"PEFT adapter directory {str(directory)!r} does not exist")
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no {CONFIG_NAME}; not a PEFT adapter directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(cfg_path)!r} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(cfg_path)!r} is not a JSON object")
+    if cfg.get("peft_type") != "PREFIX_TUNING":
+        raise ValueError(f"{str(directory)!r} is a {cfg.get('peft_type')!r} adapter; load_peft reads "
+                         "PREFIX_TUNING")
+    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
+        raise ValueError(f"{str(directory)!r} is a {cfg.get('task_type')} adapter; load_peft reads CAUSAL_LM")
+    if (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise ValueError(f"{str(directory)!r} has num_transformer_submodules="
+                         f"{cfg.get('num_transformer_submodules')}; only decoder-only (1) is supported")
+    for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads"):
+        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise ValueError(f"{str(cfg_path)!r}: {key} must be a positive int, got {cfg.get(key)!r}")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / PICKLE_WEIGHTS_NAME).is_file():
+            raise ValueError(f"{str(directory)!r} holds {PICKLE_WEIGHTS_NAME} (a pickle); prefixattn reads "
+                             "only safetensors (re-save it with PEFT's safe_serialization=True)")
+        raise FileNotFoundError(f"{str(directory)!r} has no {WEIGHTS_NAME}")
+    tensors, _ = read_tensors(weights, "PEFT adapter weights")
+    if set(tensors) != {"prompt_embeddings"}:
+        raise ValueError(f"{str(weights)!r} has tensors {sorted(tensors)}; a prefix-tuning adapter has "
+                         "exactly 'prompt_embeddings'")
+    emb = tensors["prompt_embeddings"]
+    P, L, token_dim = cfg["num_virtual_tokens"], cfg["num_layers"], cfg["token_dim"]
+    expected = (P, L * 2 * token_dim)
+    if tuple(emb.shape) != expected:
+        raise ValueError(f"{str(weights)!r}: prompt_embeddings has shape {tuple(emb.shape)}, but the config "
+                         f"(num_virtual_tokens={P}, num_layers={L}, token_dim={token_dim}) says {expected}")
+    if not emb.is_floating_point() or not torch.isfinite(emb).all():
+        raise ValueError(f"{str(weights)!r}: prompt_embeddings must hold finite floats")
+    return cfg, emb
+
+
+
+def check_adapter_for(ours: PrefixConfig, cfg: dict[str, Any], where: str) -> None:
+    """An adapter config (from ``read_peft_adapter``) fits the prefix ``ours`` exactly."""
+    problems = []
+    if ours.projection:
+        problems.append("the model's prefix is MLP-reparameterized (prefix_projection=True); a PEFT "
+                        "adapter holds prefix values")
+    if len(ours.layers) != ours.num_layers:
+        problems.append(f"the model's prefix covers layers {list(ours.layers)} of {ours.num_layers}; PEFT "
+                        "adapters cover all layers")
+    for key, value in (("num_virtual_tokens", ours.num_tokens), ("num_layers", ours.num_layers),
+                       ("token_dim", ours.token_dim), ("num_attention_heads", ours.num_kv_heads)):
+        if cfg[key] != value:
+            problems.append(f"{key}: adapter has {cfg[key]}, model has {value}")
+    if problems:
+        raise ValueError(f"PEFT adapter {where!r} does not match the model: " + "; ".join(problems))
