@@ -198,6 +198,25 @@ def train_table(recs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def packed_table(recs: list[dict[str, Any]]) -> str:
+    lines = ["| provider | layout | model | docs | real / padded tokens | P | step ms | tokens/s (real) "
+             "| peak MiB | vs peft_sdpa_padded | loss0 | loss rel err | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = next((r for r in recs if r["provider"] == "peft_sdpa_padded"), None)
+    for r in recs:
+        vs = base["ms"] / r["ms"] if base and base["ms"] and r["ms"] else None
+        ms = f"{r['ms']:.1f}" if r["ms"] is not None else "-"
+        tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
+        mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"
+        status = r.get("status", "ok") + (f": {r['reason']}" if r.get("reason") else "")
+        loss0 = f"{r['loss0']:.4f}" if r.get("loss0") is not None else "-"
+        err = f"{r['loss0_rel_err']:.1e}" if r.get("loss0_rel_err") is not None else "-"
+        lines.append(f"| {r['provider']} | {r.get('layout', '')} | {r.get('model', '')} | {r['B']} "
+                     f"| {r.get('tokens')} / {r.get('padded_tokens')} | {r['P']} | {ms} | {tps} | {mem} "
+                     f"| {_x(vs)} | {loss0} | {err} | {status} |")
+    return "\n".join(lines)
+
+
 def skips(recs: list[dict[str, Any]]) -> str:
     seen: dict[tuple[str, str], list[str]] = defaultdict(list)
     for r in recs:
@@ -239,9 +258,13 @@ def markdown(doc: dict[str, Any]) -> str:
     if micro:
         parts += ["## Attention microbenchmarks", micro_tables(micro), memory_table(micro, "fwd_bwd"),
                   "\n### agreement with prefixattn (same inputs)\n", accuracy(micro)]
-    train = [r for r in recs if r.get("suite") == "train"]
+    train = [r for r in recs if r.get("suite") == "train" and r["mode"] != "train_step_packed"]
     if train:
         parts += ["\n## Training step (one prefix-tuning job, three ways)\n", train_table(train)]
+    packed = [r for r in recs if r.get("suite") == "train" and r["mode"] == "train_step_packed"]
+    if packed:
+        parts += ["\n## Packed training step (a mixed-length batch: padding-free vs padded)\n",
+                  packed_table(packed)]
     bank = [r for r in recs if r.get("suite") == "bank"]
     if bank:
         parts += ["\n## Mixed-task batch: a bank of prefixes\n",

@@ -1,12 +1,13 @@
-"""Run the benchmark suites and write the results: ``python -m bench.run_all --out DIR``.
+"""Run the benchmark suites and write the results: ``python -m bench --out DIR``.
 
-    python -m bench.run_all --out bench/results          # everything on a GPU (~8 min on an H100)
-    python -m bench.run_all --quick --out /tmp/b          # a few points
-    python -m bench.run_all --suites micro --out /tmp/b   # one suite (micro, train, bank)
+    python -m bench --out bench/results          # everything on a GPU (~8 min on an H100)
+    python -m bench --quick --out /tmp/b          # a few points
+    python -m bench micro --out /tmp/b            # one suite (micro, train, bank); or --suites a,b
 
 Suites: ``micro`` (attention microbenchmarks, bench/micro.py; ``--budget`` seconds, 330 by default on
 a GPU, the shapes left are recorded as skipped), ``train`` (one prefix-tuning training step three
-ways, bench/train_step.py) and ``bank`` (a mixed-task batch over a bank of prefixes, bench/bank.py).
+ways, bench/train_step.py; a packed mixed-length batch, bench/train_packed.py) and ``bank`` (a
+mixed-task batch over a bank of prefixes, bench/bank.py).
 The JSON and markdown are rewritten after every suite; a suite that fails is recorded in
 ``suite_errors`` and the exit status is 1. Runs that write to the same directory on the same device
 and day overwrite each other (one file per device and date): give split runs separate ``--out``.
@@ -18,6 +19,7 @@ to show the harness works; such results are labelled CPU and are not kernel spee
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 import traceback
@@ -26,29 +28,39 @@ from typing import Any
 
 import torch
 
-from prefixattn._bench_args import SUITES
+from . import grid as G
+from .env import environment
+from .report import compact, write_all
+
+SUITES = ("micro", "train", "bank")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="prefixattn bench", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, prog: str = "python -m bench") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(ap)
     return ap.parse_args(argv)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    from prefixattn._bench_args import add_bench_arguments
-
-    add_bench_arguments(ap)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: bench/results on a GPU, ./bench-cpu on a CPU)")
+    ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--suites", default=",".join(SUITES),
+                    help=f"comma-separated subset of {','.join(SUITES)} (default: all)")
+    ap.add_argument("--providers", default=None,
+                    help="comma-separated microbenchmark providers (default: all)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                    help="prefixattn backend (default auto: triton on GPU)")
+    ap.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                    help="default: cuda if available")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the microbenchmark grid; shapes left when it runs out are recorded as"
+                         " skipped (default: 330 on GPU, none on CPU)")
+    ap.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time per measurement")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the suites named in ``args`` and write the results; return the JSON document."""
-    from prefixattn._checkout import ensure_kernels_importable
-
-    from . import grid as G
-    from .env import environment
-    from .report import compact, write_all
-
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -71,9 +83,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = args.out or Path("bench/results" if gpu else "bench-cpu")
     rep_ms = args.rep_ms if args.rep_ms is not None else (30.0 if gpu else 0.0)
     if device.type == "cuda" or args.backend == "triton":
-        ensure_kernels_importable()
+        _require_kernels()
     env = environment(device)
-    print(f"prefixattn bench on {env['device']} (torch {env['torch']}, triton {env['triton']}), "
+    print(f"bench on {env['device']} (torch {env['torch']}, triton {env['triton']}), "
           f"suites {','.join(suites)} -> {out_dir}", flush=True)
     if not gpu:
         print("NOTE: CPU run: tiny shapes, proves the harness works; not kernel speed.", flush=True)
@@ -99,9 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 deadline = None if budget is None else time.monotonic() + budget
                 new = _run_micro(shapes, device, providers, args.backend, deadline, rep_ms)
             elif suite == "train":
+                from .train_packed import run_packed_bench
                 from .train_step import run_train_bench
 
                 new = run_train_bench(device, quick=args.quick, backend=args.backend)
+                new += run_packed_bench(device, quick=args.quick, backend=args.backend)
             else:
                 from .bank import run_bank_bench
 
@@ -128,13 +142,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def _require_kernels() -> None:
+    """The Triton kernels come with the installed project (``prefixattn.kernels``); bench does not
+    load them from a bare checkout."""
+    try:
+        importlib.import_module("prefixattn.kernels")
+    except ModuleNotFoundError as e:
+        if e.name != "prefixattn.kernels":
+            raise
+        raise ValueError("prefixattn.kernels is not importable: install the checkout first "
+                         "(pip install -e . or bash scripts/setup.sh)") from None
+
+
 def _with_errors(env: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
     return {**env, "suite_errors": dict(errors)} if errors else env
 
 
 def _run_micro(shapes: list, device: torch.device, providers: tuple[str, ...], backend: str,
                deadline: float | None, rep_ms: float) -> list[dict[str, Any]]:
-    from prefixattn.progress import Progress
+    from prefixattn.cli.progress import Progress
 
     from .micro import run_shape
 

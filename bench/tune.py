@@ -1,7 +1,7 @@
 """Kernel tuning probe for the GPU: times prefixattn against the fastest concat baseline on a few
 representative shapes, and reports the autotuner's choices. Used to fill bench/TUNING.md.
 
-    python -m bench.tune [--shapes main|all] [--json FILE]
+    python -m bench tune [--shapes main|all] [--json FILE]
 
 Timings: triton.testing.do_bench medians (CUDA events), fresh random inputs, ratios against the
 baseline measured in the same run. Not a unit test.
@@ -77,7 +77,7 @@ def best_configs() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench tune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", choices=("main", "all"), default="main")
     ap.add_argument("--json", default=None, help="write the rows and the environment here")
     args = ap.parse_args(argv)

@@ -19,8 +19,8 @@ for stage in $STAGES; do
     case "$stage" in
         tests) python3 -m pytest tests/kernels tests/ops -q -p no:cacheprovider \
                    ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-        tune)  python3 -m bench.tune --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | tail -30 ;;
-        bench) python3 -m bench.run_all --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+        tune)  python3 -m bench tune --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | tail -30 ;;
+        bench) python3 -m bench --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
         *) echo "unknown stage $stage (tests, tune, bench)" >&2; exit 2 ;;
     esac
 done

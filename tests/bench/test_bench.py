@@ -85,9 +85,13 @@ def _check_schema(doc: dict) -> None:
             assert isinstance(r["N"], int) and r["N"] >= 2, r
             assert r["mode"] in ("fwd", "fwd_bwd")
         if r["suite"] == "train":
-            assert r["mode"] == "train_step" and r.get("model"), r
+            assert r["mode"] in ("train_step", "train_step_packed") and r.get("model"), r
+            # tokens/s counts real tokens: every token of a full batch, the documents' lengths when packed
+            tokens = r["B"] * r["S"] if r["mode"] == "train_step" else sum(r["lengths"])
+            if r["mode"] == "train_step_packed":
+                assert r["tokens"] == tokens < r["padded_tokens"] == r["B"] * r["S"], r
             if r["status"] == "ok":
-                assert r["tokens_per_s"] == pytest.approx(r["B"] * r["S"] / (r["ms"] * 1e-3))
+                assert r["tokens_per_s"] == pytest.approx(tokens / (r["ms"] * 1e-3))
 
 
 def _check_cpu_labels(doc: dict, printed: str) -> None:
@@ -108,6 +112,11 @@ def _check_cpu_labels(doc: dict, printed: str) -> None:
 def _check_providers_and_agreement(doc: dict) -> None:
     recs = doc["records"]
     by_suite = {s: [r for r in recs if r["suite"] == s] for s in ("micro", "train", "bank")}
+    packed = [r for r in by_suite["train"] if r["mode"] == "train_step_packed"]
+    by_suite["train"] = [r for r in by_suite["train"] if r["mode"] == "train_step"]
+    assert [r["provider"] for r in packed] == ["peft_sdpa_padded", "prefixattn_padded", "prefixattn_packed"]
+    for r in packed[:2]:  # the padded layouts agree today; the packed one: test_packed_train_step_agrees
+        assert r["status"] == "ok" and r["agree"] is True and r["loss0_rel_err"] < 1e-4, r
     assert {r["provider"] for r in by_suite["micro"]} == set(ALL_PROVIDERS)
     assert {r["provider"] for r in by_suite["bank"]} == {"prefixattn_bank", "sequential", "concat_gather"}
     assert {r["provider"] for r in by_suite["train"]} == {"peft_sdpa", "peft_eager", "prefixattn"}
@@ -146,7 +155,7 @@ def _check_flops(doc: dict) -> None:
 
 def _check_files(json_path: Path) -> None:
     md = json_path.with_suffix(".md").read_text()
-    for section in ("## Attention microbenchmarks", "## Training step", "## Mixed-task batch",
+    for section in ("## Attention microbenchmarks", "## Training step", "## Packed training step", "## Mixed-task batch",
                     "### agreement with prefixattn_bank", "## Skipped or failed"):
         assert section in md, section
     assert "CPU run" in md and "not kernel speed" in md.lower()
@@ -303,6 +312,38 @@ def test_train_bench_prefix_moves_the_logits():
     assert rel_err(b, a) > 100 * AGREE_TOL[torch.float32]
 
 
+def test_packed_batches_hold_the_same_documents():
+    """The packed row is the padded batch's documents end to end, positions restart per document, and
+    both layouts put a label on the same tokens (so their mean losses are comparable)."""
+    from bench.train_packed import doc_lengths, make_batches
+    from bench.train_step import CPU_MODEL
+
+    lengths = doc_lengths(40, median=10, sigma=1.0, lo=2, hi=60, seed=int(torch.randint(0, 2**20, ()).item()))
+    assert all(2 <= n <= 60 for n in lengths) and len(set(lengths)) > 5  # mixed lengths
+    padded, packed = make_batches(CPU_MODEL, lengths, torch.device("cpu"))
+    real = padded["attention_mask"].bool()
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    assert torch.equal(packed["input_ids"][0], padded["input_ids"][real])
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()])
+    pos = packed["position_ids"][0]
+    assert torch.equal((pos == 0).nonzero().flatten(), starts)
+    assert torch.equal(pos[1:][pos[1:] != 0], (pos[:-1] + 1)[pos[1:] != 0])
+    # labels: every token but each document's first; the model's shift drops the padded rows' first
+    n_padded = int((padded["labels"][:, 1:] != -100).sum())
+    n_packed = int((packed["labels"][0, 1:] != -100).sum())
+    assert n_padded == n_packed == sum(lengths) - len(lengths)
+    assert (packed["labels"][0, starts] == -100).all()
+
+
+def test_packed_train_step_agrees_and_is_timed():
+    from bench.train_packed import run_packed_bench
+
+    recs = run_packed_bench(torch.device("cpu"), backend="torch", log=lambda *a: None)
+    for r in recs:
+        assert r["status"] == "ok" and r["agree"] is True and r["loss0_rel_err"] < 1e-4, r
+        assert r["ms"] > 0 and r["tokens_per_s"] > 0
+
+
 def test_a_failing_suite_keeps_the_others_results(tmp_path, monkeypatch, capsys):
     from bench import train_step
 
@@ -320,3 +361,76 @@ def test_a_failing_suite_keeps_the_others_results(tmp_path, monkeypatch, capsys)
     assert doc["suite_errors"] == {"train": "RuntimeError: boom"}
     assert {r["suite"] for r in doc["records"]} == {"micro"} and doc["records"]
     assert "Suite train failed" in path.with_suffix(".md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m bench: the commands and their argument errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_python_m_bench_micro_writes_json(tmp_path, capsys):
+    from bench.__main__ import main
+
+    rc = main(["micro", "--quick", "--providers", "prefixattn,concat_sdpa_mask", "--backend", "torch",
+               "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    (path,) = tmp_path.glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc["cpu_only"] is True and doc["device"].startswith("CPU")
+    assert {r["suite"] for r in doc["records"]} == {"micro"}
+    assert {r["provider"] for r in doc["records"]} == {"prefixattn", "concat_sdpa_mask"}
+    assert all(r["status"] == "ok" and r["agree"] for r in doc["records"])
+    assert "NOT KERNEL SPEED" in out
+    assert path.with_suffix(".md").is_file()
+
+
+def test_python_m_bench_as_a_subprocess(tmp_path):
+    """``python -m bench bank`` run the documented way: from the checkout, the project installed."""
+    import os
+    import subprocess
+
+    out_dir = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "bench", "bank", "--quick", "--backend", "torch",
+                           "--device", "cpu", "--out", str(out_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out_dir.glob("*.json")
+    doc = json.loads(path.read_text())
+    assert {r["provider"] for r in doc["records"]} == {"prefixattn_bank", "sequential", "concat_gather"}
+    assert all(r["suite"] == "bank" and r["N"] >= 2 and r["agree"] for r in doc["records"])
+    assert "[CPU: NOT KERNEL SPEED]" in proc.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--suites", "micro,sideways"], "unknown suite(s) ['sideways']"),
+    (["--providers", "prefixattn,magic"], "unknown provider(s) ['magic']"),
+    (["micro", "--suites", "bank"], "--suites is implied by the command"),
+    (["sideways"], "unknown command 'sideways'"),
+])
+def test_python_m_bench_bad_arguments(argv, message, tmp_path, capsys):
+    from bench.__main__ import main
+
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_python_m_bench_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    from bench.__main__ import main
+
+    assert main(["--device", "cuda", "--out", str(tmp_path / "b")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_python_m_bench_argparse_errors(capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--backend", "cuda"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

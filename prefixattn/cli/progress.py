@@ -2,6 +2,8 @@
 
 When stderr is not a terminal (CI, a remote runner capturing output), tqdm's carriage-return
 redraws turn into one enormous line; there we print a short line every ``every`` items instead.
+Used two ways: wrapping an iterable (``for x in Progress(items)``), or driven by hand
+(``update(n)``, as the training callback does from the Trainer's events).
 """
 
 from __future__ import annotations
@@ -15,22 +17,25 @@ T = TypeVar("T")
 
 
 class Progress:
-    """Wraps an iterable; ``set(**fields)`` updates the fields shown next to the count."""
+    """A count with fields; ``set(**fields)`` updates the fields shown next to the count."""
 
-    def __init__(self, iterable: Iterable[T], *, total: int | None = None, desc: str = "",
-                 every: int | None = None, file: Any = None) -> None:
+    def __init__(self, iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
+                 every: int | None = None, initial: int = 0, file: Any = None) -> None:
         self.iterable = iterable
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.desc = desc
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        self.total, self.desc, self.n = total, desc, initial
         self.file = file if file is not None else sys.stderr
         self.fields: dict[str, Any] = {}
         self.tty = bool(getattr(self.file, "isatty", lambda: False)())
         self.every = every or max(1, (self.total or 100) // 20)
+        self._start = time.perf_counter()
         self._bar = None
         if self.tty:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc=desc, file=self.file, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=self.total, desc=desc, file=self.file, dynamic_ncols=True, leave=True,
+                             initial=initial)
 
     def set(self, **fields: Any) -> None:
         self.fields.update(fields)
@@ -44,17 +49,22 @@ class Progress:
         else:
             print(msg, file=self.file, flush=True)
 
+    def update(self, n: int = 1) -> None:
+        before, self.n = self.n, self.n + n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.n // self.every > before // self.every or self.n == self.total:
+            tail = " ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
+            of = f"/{self.total}" if self.total else ""
+            print(f"{self.desc} {self.n}{of} [{time.perf_counter() - self._start:.0f}s] {tail}".strip(),
+                  file=self.file, flush=True)
+
     def __iter__(self) -> Iterator[T]:
-        start = time.perf_counter()
-        for i, item in enumerate(self.iterable, 1):
+        if self.iterable is None:
+            raise TypeError("this Progress was made without an iterable: drive it with update()")
+        for item in self.iterable:
             yield item
-            if self._bar is not None:
-                self._bar.update(1)
-            elif i % self.every == 0 or i == self.total:
-                tail = " ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
-                of = f"/{self.total}" if self.total else ""
-                print(f"{self.desc} {i}{of} [{time.perf_counter() - start:.0f}s] {tail}".strip(),
-                      file=self.file, flush=True)
+            self.update(1)
         self.close()
 
     def close(self) -> None:

@@ -1,0 +1,40 @@
+"""``python -m bench``: the benchmark harness's entry point (a development tool; run it from a checkout
+with the project installed, e.g. after ``bash scripts/setup.sh``).
+
+    python -m bench [OPTIONS]              every suite (bench/run_all.py; same as ``run_all``)
+    python -m bench micro|train|bank ...   one suite: run_all with --suites NAME
+    python -m bench tune [--json FILE]     the kernel tuning probe (bench/tune.py, needs a GPU)
+    python -m bench run_all ...            explicit form of the first line
+
+Options of the suites: ``python -m bench --help``; of the probe: ``python -m bench tune --help``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import run_all, tune
+
+SUITE_COMMANDS = ("micro", "train", "bank")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "run_all"
+    rest = argv[1:] if argv and command == argv[0] else argv
+    if command == "tune":
+        return tune.main(rest)
+    if command == "run_all":
+        return run_all.main(rest)
+    if command in SUITE_COMMANDS:
+        if any(a == "--suites" or a.startswith("--suites=") for a in rest):
+            print(f"python -m bench {command}: --suites is implied by the command", file=sys.stderr)
+            return 2
+        return run_all.main(["--suites", command, *rest])
+    print(f"python -m bench: unknown command {command!r}; choose from run_all, "
+          f"{', '.join(SUITE_COMMANDS)}, tune (see python -m bench --help)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

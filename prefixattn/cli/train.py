@@ -1,0 +1,341 @@
+"""``prefixattn train``: prefix-tune a causal LM on transformers' Trainer.
+
+One process by default; under ``torchrun --nproc-per-node N`` or ``accelerate launch`` the same
+command is N data-parallel processes (gloo on CPU, NCCL on GPU), and ``--fsdp`` / ``--deepspeed`` go
+to the Trainer. ``--batch-size`` is per process, as in the Trainer.
+
+Default job (no download, runs anywhere in seconds): a tiny Llama-style model built from a config
+with seeded weights, a byte-level tokenizer, and the built-in successor task (``cli/data.py``). Or a
+local HF model directory (``--model``) and a JSONL dataset (``--data``).
+
+Output directory::
+
+    OUT/base_model/            the embedded base model and tokenizer (absent with --model)
+    OUT/checkpoint-N/          the Trainer's checkpoint (prefix-only model.safetensors, optimizer,
+                               scheduler, RNG states, trainer_state.json) + adapter/ (PEFT format)
+                               + prefixattn.json (written last: the checkpoint is complete)
+    OUT/adapter/               the final prefix as a PEFT prefix-tuning adapter (prefixattn.save_peft)
+    OUT/prefix.safetensors     the final trainable prefix (prefixattn.save_prefix)
+    OUT/run.json               the run's settings and summary (eval loss/accuracy, tokens/s)
+    OUT/loss.png               train and eval loss against step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import prefixattn
+
+from . import data as D
+from .callbacks import ProgressCallback
+from .model import DTYPES, build_base_model, check_model_dir
+from .plot import plot_losses
+from .trainer import (
+    PrefixTrainer,
+    argmax_logits,
+    checkpoints,
+    latest_complete,
+    read_marker,
+    remove_incomplete,
+    token_accuracy,
+    write_json_atomic,
+)
+
+# settings a resumed run must share with its checkpoint
+RESUME_KEYS = ("model", "data", "prefix_tokens", "prefix_projection", "seed", "seq_len", "max_len", "lr",
+               "lr_schedule", "warmup", "weight_decay", "dtype", "packing", "global_batch")
+# what a run writes into OUT (and all that --overwrite deletes), besides checkpoint-N directories
+OUTPUTS = ("base_model", "adapter", "prefix.safetensors", "run.json", "loss.png", "loss.tmp.png", "runs")
+SCHEDULES = ("constant", "linear", "cosine")
+EVAL_EXAMPLES = 64  # held-out examples of the built-in task
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (the command's options)."""
+
+    out: str = "runs/prefixattn-train"
+    model: str | None = None
+    data: str | None = None
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 32
+    max_len: int = 256
+    prefix_tokens: int = 16
+    prefix_projection: bool = False
+    lr: float = 3e-2
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    weight_decay: float = 0.0
+    bf16: bool = False
+    fp16: bool = False
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int = 25
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    backend: str = "auto"
+    device: str | None = None
+    dtype: str = "float32"
+    report_to: str = "auto"
+    fsdp: str = ""
+    fsdp_config: str | None = None
+    deepspeed: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    plot: bool = True
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "prefix_tokens", "eval_every", "save_every",
+                     "keep_checkpoints", "seq_len", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 contradict each other")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"--backend must be auto, triton or torch, got {self.backend!r}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r} (a process's GPU is "
+                             f"chosen by torchrun / accelerate through LOCAL_RANK)")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is available")
+        if self.model is not None:
+            check_model_dir(self.model)
+        if self.data is not None and not Path(self.data).is_file():
+            raise ValueError(f"--data {self.data}: no such file")
+        for name in ("fsdp_config", "deepspeed"):
+            value = getattr(self, name)
+            if value is not None and not value.lstrip().startswith("{") and not Path(value).is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {value}: no such file")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process, as torchrun / accelerate launch set them."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def report_to(choice: str) -> list[str] | str:
+    """``auto``: TensorBoard when it is installed, else nothing; otherwise what the Trainer accepts."""
+    if choice == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return []
+        return ["tensorboard"]
+    return [] if choice == "none" else [s.strip() for s in choice.split(",") if s.strip()]
+
+
+def build_datasets(cfg: TrainConfig, tokenizer: Any, global_batch: int) -> tuple[Any, Any, str]:
+    """(train, eval, description); every example is checked before training starts."""
+    if cfg.data is not None:
+        train, evals = D.read_jsonl(cfg.data, tokenizer, cfg.max_len)
+        return train, evals, f"{cfg.data}: {len(train)} train / {len(evals)} eval examples"
+    size = cfg.steps * global_batch
+    train = D.SuccessorTask(tokenizer, size=size, seed=cfg.seed, seq_len=cfg.seq_len)
+    evals = D.SuccessorTask(tokenizer, size=EVAL_EXAMPLES, seed=cfg.seed, seq_len=cfg.seq_len, split="eval")
+    return train, evals, train.describe()
+
+
+def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
+    """Check OUT against --resume / --overwrite; returns the checkpoint to resume from."""
+    done = latest_complete(out)
+    if done is not None and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{out} already holds a checkpoint ({done.name}): pass --resume to continue it "
+                         f"or --overwrite to start again")
+    if cfg.resume and done is None:
+        raise ValueError(f"--resume: no complete checkpoint in {out}")
+    if cfg.resume:
+        saved = read_marker(done)
+        now = run_settings(cfg)
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
+                for k in RESUME_KEYS if saved.get(k) != now[k]]
+        if diff:
+            raise ValueError("cannot resume with different settings:\n  " + "\n  ".join(diff))
+        if saved["step"] > cfg.steps:
+            raise ValueError(f"--resume: the checkpoint is already at step {saved['step']}, past --steps "
+                             f"{cfg.steps}; pass a larger --steps to train further")
+    if main:
+        if cfg.overwrite and out.exists():
+            # only what a run writes: OUT may be a directory holding other things
+            for name in OUTPUTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            for _, path, _ in checkpoints(out):
+                shutil.rmtree(path)
+        elif cfg.resume:
+            remove_incomplete(out)  # what a killed run left half-written
+        out.mkdir(parents=True, exist_ok=True)
+    return done if cfg.resume else None
+
+
+def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    _, size = world()
+    return {**asdict(cfg), "world_size": size, "global_batch": cfg.batch_size * size * cfg.grad_accum}
+
+
+def training_arguments(cfg: TrainConfig, out: Path, resuming: bool) -> Any:
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = {}
+    if cfg.fsdp:
+        kwargs["fsdp"] = cfg.fsdp
+        if cfg.fsdp_config:
+            kwargs["fsdp_config"] = cfg.fsdp_config
+    if cfg.deepspeed:
+        kwargs["deepspeed"] = cfg.deepspeed
+    return TrainingArguments(
+        output_dir=str(out),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_schedule if cfg.warmup == 0 or cfg.lr_schedule != "constant"
+        else "constant_with_warmup",
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_every,
+        eval_on_start=not resuming,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=None,  # PrefixTrainer rotates, after a newer checkpoint is complete
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=cfg.device == "cpu",
+        report_to=report_to(cfg.report_to),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cfg.device != "cpu" and torch.cuda.is_available(),
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
+        ddp_find_unused_parameters=False,
+        label_names=["labels"],
+        **kwargs,
+    )
+
+
+def sharding(trainer: Any) -> str:
+    """How the Trainer shards the model, as the run reports it (empty for plain data parallelism)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        return f" (FSDP{version})"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return " (DeepSpeed)"
+    return ""
+
+
+def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
+    """Run (or resume) a training job; returns a summary. Raises ValueError on bad settings or data,
+    before any training step."""
+    from transformers import PrinterCallback
+    from transformers import ProgressCallback as HFProgressCallback
+    from transformers.utils import logging as hf_logging
+
+    cfg.check()
+    rank, size = world()
+    main = rank == 0
+    say = log if main else (lambda *a, **k: None)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bars would interleave with ours
+    out = Path(cfg.out)
+    global_batch = cfg.batch_size * size * cfg.grad_accum
+
+    base, tokenizer = build_base_model(cfg.model, cfg.dtype, cfg.seed)
+    train_ds, eval_ds, described = build_datasets(cfg, tokenizer, global_batch)
+    resume_from = prepare_out(cfg, out, main)
+    if cfg.model is None and main and not (out / "base_model" / "config.json").is_file():
+        # OUT is self-contained: PEFT can load OUT/adapter onto OUT/base_model
+        base.save_pretrained(out / "base_model")
+        tokenizer.save_pretrained(out / "base_model")
+    model = prefixattn.patch(base, num_prefix_tokens=cfg.prefix_tokens,
+                             prefix_projection=cfg.prefix_projection, backend=cfg.backend)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    args = training_arguments(cfg, out, resuming=resume_from is not None)
+    progress = ProgressCallback()
+    trainer = PrefixTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=D.collator(cfg.packing, tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        compute_metrics=token_accuracy,
+        preprocess_logits_for_metrics=argmax_logits,
+        run_info=run_settings(cfg),
+        keep_checkpoints=cfg.keep_checkpoints,
+    )
+    for cb in (PrinterCallback, HFProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.add_callback(progress)
+
+    say(f"{described}\nmodel: {type(base).__name__} ({cfg.model or 'embedded tiny Llama'}), {cfg.dtype}"
+        f"{', bf16 autocast' if cfg.bf16 else ', fp16 autocast' if cfg.fp16 else ''}, on {args.device}"
+        f"{f' x {size} processes' if size > 1 else ''}{sharding(trainer)}; prefix: P={cfg.prefix_tokens}, "
+        f"{n_params} trainable parameters; batch {cfg.batch_size} per process x {size} x {cfg.grad_accum} "
+        f"accumulation = {global_batch}{', packed rows' if cfg.packing else ''}")
+    if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        say(f"note: the Trainer did not enable FSDP ({cfg.fsdp!r}) on {args.device}: it runs as plain data "
+            f"parallelism (FSDP through the Trainer needs GPUs)")
+    if resume_from is not None:
+        say(f"resuming from {resume_from} (step {read_marker(resume_from)['step']})")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    history = trainer.state.log_history
+    evals = [r for r in history if "eval_loss" in r]
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "step": trainer.state.global_step,
+        "eval_loss_start": evals[0]["eval_loss"] if evals else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "eval_accuracy_start": evals[0].get("eval_accuracy") if evals else None,
+        "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
+        "tokens_per_s": progress.tokens_per_s,
+        "world_size": size,
+    }
+    if main:
+        unwrapped = trainer.model
+        prefixattn.save_peft(unwrapped, out / "adapter")
+        prefixattn.save_prefix(unwrapped, out / "prefix.safetensors")
+        plot = plot_losses(history, out / "loss.png") if cfg.plot else None
+        summary["plot"] = str(plot) if plot else None
+        write_json_atomic(out / "run.json", {"settings": run_settings(cfg), "summary": summary,
+                                             "log_history": history})
+        if evals:
+            say(f"done: eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss']:.4f}, accuracy "
+                f"{summary['eval_accuracy_start']:.1%} -> {summary['eval_accuracy']:.1%}"
+                + (f", {progress.tokens_per_s:.0f} tokens/s" if progress.tokens_per_s else ""))
+        say(f"adapter (PEFT format): {out / 'adapter'}; prefix: {out / 'prefix.safetensors'}"
+            + (f"; loss curve: {plot}" if plot else ""))
+    with contextlib.suppress(Exception):  # the Trainer leaves the process group to the caller
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    return summary

@@ -1,0 +1,122 @@
+"""The Trainer of ``prefixattn train``: transformers' Trainer with atomic, prefix-only checkpoints.
+
+What it adds to the Trainer:
+- every checkpoint also holds the prefix as a PEFT adapter (``checkpoint-N/adapter``);
+- a checkpoint counts only once its marker ``checkpoint-N/prefixattn.json`` exists. The marker is
+  written last (to a temporary name, then renamed), after every process has written its part, so a
+  run killed at any moment (SIGKILL included) leaves either a complete checkpoint or one that resume
+  ignores and deletes. The Trainer's own rotation is off; older complete checkpoints are removed only
+  after a newer one is complete;
+- datasets that say ``ordered = True`` (the built-in task) are read in index order (the examples are
+  already random): global step s trains on the same examples whatever the number of processes;
+- next-token accuracy at evaluation (argmax taken per batch, so the logits are never gathered).
+
+The patched model's ``save_pretrained`` writes only the prefix (the patcher marks the frozen weights
+as not to be saved), so ``model.safetensors`` in a checkpoint is the prefix alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+import prefixattn
+
+from .data import IGNORE
+
+MARKER = "prefixattn.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) of every checkpoint-N directory in OUT, by step."""
+    found = []
+    if out.is_dir():
+        for p in out.iterdir():
+            m = CHECKPOINT.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p, (p / MARKER).is_file()))
+    return sorted(found)
+
+
+def latest_complete(out: Path) -> Path | None:
+    done = [p for _, p, complete in checkpoints(out) if complete]
+    return done[-1] if done else None
+
+
+def remove_incomplete(out: Path) -> list[Path]:
+    """Delete checkpoints a killed run left half-written; returns what was removed."""
+    gone = [p for _, p, complete in checkpoints(out) if not complete]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot resume: {checkpoint / MARKER} is unreadable ({e})") from None
+
+
+def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Keep only the predicted token per position (the Trainer would otherwise gather all logits)."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(-1)
+
+
+def token_accuracy(pred: Any) -> dict[str, float]:
+    """Next-token accuracy over the positions that carry a label."""
+    preds, labels = np.asarray(pred.predictions), np.asarray(pred.label_ids)
+    p, t = preds[:, :-1], labels[:, 1:]
+    valid = t != IGNORE
+    return {"accuracy": float((p == t)[valid].mean()) if valid.any() else float("nan")}
+
+
+class PrefixTrainer(Trainer):
+    """transformers.Trainer for a patched model (see the module docstring)."""
+
+    def __init__(self, *args: Any, run_info: dict[str, Any], keep_checkpoints: int = 2,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_info = run_info
+        self.keep_checkpoints = keep_checkpoints
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(dataset, "ordered", False):
+            return torch.utils.data.SequentialSampler(dataset)
+        return super()._get_train_sampler(train_dataset)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            prefixattn.save_peft(self.model, folder / "adapter")
+        # every process has written its part (each saves its own RNG state) before the marker
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_json_atomic(folder / MARKER, {**self.run_info, "step": self.state.global_step})
+            done = [p for _, p, complete in checkpoints(run_dir) if complete]
+            for old in done[: max(0, len(done) - self.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,89 @@
+"""``prefixattn train`` refuses bad data, models and settings before training starts: one clear
+message naming the problem (a JSONL line by its number), exit status 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefixattn.cli import main
+
+FAST = ["--backend", "torch", "--device", "cpu", "--report-to", "none"]
+TINY = ["--batch-size", 2, "--seq-len", 8, "--prefix-tokens", 2, "--no-plot", *FAST]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fails(argv: list, message: str, capsys) -> str:
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err, (message, err)
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n', "data.jsonl:3: not valid JSON"),
+    ("", "data.jsonl: the file is empty"),
+    ("\n\n  \n", "data.jsonl: the file is empty"),
+    ('{"text": "fine"}\n{"prompt": "2 + 2 ="}\n', "data.jsonl:2: missing field 'completion'"),
+    ('{"text": "fine"}\n{"question": "no"}\n', "data.jsonl:2: missing field 'text' or 'prompt'/'completion' (fields: 'question')"),
+    ('{"text": "fine"}\n{"text": 7}\n', "data.jsonl:2: field 'text' must be a string, got int"),
+    ('{"text": "fine"}\n["a list"]\n', "data.jsonl:2: expected a JSON object"),
+    ('{"text": "only one"}\n', "need at least 2 examples"),
+])
+def test_bad_jsonl_is_reported_with_its_line(tmp_path, capsys, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    out = tmp_path / "run"
+    fails(["train", "--data", data, "--out", out, *TINY], message, capsys)
+    assert not out.exists()
+
+
+def test_bad_model_directories(tmp_path, capsys):
+    out = tmp_path / "run"
+    fails(["train", "--out", out, "--model", tmp_path / "nope", *FAST], "no such directory", capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(["train", "--out", out, "--model", empty, *FAST], "not a local Hugging Face model directory (no config.json)",
+          capsys)
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32).save_pretrained(empty)
+    fails(["train", "--out", out, "--model", empty, *FAST], "has a config.json but no weights", capsys)
+    fails(["train", "--out", out, "--data", tmp_path / "missing.jsonl", *FAST], "no such file", capsys)
+    assert not out.exists()
+
+
+def test_bad_settings_and_resume_rules(tmp_path, capsys):
+    out = tmp_path / "run"
+    fails(["train", "--out", out, "--resume", *FAST], "no complete checkpoint in", capsys)
+    if not torch.cuda.is_available():
+        fails(["train", "--out", out, "--device", "cuda", "--backend", "torch"], "no CUDA device", capsys)
+    fails(["train", "--out", out, "--deepspeed", tmp_path / "ds.json", *FAST], "ds.json: no such file", capsys)
+    assert main([str(a) for a in ["train", "--out", out, "--steps", 2, "--save-every", 1, *TINY]]) == 0
+    capsys.readouterr()
+    fails(["train", "--out", out, "--steps", 4, *TINY], "already holds a checkpoint", capsys)
+    fails(["train", "--out", out, "--steps", 4, "--resume", "--overwrite", *TINY], "contradict", capsys)
+    fails(["train", "--out", out, "--steps", 1, "--resume", *TINY], "already at step 2, past --steps 1", capsys)
+    err = fails(["train", "--out", out, "--steps", 4, "--resume", "--lr", 0.5, *TINY],
+                "cannot resume with different settings", capsys)
+    assert "lr: checkpoint 0.03, now 0.5" in err
+    assert json.loads((out / "checkpoint-2" / "prefixattn.json").read_text())["step"] == 2  # left alone
+
+    # --overwrite starts again and deletes only what a run writes
+    (out / "notes.txt").write_text("keep me")
+    assert main([str(a) for a in ["train", "--out", out, "--steps", 1, "--overwrite", *TINY]]) == 0
+    assert sorted(p.name for p in Path(out).glob("checkpoint-*")) == ["checkpoint-1"]
+    assert (out / "notes.txt").read_text() == "keep me"
