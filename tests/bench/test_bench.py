@@ -335,8 +335,6 @@ def test_packed_batches_hold_the_same_documents():
     assert (packed["labels"][0, starts] == -100).all()
 
 
-@pytest.mark.xfail(strict=True, reason="pending in main: packed rows (position_ids restarting per document) "
-                   "in the patcher")
 def test_packed_train_step_agrees_and_is_timed():
     from bench.train_packed import run_packed_bench
 

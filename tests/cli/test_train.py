@@ -157,8 +157,6 @@ def test_bf16_mixed_precision_runs_and_learns(tmp_path, capsys):
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "prefix.safetensors")).values())
 
 
-@pytest.mark.xfail(strict=True, reason="pending in main: packed rows (position_ids restarting per document) "
-                   "in the patcher; until then documents of a packed row see each other")
 def test_packing_trains_like_padded_batches(tmp_path, capsys):
     """--packing (one flattened row per batch, position_ids restarting per example) computes the losses
     of right-padded batches of the same examples, so it trains the same prefix."""

@@ -12,8 +12,6 @@ from helpers import assert_close_rel
 from tiny_models import VOCAB, patched_twin, peft_prefix_as_kv, peft_twin, tiny_model
 from transformers import DataCollatorWithFlattening, DynamicCache
 
-from prefixattn.ops.backend import missing_kernel_features
-
 TOL = 1e-4
 DOC_LENGTHS = (3, 6, 1, 4)  # one single-token document
 
@@ -23,17 +21,10 @@ def _documents(seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in DOC_LENGTHS]
 
 
-def _needs_kernel_documents(backend: str) -> None:
-    if backend == "triton" and missing_kernel_features(dk=16, dv=16, sliding_window=None, documents=True,
-                                                       sinks=None):
-        pytest.skip("the Triton kernels do not implement documents yet (backend='triton' refuses them)")
-
-
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_packed_row_equals_each_document_alone(family, backend, flash_kwargs):
-    _needs_kernel_documents(backend)
     peft_model = peft_twin(tiny_model(family), num_virtual_tokens=3)
     ours = patched_twin(peft_model, backend=backend)
     docs = _documents()

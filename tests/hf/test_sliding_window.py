@@ -59,13 +59,14 @@ def _spy(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "qwen2"])
-def test_every_layer_attends_within_its_window_and_sees_the_prefix(family, monkeypatch):
+@pytest.mark.parametrize("family,backend", [("mistral", "torch"), ("gemma2", "torch"), ("gemma3", "torch"),
+                                            ("qwen2", "torch"), ("mistral", "triton"), ("gemma2", "triton")])
+def test_every_layer_attends_within_its_window_and_sees_the_prefix(family, backend, monkeypatch):
     import prefixattn
 
     base, windows = _model(family, W)
     assert any(w is not None for w in windows.values())
-    model = prefixattn.patch(base, num_prefix_tokens=3, backend="torch")
+    model = prefixattn.patch(base, num_prefix_tokens=3, backend=backend)
     calls = _spy(monkeypatch)
     ids, mask = batch(batch_size=2, length=9, padding="left")
     with torch.no_grad():
