@@ -21,7 +21,8 @@ partials in a fixed order (deterministic), into each bank entry from exactly the
 selected it. With deterministic=False the prefix programs add into an fp32 buffer with atomics
 instead. Only the kernels for the gradients autograd asks for are launched: in layer 0 of a frozen
 model only the prefix programs run. deterministic=True also pins the configs (no autotuning: a
-fixed table by head dim, dtype and device), so two processes give bitwise-equal gradients.
+fixed table by head dim, dtype and device; the forward pins its config too), so two processes give
+bitwise-equal gradients.
 """
 
 from __future__ import annotations

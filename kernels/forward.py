@@ -347,9 +347,12 @@ def attention_forward(
     scale: float,
     softcap: float,
     window: int,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by prefixattn.ops. Returns (out, lse):
-    out (B, Hq, Sq, Dv) a view of (B, Sq, Hq, Dv) memory, lse (B, Hq, Sq) fp32 (sink included)."""
+    out (B, Hq, Sq, Dv) a view of (B, Sq, Hq, Dv) memory, lse (B, Hq, Sq) fp32 (sink included).
+    deterministic=True pins the config (out and lse feed the gradients, which must not depend on
+    an autotuning race); decode steps always use a fixed config."""
     B, Hq, Sq, Dk = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -401,8 +404,14 @@ def attention_forward(
         EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
         BLOCK_P=block_p(P, 64),
     )
+    width = (BLOCK_DK + BLOCK_DV) // 2
     if R <= DECODE_ROWS:
-        cfg = decode_config(R, q.element_size(), (BLOCK_DK + BLOCK_DV) // 2, q.device)
+        cfg = decode_config(R, q.element_size(), width, q.device)
+    elif deterministic:
+        cfg = fixed_config(FWD_CONFIGS, _fits(q.element_size(), width, smem_limit(q.device)))
+    else:
+        cfg = None
+    if cfg is not None:
         grid = (triton.cdiv(R, cfg["BLOCK_M"]), B * Hkv, splits)
         _fwd_kernel_jit[grid](*args, **meta, **cfg)
     else:

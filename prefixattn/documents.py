@@ -34,7 +34,7 @@ def _ends_from_starts(new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return start.contiguous(), end.contiguous()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on tensors would be elementwise: compare by identity
 class Documents:
     """Per-position document bounds of packed rows: ``start`` and ``end``, int32 (B, S), on the
     device of the attention inputs. ``start[b, t] <= t < end[b, t]``."""

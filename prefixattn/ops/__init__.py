@@ -82,7 +82,8 @@ def prefix_attention(
     deterministic: True (default): two backward
     passes are bitwise equal. False: the triton backend adds dq and the prefix gradient with fp32
     atomics (faster; the rounding then varies from run to run) and lets the autotuner pick the
-    backward configs (True pins them, so two processes give bitwise-equal gradients).
+    kernel configs (True pins the forward and backward configs, so two processes give
+    bitwise-equal outputs and gradients).
     """
     if isinstance(q, torch.Tensor):
         q, k, v, prefix_k, prefix_v = autocast_inputs((q, k, v, prefix_k, prefix_v), q.device.type)

@@ -36,16 +36,17 @@ def _forward_op(
     scale: float,
     softcap: float,
     window: int,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels().attention_forward(
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-        causal, scale, softcap, window,
+        causal, scale, softcap, window, deterministic,
     )
 
 
 @_forward_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-      causal, scale, softcap, window):
+      causal, scale, softcap, window, deterministic):
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Sq, Hq, v.shape[-1])).transpose(1, 2)  # the kernel's (B, Sq, Hq, Dv) memory
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -106,7 +107,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
         forward = _forward_op if torch.compiler.is_compiling() else kernels().attention_forward
         out, lse = forward(
             q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-            causal, scale, softcap, window,
+            causal, scale, softcap, window, deterministic,
         )
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, sinks, out, lse, key_padding_mask, prefix_index,
                               doc_start, doc_end)

@@ -3,9 +3,11 @@ deterministic backward), the shared-memory budget, and the eager path that skips
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from helpers import Case, assert_close_rel, concat_reference, count_launches, make_case
-from prefixattn.kernels import backward, forward
+from prefixattn.kernels import backward, common, forward
 from prefixattn.kernels.common import DEFAULT_SMEM, fixed_config, smem_limit
 from prefixattn.kernels.config import KernelSettings, settings, use_settings
 
@@ -28,8 +30,12 @@ def test_use_settings_restores():
     assert settings() == before
 
 
-def test_shared_memory_budget_and_pinned_configs():
+def test_shared_memory_budget_and_pinned_configs(monkeypatch):
     assert smem_limit(torch.device("cpu")) == DEFAULT_SMEM
+    # a CUDA device's budget is a share of what it reports (H100: 227 KiB opt-in per block)
+    monkeypatch.setattr(common, "_device_props", lambda index: SimpleNamespace(
+        shared_memory_per_block_optin=227 * 1024, multi_processor_count=132))
+    assert smem_limit(torch.device("cuda", 0)) == int(227 * 1024 * common.SMEM_SHARE)
     table = [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)]
     # with the interpreter off, the first row that fits wins; the choice depends only on its inputs
     with use_settings(interpret=False):
@@ -47,8 +53,10 @@ def test_decode_steps_use_a_fixed_config(monkeypatch):
         out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, backend="triton")
         assert_close_rel(out, concat_reference(x.q, x.k, x.v, x.pk, x.pv), 2e-3, "out")
     assert len(plain) == 3 and not tuned
-    x = make_case(Case(Sq=40, Sk=40, Hq=4, Hkv=2), requires_grad=False)  # R = 80 rows: tuned
+    x = make_case(Case(Sq=40, Sk=40, Hq=4, Hkv=2), requires_grad=False)  # R = 80 rows
     prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, backend="triton")
+    assert len(plain) == 4 and not tuned, "deterministic=True (default) pins the forward too"
+    prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, backend="triton", deterministic=False)
     assert len(tuned) == 1
 
 
@@ -75,7 +83,7 @@ def test_eager_calls_skip_the_custom_op(monkeypatch):
 def test_custom_op_fake_matches_the_kernel():
     """opcheck compares the fake implementation (shapes, strides: (B, Sq, Hq, Dv) memory) with the kernel."""
     x = make_case(Case(B=1, Hq=2, Hkv=1, Sq=5, Sk=5, P=2, D=16, Dv=8, sinks=True), requires_grad=False)
-    args = (x.q, x.k, x.v, x.pk, x.pv, None, None, None, None, x.sinks, True, 0.25, 0.0, 0)
+    args = (x.q, x.k, x.v, x.pk, x.pv, None, None, None, None, x.sinks, True, 0.25, 0.0, 0, True)
     torch.library.opcheck(autograd._forward_op, args, test_utils=("test_schema", "test_faketensor"))
     out, _ = autograd._forward_op(*args)
     assert out.shape == (1, 2, 5, 8) and out.transpose(1, 2).is_contiguous()
