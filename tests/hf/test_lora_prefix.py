@@ -103,6 +103,9 @@ def test_matches_merged_lora_plus_peft_prefix_tuning(padding):
     got = ours(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     assert_close_rel(got[real], expected[real], 1e-5, "logits")
+    if padding == "left":  # generate(): positions from the mask (+P), decode steps with LoRA and prefix
+        kw = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=0, do_sample=False)
+        assert torch.equal(ours.generate(input_ids=ids, **kw), reference.generate(input_ids=ids, **kw))
     # the base logits differ with the LoRA: the comparison can fail
     plain = prefixattn.patch(copy.deepcopy(base), num_prefix_tokens=P, backend="torch")
     _set_prefix(plain, peft_prefix_as_kv(reference).clone())
@@ -193,7 +196,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     a = prefixattn.patch(_lora(base), num_prefix_tokens=P, backend="torch")
     b = prefixattn.patch(_lora(base), num_prefix_tokens=P, backend="torch")
     _set_prefix(b, find_prefix(a).kv.detach().clone())
-    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(b, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        b.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        b.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in b.modules())
     out = []
     for model in (a, b):
@@ -247,6 +254,37 @@ def test_get_peft_model_with_modules_to_save_trains_the_copy_the_model_reads(tmp
     model.save_pretrained(str(tmp_path))
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         assert "base_model.model.prefixattn_prefix.kv" in set(f.keys())
+
+
+def test_a_bank_of_prefixes_next_to_lora():
+    base = tiny_model("llama")
+    model = prefixattn.patch(_lora(base), num_prefix_tokens=P, num_prefixes=3, backend="torch")
+    ids, mask = batch(padding="left")
+    index = torch.tensor([2, 0, 2])
+    got = model(input_ids=ids, attention_mask=mask, prefix_ids=index).logits
+    bank = find_prefix(model).kv.detach()
+    for entry in (0, 2):
+        single = prefixattn.patch(_lora(base), num_prefix_tokens=P, backend="torch")
+        _set_prefix(single, bank[:, :, entry : entry + 1].clone())
+        rows = index == entry
+        expected = single(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        assert_close_rel(got[rows], expected, 1e-6, f"entry {entry}")
+    out = model.generate(input_ids=ids, attention_mask=mask, prefix_ids=index, max_new_tokens=3, pad_token_id=0)
+    assert out.shape == (3, ids.shape[1] + 3)
+
+
+def test_other_weight_tuners_train_with_the_prefix():
+    from peft import IA3Config, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                          feedforward_modules=["down_proj"]))
+    model = prefixattn.patch(model, num_prefix_tokens=P, backend="torch")
+    names = set(_trainable(model))
+    assert any("ia3_l" in n for n in names) and any("prefixattn_prefix" in n for n in names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _step(model)
+    for n, p in model.named_parameters():
+        assert (not torch.equal(p, before[n])) == (n in names), n
 
 
 def test_refused_peft_methods():
