@@ -15,6 +15,7 @@ import torch
 from tiny_models import tiny_model
 
 import prefixattn
+from prefixattn.hf.state import get_state
 from prefixattn.prefix import find_prefix
 
 P = 3
@@ -75,6 +76,9 @@ def test_sft_trainer_defaults_bf16_and_gradient_checkpointing_train_the_prefix(t
     assert losses[-1] < losses[0], losses
     assert not torch.equal(find_prefix(model).kv, before)
     _assert_unchanged(model, frozen)
+    # what TRL's defaults switched on: checkpointed layers, and steps planned in the autocast dtype
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    assert get_state(model).plan.dtype == torch.bfloat16
 
 
 def _padded_loss(model, docs):
@@ -143,6 +147,7 @@ def test_hf_trainer_bf16_trains_a_patched_model(tmp_path):
     assert all(math.isfinite(x) for x in _losses(trainer))
     assert not torch.equal(find_prefix(model).kv, before)
     assert find_prefix(model).kv.dtype == torch.float32  # the fp32 master stays fp32
+    assert get_state(model).plan.dtype == torch.bfloat16  # cast once per step to the autocast dtype
     _assert_unchanged(model, frozen)
 
 
