@@ -1,12 +1,18 @@
 """Backward kernels.
 
-With L the saved row logsumexp, Delta_i = rowsum(dO_i * O_i), P_ij = exp(s_ij - L_i) and
-dS_ij = P_ij (dO_i . v_j - Delta_i)   (times 1 - tanh^2 under a softcap):
+With L the saved row logsumexp (the sink included), Delta_i = rowsum(dO_i * O_i),
+P_ij = exp(s_ij - L_i) and dS_ij = P_ij (dO_i . v_j - Delta_i)   (times 1 - tanh^2 under a softcap):
 
     dq_i = scale * sum_j dS_ij k_j                 over prefix and sequence keys     (_dq_kernel)
     dk_j = scale * sum_i dS_ij q_i, dv_j = sum_i P_ij dO_i   over the packed rows    (_dkdv_kernel)
            of the GQA group, so the group sum comes free
     dprefix: the same sums for the prefix slots, over every batch row, group head and query.
+    dsink_h = -sum_{b,i} exp(sink_h - L_{b,h,i}) Delta_{b,h,i}      (a torch reduction; the sink
+             is a key with a fixed logit and no value, so its dS is P_sink (0 - Delta))
+
+The dq kernel walks the same key blocks as the forward (masks.row_block_keys); the dk/dv kernel
+walks, for its key block, only the query rows that see some key of it (masks.key_block_rows),
+masking only the edge row blocks.
 
 The prefix gradient is a reduction of B*G*Sq rows into a tiny (Hkv, P, D) output, so it is split
 over many programs: the prefix programs of _dkdv_kernel each take one prefix block, one batch row
@@ -14,7 +20,8 @@ and one slice of the rows, and write an fp32 partial; _reduce_prefix_kernel then
 partials in a fixed order (deterministic), into each bank entry from exactly the batch rows that
 selected it. With deterministic=False the prefix programs add into an fp32 buffer with atomics
 instead. Only the kernels for the gradients autograd asks for are launched: in layer 0 of a frozen
-model only the prefix programs run.
+model only the prefix programs run. deterministic=True also pins the configs (no autotuning: a
+fixed table by head dim, dtype and device), so two processes give bitwise-equal gradients.
 """
 
 from __future__ import annotations
@@ -25,23 +32,26 @@ import triton.language as tl
 
 from .common import (
     LOG2E,
-    SMEM_LIMIT,
     alloc,
+    as_i64,
     block_d,
     block_p,
     bucket,
     ceil_div,
     configs_from,
     dot_precision,
+    fixed_config,
     interpreting,
     load_tile,
     num_sms,
+    packed_row_offsets,
     pick,
     prefix_strides,
     smem_estimate,
-    tanh,
+    smem_limit,
 )
 from .forward import softcap_args
+from .masks import key_block_rows, row_block_keys, row_interval, scores
 
 # ---------------------------------------------------------------------------------------------
 # Delta = rowsum(dO * O)
@@ -63,11 +73,11 @@ def _delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + offs_m[:, None] * stride_dm
-                 + offs_d[None, :] * stride_dd, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+    rows_o = as_i64(b) * stride_ob + as_i64(h) * stride_oh + offs_m.to(tl.int64) * stride_om
+    rows_d = as_i64(b) * stride_db + as_i64(h) * stride_dh + offs_m.to(tl.int64) * stride_dm
+    o = tl.load(O + rows_o[:, None] + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows_d[:, None] + offs_d[None, :] * stride_dd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + as_i64(pid_bh) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,43 +87,42 @@ def _delta_kernel(
 
 @triton.jit
 def _dq_walk(
-    dq, q, do, lse2, delta, i_row,
+    dq, q, do, lse2, delta, lo_row, hi_row,
     K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd, KPM_ptr, stride_mn,
-    lo, hi, n_limit, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
-    MASK_LIMIT: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    lo, hi, n_limit, qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok,
+    MASK: tl.constexpr, LIMIT: tl.constexpr, HAS_KPM: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
+    k_ptrs = K_ptr + as_i64(lo) * stride_kn + offs_n0[:, None] * stride_kn + offs_dk[None, :] * stride_kd
+    v_ptrs = V_ptr + as_i64(lo) * stride_vn + offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < n_limit
-        k = load_tile(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok,
-                      MASK_ROWS=MASK_LIMIT, EVEN_D=EVEN_D)
-        v = load_tile(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok,
-                      MASK_ROWS=MASK_LIMIT, EVEN_D=EVEN_D)
+        k = load_tile(k_ptrs, n_ok, dk_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DK)
+        v = load_tile(v_ptrs, n_ok, dv_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DV)
         if INTERPRET:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if SOFTCAP:
-            t = tanh(qk * softcap_scale)
-            s = t * softcap_mul
-        else:
-            s = qk * qk_scale
-        if MASK_LIMIT:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        if MASK_CAUSAL:
-            s = tl.where(offs_n[None, :] <= i_row[:, None] + causal_off, s, float("-inf"))
         if HAS_KPM:
-            kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0)
-            s = tl.where((kp != 0)[None, :], s, float("-inf"))
+            kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
+        else:
+            kp = n_ok
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, t = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
+                      SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
+        if LIMIT:
+            if not MASK:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
     return dq
 
 
@@ -127,46 +136,45 @@ DKDV_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages): BLOCK_N keys resident, BL
 ]
 
 
-def _prune(resident_is_m: bool):
+def _fits(resident_is_m: bool, es: int, width: int, limit: int):
     """dq keeps q, do and dq (BLOCK_M rows) resident and streams k, v; dk/dv the reverse."""
+    def fits(bm, bn, stages):
+        a, b = (bm, bn) if resident_is_m else (bn, bm)
+        return smem_estimate(es, a, b, width, stages, 2) <= limit
+    return fits
+
+
+def _prune(resident_is_m: bool):
     def prune(configs, named_args, **kwargs):
         if interpreting():
             return configs
-        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-        es = named_args["Q"].element_size()
-
-        def fits(c):
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            a, b = (bm, bn) if resident_is_m else (bn, bm)
-            return smem_estimate(es, a, b, bd, c.num_stages, 2) <= SMEM_LIMIT
-
-        return pick(configs, fits)
+        width = (kwargs.get("BLOCK_DK", named_args.get("BLOCK_DK", 128))
+                 + kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 128))) // 2
+        q = named_args["Q"]
+        fits = _fits(resident_is_m, q.element_size(), width, smem_limit(q.device))
+        return pick(configs, lambda c: fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))
     return prune
 
 
-@triton.autotune(
-    configs=configs_from(DQ_CONFIGS),
-    key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune(resident_is_m=True)},
-)
 @triton.jit
-def _dq_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, PIDX, DQ,
+def _dq_kernel_jit(
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, PIDX, DOCS, DOCE, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_docb,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hkv, Sq, Sk, P, G, R,
+    Hkv, Sq, Sk, P, G, R, window,
     scale, qk_scale, softcap_scale, softcap_mul,
     R_BUCKET, SK_BUCKET,
-    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, SOFTCAP: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # the last row blocks see the most causal keys: launch them first to shorten the tail
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -179,64 +187,74 @@ def _dq_kernel(
     r_ok = offs_r < R
     i_row = offs_r // G
     g_row = offs_r % G
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    rmask = r_ok[:, None] & d_ok[None, :]
-    bh_rows = b.to(tl.int64) * Hkv * G + hkv * G + g_row
-    q = load_tile(Q + (b.to(tl.int64) * stride_qb + (hkv * G + g_row) * stride_qh + i_row * stride_qm)[:, None]
-                  + offs_d[None, :] * stride_qd, r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
-    do = load_tile(DO + (b.to(tl.int64) * stride_dob + (hkv * G + g_row) * stride_doh + i_row * stride_dom)[:, None]
-                   + offs_d[None, :] * stride_dod, r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dk_ok = offs_dk < DK
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    flat = (as_i64(b) * Hkv * G + hkv * G + g_row) * Sq + i_row
+    row_q = packed_row_offsets(b, hkv, G, offs_r, stride_qb, stride_qh, stride_qm)
+    row_do = packed_row_offsets(b, hkv, G, offs_r, stride_dob, stride_doh, stride_dom)
+    q = load_tile(Q + row_q[:, None] + offs_dk[None, :] * stride_qd, r_ok, dk_ok, MASK_ROWS=True, EVEN_D=EVEN_DK)
+    do = load_tile(DO + row_do[:, None] + offs_dv[None, :] * stride_dod, r_ok, dv_ok, MASK_ROWS=True,
+                   EVEN_D=EVEN_DV)
     if INTERPRET:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(LSE + bh_rows * Sq + i_row, mask=r_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + bh_rows * Sq + i_row, mask=r_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lse2 = tl.load(LSE + flat, mask=r_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + flat, mask=r_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
 
     # prefix
     if HAS_INDEX:
         prow = tl.load(PIDX + b).to(tl.int64)
     else:
-        prow = b.to(tl.int64)
+        prow = as_i64(b)
     dq = _dq_walk(
-        dq, q, do, lse2, delta, i_row,
+        dq, q, do, lse2, delta, i_row, i_row,
         PK + prow * stride_pkb + hkv * stride_pkh, PV + prow * stride_pvb + hkv * stride_pvh,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, stride_mn,
-        0, P, P, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
-        MASK_LIMIT=True, MASK_CAUSAL=False, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_N=BLOCK_P,
+        0, P, P, qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok,
+        MASK=False, LIMIT=True, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+        DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_P,
     )
-    # sequence: fully visible blocks, then the diagonal
-    K_ptr = K + b.to(tl.int64) * stride_kb + hkv * stride_kh
-    V_ptr = V + b.to(tl.int64) * stride_vb + hkv * stride_vh
-    KPM_ptr = KPM + b.to(tl.int64) * stride_mb
-    if CAUSAL:
-        i_first = (pid_m * BLOCK_M) // G
-        i_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, R) - 1) // G
-        full_end = tl.minimum(i_first + causal_off + 1, Sk)
-        hi = tl.minimum(i_last + causal_off + 1, Sk)
-    else:
-        full_end = Sk
-        hi = Sk
-    full_end = (full_end // BLOCK_N) * BLOCK_N
-    dq = _dq_walk(
-        dq, q, do, lse2, delta, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KPM_ptr, stride_mn, 0, full_end, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
-        offs_d, d_ok,
-        MASK_LIMIT=False, MASK_CAUSAL=False, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_N=BLOCK_N,
-    )
-    dq = _dq_walk(
-        dq, q, do, lse2, delta, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KPM_ptr, stride_mn, full_end, hi, Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
-        offs_d, d_ok,
-        MASK_LIMIT=True, MASK_CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_N=BLOCK_N,
-    )
+    # sequence: the same key blocks as the forward
+    K_ptr = K + as_i64(b) * stride_kb + hkv * stride_kh
+    V_ptr = V + as_i64(b) * stride_vb + hkv * stride_vh
+    KPM_ptr = KPM + as_i64(b) * stride_mb
+    DocS = DOCS + as_i64(b) * stride_docb
+    DocE = DOCE + as_i64(b) * stride_docb
+    lo_row, hi_row = row_interval(i_row, r_ok, DocS, DocE, causal_off, Sk, window,
+                                  CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW)
+    n_a, n_b, n_c, n_d = row_block_keys(lo_row, hi_row, r_ok, Sk, BLOCK_N)
+    for seg in tl.static_range(3):
+        if seg == 0:
+            lo = n_a
+            hi = n_b
+        elif seg == 1:
+            lo = n_b
+            hi = n_c
+        else:
+            lo = n_c
+            hi = n_d
+        dq = _dq_walk(
+            dq, q, do, lse2, delta, lo_row, hi_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            KPM_ptr, stride_mn, lo, hi, Sk, qk_scale, softcap_scale, softcap_mul,
+            offs_dk, dk_ok, offs_dv, dv_ok,
+            MASK=seg != 1, LIMIT=seg != 1, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+            DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N,
+        )
     dq = dq * scale
-    tl.store(DQ + (b.to(tl.int64) * stride_dqb + (hkv * G + g_row) * stride_dqh + i_row * stride_dqm)[:, None]
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=rmask)
+    row_dq = packed_row_offsets(b, hkv, G, offs_r, stride_dqb, stride_dqh, stride_dqm)
+    tl.store(DQ + row_dq[:, None] + offs_dk[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=r_ok[:, None] & dk_ok[None, :])
+
+
+_dq_kernel = triton.autotune(
+    configs=configs_from(DQ_CONFIGS),
+    key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "SOFTCAP",
+         "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune(resident_is_m=True)},
+)(_dq_kernel_jit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,42 +265,46 @@ def _dq_kernel(
 @triton.jit
 def _dkdv_walk(
     dk, dv, k, v, kp, offs_n,
-    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr,
+    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
     stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-    Sq, G, R, lo, hi, causal_off, scale, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
-    MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    Sq, Sk, G, R, lo, hi, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
+    offs_dk, dk_ok, offs_dv, dv_ok,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, DK: tl.constexpr,
 ):
     """Accumulate dk, dv of one key block over packed rows [lo, hi) (transposed scores: keys x rows).
-    With ATOMIC_DQ the same dS tile also gives this key block's share of dq (dS k), added with fp32
-    atomics: 5 matmuls per tile pair instead of 7 with the separate dq kernel, in varying order."""
+    MASK: the rows' key intervals. With ATOMIC_DQ the same dS tile also gives this key block's share
+    of dq (dS k), added with fp32 atomics: 5 matmuls per tile pair instead of 7 with the separate dq
+    kernel, in varying order."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_r in range(lo, hi, BLOCK_M):
         offs_r = start_r + offs_m0
         r_ok = offs_r < R
         i_row = offs_r // G
         g_row = offs_r % G
-        q = load_tile(Q_ptr + (g_row * stride_qh + i_row * stride_qm)[:, None] + offs_d[None, :] * stride_qd,
-                      r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
-        do = load_tile(DO_ptr + (g_row * stride_doh + i_row * stride_dom)[:, None] + offs_d[None, :] * stride_dod,
-                       r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
+        row_q = g_row.to(tl.int64) * stride_qh + i_row.to(tl.int64) * stride_qm
+        row_do = g_row.to(tl.int64) * stride_doh + i_row.to(tl.int64) * stride_dom
+        q = load_tile(Q_ptr + row_q[:, None] + offs_dk[None, :] * stride_qd, r_ok, dk_ok, MASK_ROWS=True,
+                      EVEN_D=EVEN_DK)
+        do = load_tile(DO_ptr + row_do[:, None] + offs_dv[None, :] * stride_dod, r_ok, dv_ok, MASK_ROWS=True,
+                       EVEN_D=EVEN_DV)
         if INTERPRET:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         # rows past R read lse = +inf, so their p is exactly 0
         lse2 = tl.load(LSE_ptr + g_row * Sq + i_row, mask=r_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA_ptr + g_row * Sq + i_row, mask=r_ok, other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        if SOFTCAP:
-            tT = tanh(qkT * softcap_scale)
-            sT = tT * softcap_mul
+        if MASK:
+            lo_row, hi_row = row_interval(i_row, r_ok, DocS, DocE, causal_off, Sk, window,
+                                          CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW)
         else:
-            sT = qkT * qk_scale
-        if MASK_CAUSAL:
-            sT = tl.where(offs_n[:, None] <= i_row[None, :] + causal_off, sT, float("-inf"))
-        if HAS_KPM:
-            sT = tl.where(kp[:, None], sT, float("-inf"))
+            lo_row = i_row
+            hi_row = i_row
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        sT, tT = scores(qkT, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
+                        SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=True)
         pT = tl.math.exp2(sT - lse2[None, :])
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -292,52 +314,54 @@ def _dkdv_walk(
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
-            tl.atomic_add(DQ_ptr + ((g_row * Sq + i_row) * HEAD_DIM)[:, None] + offs_d[None, :], dq,
-                          mask=r_ok[:, None] & d_ok[None, :])
+            flat = g_row.to(tl.int64) * Sq + i_row
+            tl.atomic_add(DQ_ptr + (flat * DK)[:, None] + offs_dk[None, :], dq,
+                          mask=r_ok[:, None] & dk_ok[None, :])
     return dk, dv
 
 
-@triton.autotune(
-    configs=configs_from(DKDV_CONFIGS),
-    key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION",
-         "NUM_PREFIX_PROGRAMS", "DO_SEQUENCE", "DO_PREFIX_GRAD", "ATOMIC_DQ"],
-    prune_configs_by={"early_config_prune": _prune(resident_is_m=False)},
-    reset_to_zero=["DP_ACC_K", "DP_ACC_V", "DQ_ACC"],
-)
 @triton.jit
-def _dkdv_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, PIDX, DK, DV, DP_PART_K, DP_PART_V, DP_ACC_K, DP_ACC_V, DQ_ACC,
+def _dkdv_kernel_jit(
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, PIDX, DOCS, DOCE, DK_OUT, DV_OUT,
+    DP_PART_K, DP_PART_V, DP_ACC_K, DP_ACC_V, DQ_ACC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_docb,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hkv, Sq, Sk, P, G, R,
+    Hkv, Sq, Sk, P, G, R, window,
     scale, qk_scale, softcap_scale, softcap_mul,
     NUM_PREFIX_PROGRAMS, SPLITS, ROWS_PER_SPLIT,
     R_BUCKET, SK_BUCKET,
-    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, SOFTCAP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     SHARED_PREFIX: tl.constexpr, DO_SEQUENCE: tl.constexpr, DO_PREFIX_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     prog = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
     causal_off = Sk - Sq
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    Q_ptr = Q + b.to(tl.int64) * stride_qb + hkv * G * stride_qh
-    DO_ptr = DO + b.to(tl.int64) * stride_dob + hkv * G * stride_doh
-    LSE_ptr = LSE + (b.to(tl.int64) * Hkv + hkv) * G * Sq
-    DELTA_ptr = DELTA + (b.to(tl.int64) * Hkv + hkv) * G * Sq
-    DQ_ptr = DQ_ACC + (b.to(tl.int64) * Hkv + hkv) * G * Sq * HEAD_DIM  # fp32, contiguous (B, Hq, Sq, D)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dk_ok = offs_dk < DK
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    bh_rows = (as_i64(b) * Hkv + hkv) * G * Sq  # first flat (b, h, i) row of this KV head's group
+    Q_ptr = Q + as_i64(b) * stride_qb + as_i64(hkv) * G * stride_qh
+    DO_ptr = DO + as_i64(b) * stride_dob + as_i64(hkv) * G * stride_doh
+    LSE_ptr = LSE + bh_rows
+    DELTA_ptr = DELTA + bh_rows
+    DQ_ptr = DQ_ACC + bh_rows * DK  # fp32, contiguous (B, Hq, Sq, DK)
+    DocS = DOCS + as_i64(b) * stride_docb
+    DocE = DOCE + as_i64(b) * stride_docb
 
     if prog < NUM_PREFIX_PROGRAMS:
         # ---- a prefix block, over one slice of this batch row's packed rows ----
@@ -348,91 +372,105 @@ def _dkdv_kernel(
         if HAS_INDEX:
             prow = tl.load(PIDX + b).to(tl.int64)
         else:
-            prow = b.to(tl.int64)
-        pmask = p_ok[:, None] & d_ok[None, :]
-        pk = tl.load(PK + prow * stride_pkb + hkv * stride_pkh + offs_p[:, None] * stride_pkn
-                     + offs_d[None, :] * stride_pkd, mask=pmask, other=0.0)
-        pv = tl.load(PV + prow * stride_pvb + hkv * stride_pvh + offs_p[:, None] * stride_pvn
-                     + offs_d[None, :] * stride_pvd, mask=pmask, other=0.0)
+            prow = as_i64(b)
+        pk = load_tile(PK + prow * stride_pkb + hkv * stride_pkh + offs_p[:, None] * stride_pkn
+                       + offs_dk[None, :] * stride_pkd, p_ok, dk_ok, MASK_ROWS=True, EVEN_D=EVEN_DK)
+        pv = load_tile(PV + prow * stride_pvb + hkv * stride_pvh + offs_p[:, None] * stride_pvn
+                       + offs_dv[None, :] * stride_pvd, p_ok, dv_ok, MASK_ROWS=True, EVEN_D=EVEN_DV)
         if INTERPRET:
             pk = pk.to(tl.float32)
             pv = pv.to(tl.float32)
-        dpk = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-        dpv = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        dpk = tl.zeros([BLOCK_P, BLOCK_DK], dtype=tl.float32)
+        dpv = tl.zeros([BLOCK_P, BLOCK_DV], dtype=tl.float32)
         lo = split * ROWS_PER_SPLIT
         hi = tl.minimum(lo + ROWS_PER_SPLIT, R)
         dpk, dpv = _dkdv_walk(
-            dpk, dpv, pk, pv, p_ok, offs_p, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr,
+            dpk, dpv, pk, pv, p_ok, offs_p, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-            Sq, G, R, lo, hi, causal_off, scale, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
-            MASK_CAUSAL=False, HAS_KPM=False, SOFTCAP=SOFTCAP, ATOMIC_DQ=ATOMIC_DQ, INTERPRET=INTERPRET,
-            DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM,
+            Sq, Sk, G, R, lo, hi, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
+            offs_dk, dk_ok, offs_dv, dv_ok,
+            MASK=False, CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW, HAS_KPM=False,
+            SOFTCAP=SOFTCAP, ATOMIC_DQ=ATOMIC_DQ, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION,
+            EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, DK=DK,
         )
         if DO_PREFIX_GRAD:  # (otherwise these programs ran for their share of dq alone)
             dpk = dpk * scale
-            slot = hkv * P * HEAD_DIM + offs_p[:, None] * HEAD_DIM + offs_d[None, :]
+            slot_k = hkv * P * DK + offs_p[:, None] * DK + offs_dk[None, :]
+            slot_v = hkv * P * DV + offs_p[:, None] * DV + offs_dv[None, :]
+            mask_k = p_ok[:, None] & dk_ok[None, :]
+            mask_v = p_ok[:, None] & dv_ok[None, :]
             if ATOMIC:
                 # fp32 atomics straight into the bank entry (opt-in: order, hence rounding, varies)
                 if SHARED_PREFIX:
-                    base = 0
+                    entry = as_i64(0)
                 else:
-                    base = prow * Hkv * P * HEAD_DIM
-                tl.atomic_add(DP_ACC_K + base + slot, dpk, mask=pmask)
-                tl.atomic_add(DP_ACC_V + base + slot, dpv, mask=pmask)
+                    entry = prow
+                tl.atomic_add(DP_ACC_K + entry * Hkv * P * DK + slot_k, dpk, mask=mask_k)
+                tl.atomic_add(DP_ACC_V + entry * Hkv * P * DV + slot_v, dpv, mask=mask_v)
             else:
-                base = (b.to(tl.int64) * SPLITS + split) * Hkv * P * HEAD_DIM
-                tl.store(DP_PART_K + base + slot, dpk, mask=pmask)
-                tl.store(DP_PART_V + base + slot, dpv, mask=pmask)
+                part = as_i64(b) * SPLITS + split
+                tl.store(DP_PART_K + part * Hkv * P * DK + slot_k, dpk, mask=mask_k)
+                tl.store(DP_PART_V + part * Hkv * P * DV + slot_v, dpv, mask=mask_v)
     else:
         if DO_SEQUENCE:
             # ---- a block of sequence keys, over the packed rows that can see it ----
             n0 = (prog - NUM_PREFIX_PROGRAMS) * BLOCK_N
+            n1 = tl.minimum(n0 + BLOCK_N, Sk)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < Sk
-            nmask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b.to(tl.int64) * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn
-                        + offs_d[None, :] * stride_kd, mask=nmask, other=0.0)
-            v = tl.load(V + b.to(tl.int64) * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn
-                        + offs_d[None, :] * stride_vd, mask=nmask, other=0.0)
+            key_k = as_i64(b) * stride_kb + hkv * stride_kh + offs_n.to(tl.int64) * stride_kn
+            key_v = as_i64(b) * stride_vb + hkv * stride_vh + offs_n.to(tl.int64) * stride_vn
+            k = load_tile(K + key_k[:, None] + offs_dk[None, :] * stride_kd, n_ok, dk_ok, MASK_ROWS=True,
+                          EVEN_D=EVEN_DK)
+            v = load_tile(V + key_v[:, None] + offs_dv[None, :] * stride_vd, n_ok, dv_ok, MASK_ROWS=True,
+                          EVEN_D=EVEN_DV)
             if INTERPRET:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             if HAS_KPM:
-                kp = tl.load(KPM + b.to(tl.int64) * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
+                kp = tl.load(KPM + as_i64(b) * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
             else:
                 kp = n_ok
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            if CAUSAL:
-                # rows i >= j - off see key j: start at the first row that sees n0, mask until the
-                # first row that sees the whole block, then walk unmasked
-                r_start = tl.maximum(n0 - causal_off, 0) * G
-                r_start = (r_start // BLOCK_M) * BLOCK_M
-                r_full = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0) * G, R)
-                r_full = tl.minimum(((r_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, tl.maximum(R, r_start))
+            dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+            r_a, r_b, r_c, r_d = key_block_rows(n0, n1, DocS, DocE, causal_off, Sq, window, G,
+                                                CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW,
+                                                BLOCK_M=BLOCK_M)
+            for seg in tl.static_range(3):
+                if seg == 0:
+                    lo = r_a
+                    hi = r_b
+                elif seg == 1:
+                    lo = r_b
+                    hi = r_c
+                else:
+                    lo = r_c
+                    hi = r_d
                 dk, dv = _dkdv_walk(
-                    dk, dv, k, v, kp, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr,
+                    dk, dv, k, v, kp, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
                     stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-                    Sq, G, R, r_start, r_full, causal_off, scale, qk_scale, softcap_scale, softcap_mul,
-                    offs_d, d_ok,
-                    MASK_CAUSAL=True, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, ATOMIC_DQ=ATOMIC_DQ,
-                    INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_M=BLOCK_M,
-                    HEAD_DIM=HEAD_DIM,
+                    Sq, Sk, G, R, lo, hi, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
+                    offs_dk, dk_ok, offs_dv, dv_ok,
+                    MASK=seg != 1, CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW, HAS_KPM=HAS_KPM,
+                    SOFTCAP=SOFTCAP, ATOMIC_DQ=ATOMIC_DQ, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION,
+                    EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, DK=DK,
                 )
-            else:
-                r_full = 0
-            dk, dv = _dkdv_walk(
-                dk, dv, k, v, kp, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr,
-                stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-                Sq, G, R, r_full, R, causal_off, scale, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
-                MASK_CAUSAL=False, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, ATOMIC_DQ=ATOMIC_DQ, INTERPRET=INTERPRET,
-                DOT_PRECISION=DOT_PRECISION, EVEN_D=EVEN_D, BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM,
-            )
             dk = dk * scale
-            tl.store(DK + b.to(tl.int64) * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn
-                     + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=nmask)
-            tl.store(DV + b.to(tl.int64) * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn
-                     + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=nmask)
+            out_k = as_i64(b) * stride_dkb + hkv * stride_dkh + offs_n.to(tl.int64) * stride_dkn
+            out_v = as_i64(b) * stride_dvb + hkv * stride_dvh + offs_n.to(tl.int64) * stride_dvn
+            tl.store(DK_OUT + out_k[:, None] + offs_dk[None, :] * stride_dkd, dk.to(DK_OUT.dtype.element_ty),
+                     mask=n_ok[:, None] & dk_ok[None, :])
+            tl.store(DV_OUT + out_v[:, None] + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
+                     mask=n_ok[:, None] & dv_ok[None, :])
+
+
+_dkdv_kernel = triton.autotune(
+    configs=configs_from(DKDV_CONFIGS),
+    key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "SOFTCAP",
+         "DOT_PRECISION", "NUM_PREFIX_PROGRAMS", "DO_SEQUENCE", "DO_PREFIX_GRAD", "ATOMIC_DQ"],
+    prune_configs_by={"early_config_prune": _prune(resident_is_m=False)},
+    reset_to_zero=["DP_ACC_K", "DP_ACC_V", "DQ_ACC"],
+)(_dkdv_kernel_jit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +490,7 @@ def _reduce_prefix_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if MODE == 1:
         for s in range(SPLITS):
-            acc += tl.load(PART + (n.to(tl.int64) * SPLITS + s) * X + offs, mask=mask, other=0.0)
+            acc += tl.load(PART + (as_i64(n) * SPLITS + s) * X + offs, mask=mask, other=0.0)
     else:
         for b in range(B):
             if MODE == 0:
@@ -461,8 +499,8 @@ def _reduce_prefix_kernel(
                 use = tl.load(PIDX + b) == n
             if use:
                 for s in range(SPLITS):
-                    acc += tl.load(PART + (b * SPLITS + s) * X + offs, mask=mask, other=0.0)
-    tl.store(OUT + n.to(tl.int64) * X + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+                    acc += tl.load(PART + (as_i64(b) * SPLITS + s) * X + offs, mask=mask, other=0.0)
+    tl.store(OUT + as_i64(n) * X + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +520,14 @@ def _prefix_splits(B: int, Hkv: int, P: int, R: int, BLOCK_P: int, device: torch
     rows_per_split = ceil_div(row_granules, splits) * ROW_GRANULE
     splits = ceil_div(R, rows_per_split)
     return splits, rows_per_split
+
+
+def _launch(tuned, jit, grid_of, args, meta, pinned: dict | None) -> None:
+    """A pinned config launches the plain kernel; otherwise the autotuner picks."""
+    if pinned is not None:
+        jit[grid_of(pinned)](*args, **meta, **pinned)
+    else:
+        tuned[grid_of](*args, **meta)
 
 
 def attention_backward(
@@ -508,16 +554,15 @@ def attention_backward(
     need_dsinks: bool,
     deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels for the gradients asked for; the others come back empty."""
-    if doc_start is not None or sinks is not None or window:
-        raise NotImplementedError("documents, sinks and sliding windows are not in the kernels yet")
-    dsinks = q.new_empty((0,))
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    """Launch the backward kernels for the gradients asked for; the others come back empty.
+    Returns (dq, dk, dv, dprefix_k, dprefix_v, dsinks)."""
+    B, Hq, Sq, Dk = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     R = G * Sq
     P = prefix_k.shape[-2]
     need_dprefix = need_dprefix and P > 0
+    need_dsinks = need_dsinks and sinks is not None
     # Gradients not asked for come back as distinct empty tensors (a custom op's outputs may
     # not alias each other).
     dq = alloc(q.shape, like=q) if need_dq else q.new_empty((0,))
@@ -525,41 +570,60 @@ def attention_backward(
     dv = alloc(v.shape, like=v) if need_dkv else q.new_empty((0,))
     dpk = alloc(prefix_k.shape, like=prefix_k) if need_dprefix else q.new_empty((0,))
     dpv = alloc(prefix_v.shape, like=prefix_v) if need_dprefix else q.new_empty((0,))
+    dsinks = q.new_empty((0,))
     empty = q.new_empty((0,))
-    if B == 0 or not (need_dq or need_dkv or need_dprefix):
+    if B == 0:
+        if need_dsinks:
+            dsinks = torch.zeros_like(sinks)
+        return dq, dk, dv, dpk, dpv, dsinks
+    if not (need_dq or need_dkv or need_dprefix or need_dsinks):
         return dq, dk, dv, dpk, dpv, dsinks
 
-    BLOCK_D = block_d(D)
+    BLOCK_DK, BLOCK_DV = block_d(Dk), block_d(Dv)
     BLOCK_P = block_p(P, 64)
-    interp = interpreting()
     precision = dot_precision(q.dtype)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     kpm_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    has_docs = doc_start is not None
+    docs = doc_start.contiguous() if has_docs else q
+    doce = doc_end.contiguous() if has_docs else q
     pidx = prefix_index if prefix_index is not None else q
     a, c = softcap_args(scale, softcap)
+    width = (BLOCK_DK + BLOCK_DV) // 2
+    es, limit = q.element_size(), smem_limit(q.device)
     flags = dict(
+        DK=Dk, DV=Dv, EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
-        SOFTCAP=softcap > 0, INTERPRET=interp, DOT_PRECISION=precision,
+        HAS_DOCS=has_docs, HAS_WINDOW=window > 0, SOFTCAP=softcap > 0, INTERPRET=interpreting(),
+        DOT_PRECISION=precision, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BLOCK_P=BLOCK_P,
     )
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(Sq, 64), B * Hq)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Sq, D,
-        BLOCK_M=64, BLOCK_D=BLOCK_D,
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Sq, Dv,
+        BLOCK_M=64, BLOCK_D=BLOCK_DV,
     )
+    if need_dsinks:  # the sink's dS summed over rows: -sum_i exp(sink - L_i) Delta_i
+        p_sink = torch.exp(sinks.float().view(1, Hq, 1) - lse)
+        dsinks = (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)
 
+    common = (
+        *q.stride(), *k.stride(), *v.stride(),
+        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+        *grad_out.stride(), *kpm_strides, Sk if has_docs else 0,
+    )
     # deterministic=False with dk/dv wanted: dq comes from the dk/dv kernel's dS tiles via fp32 atomics
     atomic_dq = need_dq and need_dkv and not deterministic
     if need_dq and not atomic_dq:
-        _dq_kernel[lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B * Hkv)](
-            q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, dq,
-            *q.stride(), *k.stride(), *v.stride(),
-            *prefix_strides(prefix_k), *prefix_strides(prefix_v),
-            *grad_out.stride(), *kpm_strides, *dq.stride(),
-            Hkv, Sq, Sk, P, G, R,
-            scale, scale * LOG2E, a, c,
-            bucket(R), bucket(Sk),
-            HEAD_DIM=D, EVEN_D=D == BLOCK_D, **flags, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
+        pinned = fixed_config(DQ_CONFIGS, _fits(True, es, width, limit)) if deterministic else None
+        _launch(
+            _dq_kernel, _dq_kernel_jit, lambda m: (triton.cdiv(R, m["BLOCK_M"]), B * Hkv),
+            (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, dq,
+             *common, *dq.stride(),
+             Hkv, Sq, Sk, P, G, R, int(window),
+             scale, scale * LOG2E, a, c,
+             bucket(R), bucket(Sk)),
+            flags, pinned,
         )
 
     if need_dkv or need_dprefix:
@@ -571,14 +635,14 @@ def attention_backward(
         atomic = need_dprefix and not deterministic
         f32 = dict(device=q.device, dtype=torch.float32)
         if need_dprefix and not atomic:
-            part_k = torch.empty((B, splits, Hkv, P, D), **f32)
-            part_v = torch.empty((B, splits, Hkv, P, D), **f32)
+            part_k = torch.empty((B, splits, Hkv, P, Dk), **f32)
+            part_v = torch.empty((B, splits, Hkv, P, Dv), **f32)
         else:
             part_k = part_v = empty
         n_entries = 1 if prefix_k.dim() == 3 else prefix_k.shape[0]
-        acc_k = torch.zeros((n_entries, Hkv, P, D), **f32) if atomic else empty
-        acc_v = torch.zeros((n_entries, Hkv, P, D), **f32) if atomic else empty
-        dq_acc = torch.zeros((B, Hq, Sq, D), **f32) if atomic_dq else empty
+        acc_k = torch.zeros((n_entries, Hkv, P, Dk), **f32) if atomic else empty
+        acc_v = torch.zeros((n_entries, Hkv, P, Dv), **f32) if atomic else empty
+        dq_acc = torch.zeros((B, Hq, Sq, Dk), **f32) if atomic_dq else empty
         dk_arg = dk if need_dkv else q
         dv_arg = dv if need_dkv else q
         dk_strides = dk.stride() if need_dkv else (0, 0, 0, 0)
@@ -588,19 +652,19 @@ def attention_backward(
             seq_programs = triton.cdiv(Sk, meta["BLOCK_N"]) if need_dkv else 0
             return (n_prefix_programs + seq_programs, B * Hkv)
 
-        _dkdv_kernel[grid](
-            q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, dk_arg, dv_arg,
-            part_k, part_v, acc_k, acc_v, dq_acc,
-            *q.stride(), *k.stride(), *v.stride(),
-            *prefix_strides(prefix_k), *prefix_strides(prefix_v),
-            *grad_out.stride(), *kpm_strides, *dk_strides, *dv_strides,
-            Hkv, Sq, Sk, P, G, R,
-            scale, scale * LOG2E, a, c,
-            n_prefix_programs, splits, rows_per_split,
-            bucket(R), bucket(Sk),
-            HEAD_DIM=D, EVEN_D=D == BLOCK_D, **flags, ATOMIC=atomic, SHARED_PREFIX=prefix_k.dim() == 3,
-            DO_SEQUENCE=need_dkv, DO_PREFIX_GRAD=need_dprefix, ATOMIC_DQ=atomic_dq,
-            BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
+        pinned = fixed_config(DKDV_CONFIGS, _fits(False, es, width, limit)) if deterministic else None
+        _launch(
+            _dkdv_kernel, _dkdv_kernel_jit, grid,
+            (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, dk_arg, dv_arg,
+             part_k, part_v, acc_k, acc_v, dq_acc,
+             *common, *dk_strides, *dv_strides,
+             Hkv, Sq, Sk, P, G, R, int(window),
+             scale, scale * LOG2E, a, c,
+             n_prefix_programs, splits, rows_per_split,
+             bucket(R), bucket(Sk)),
+            dict(flags, ATOMIC=atomic, SHARED_PREFIX=prefix_k.dim() == 3,
+                 DO_SEQUENCE=need_dkv, DO_PREFIX_GRAD=need_dprefix, ATOMIC_DQ=atomic_dq),
+            pinned,
         )
         if atomic_dq:
             dq.copy_(dq_acc)
@@ -611,11 +675,10 @@ def attention_backward(
                 dpv.copy_(acc_v.view(dpv.shape))
             else:
                 mode = 2 if prefix_index is not None else (1 if prefix_k.dim() == 4 else 0)
-                X = Hkv * P * D
                 RB = 1024
                 dpk_c = dpk if dpk.is_contiguous() else torch.empty_like(dpk, memory_format=torch.contiguous_format)
                 dpv_c = dpv if dpv.is_contiguous() else torch.empty_like(dpv, memory_format=torch.contiguous_format)
-                for part, dst in ((part_k, dpk_c), (part_v, dpv_c)):
+                for part, dst, X in ((part_k, dpk_c, Hkv * P * Dk), (part_v, dpv_c, Hkv * P * Dv)):
                     _reduce_prefix_kernel[(n_entries, triton.cdiv(X, RB))](
                         part, pidx, dst, B, splits, X, MODE=mode, BLOCK=RB,
                     )

@@ -1,41 +1,37 @@
-"""Pieces shared by the forward and backward launchers.
+"""Host-side pieces shared by the forward and backward launchers, and the small @triton.jit tile helpers.
 
 Layout inside every kernel ("packed GQA"): the Hq = Hkv * G query heads that share one KV head are
 folded into the row axis. Row r of KV head hkv is query position i = r // G of query head
 hkv * G + r % G, so one program loads each K/V tile once for the whole group (decode steps with
 Sq = 1 still fill a block of rows), and dk/dv come out already summed over the group.
+
+Offsets: every pointer offset that scales with B, H or S is computed in int64 (a row index times
+a row stride wraps int32 at long sequences); only the offsets inside one tile stay int32.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from .config import settings
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+DEFAULT_SMEM = 160 * 1024  # bytes a config may plan for when the device cannot say (CPU, interpreter)
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def autotune_enabled() -> bool:
-    return not interpreting() and os.environ.get("PREFIXATTN_AUTOTUNE", "1") != "0"
-
-
-def poisoning() -> bool:
-    """PREFIXATTN_POISON=1 fills every kernel output with NaN before launch (tests and debugging):
-    an element the kernel forgot to write then shows up instead of hiding as stale memory."""
-    return os.environ.get("PREFIXATTN_POISON", "0") == "1"
+    return settings().interpret
 
 
 def alloc(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.empty, filled with NaN when poisoning (an element a kernel forgot to write then shows)."""
     out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
-    if poisoning():
+    if settings().poison:
         out.fill_(float("nan"))
     return out
 
@@ -57,14 +53,30 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.cache
+def _device_props(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _device_props(device.index if device.index is not None else torch.cuda.current_device()
+                             ).multi_processor_count
     return 4
 
 
+def smem_limit(device: torch.device) -> int:
+    """Shared memory one program may use: the device's opt-in limit per block when it reports one."""
+    if device.type == "cuda":
+        props = _device_props(device.index if device.index is not None else torch.cuda.current_device())
+        optin = getattr(props, "shared_memory_per_block_optin", 0)
+        if optin:
+            return int(optin)
+    return DEFAULT_SMEM
+
+
 def bucket(n: int) -> int:
-    """Autotune key bucket: the next power of two, so decode steps (Sk grows by one) reuse a tuning."""
+    """Autotune key bucket: the next power of two."""
     return triton.next_power_of_2(max(int(n), 1))
 
 
@@ -75,9 +87,44 @@ def prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(prefix.stride())
 
 
-def dummy(t: torch.Tensor) -> torch.Tensor:
-    """A valid pointer for an absent optional tensor (the kernel never reads it)."""
-    return t
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def smem_estimate(elsize: int, a_rows: int, b_rows: int, width: int, stages: int, resident: int) -> int:
+    """Rough shared memory of a config: `resident` tiles of a_rows x width kept for the whole
+    program plus two streamed b_rows x width tiles per pipeline stage."""
+    return elsize * width * (resident * a_rows + 2 * stages * b_rows)
+
+
+INTERPRET_CONFIG = (16, 16, 4, 1)
+
+
+def configs_from(table):
+    """triton.Configs from (BLOCK_M, BLOCK_N, warps, stages) rows; one small config under the interpreter."""
+    if interpreting():
+        table = [INTERPRET_CONFIG]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+
+
+def pick(configs, fits):
+    """Autotune on: every config (the autotuner measures); off: the first (in preference order) that fits."""
+    if settings().autotune:
+        return configs
+    for c in configs:
+        if fits(c):
+            return [c]
+    return configs[-1:]
+
+
+def fixed_config(table, fits) -> dict:
+    """One config without measuring: the first row of the table (preference order) that fits.
+    Depends only on the table, the head dims, the dtype and the device, so two processes on the
+    same kind of GPU launch the same config (deterministic gradients; no tuning on decode steps)."""
+    if interpreting():
+        table = [INTERPRET_CONFIG]
+    row = next((r for r in table if fits(r[0], r[1], r[3])), table[-1])
+    return dict(BLOCK_M=row[0], BLOCK_N=row[1], num_warps=row[2], num_stages=row[3])
 
 
 @triton.jit
@@ -88,15 +135,10 @@ def tanh(x):
     return 1.0 - 2.0 / (e + 1.0)
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-__all__ = [
-    "LOG2E", "LN2", "interpreting", "autotune_enabled", "poisoning", "alloc", "block_d", "block_p",
-    "dot_precision", "num_sms", "bucket", "prefix_strides", "dummy", "tanh", "ceil_div", "math",
-    "load_tile", "store_tile", "smem_estimate", "pick", "configs_from", "SMEM_LIMIT",
-]
+@triton.jit
+def as_i64(x):
+    """x as an int64 scalar/tensor (also when x is a plain Python int under the interpreter)."""
+    return x + tl.zeros([], dtype=tl.int64)
 
 
 @triton.jit
@@ -124,28 +166,9 @@ def store_tile(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
         tl.store(ptrs, x, mask=row_ok[:, None] & d_ok[None, :])
 
 
-SMEM_LIMIT = 160 * 1024  # bytes a config may plan for when autotuning is off (H100: 227 KiB per block)
-
-
-def configs_from(table):
-    """triton.Configs from (BLOCK_M, BLOCK_N, warps, stages) rows; one small config under the interpreter."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
-
-
-def smem_estimate(elsize: int, a_rows: int, b_rows: int, block_d: int, stages: int, resident: int) -> int:
-    """Rough shared memory of a config: `resident` tiles of a_rows x D kept for the whole program
-    plus two streamed b_rows x D tiles per pipeline stage. Used only to choose a safe default
-    when autotuning is off (the autotuner itself skips configs that do not fit)."""
-    return elsize * block_d * (resident * a_rows + 2 * stages * b_rows)
-
-
-def pick(configs, fits):
-    """Autotune off: the first config (in preference order) that fits; on: every config."""
-    if autotune_enabled():
-        return configs
-    for c in configs:
-        if fits(c):
-            return [c]
-    return configs[-1:]
+@triton.jit
+def packed_row_offsets(b, hkv, G, offs_r, stride_b, stride_h, stride_m):
+    """int64 offsets of packed rows r (head hkv*G + r % G, position r // G) of batch row b."""
+    i_row = offs_r // G
+    g_row = offs_r % G
+    return (as_i64(b) * stride_b + (as_i64(hkv) * G + g_row) * stride_h + i_row.to(tl.int64) * stride_m)

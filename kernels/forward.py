@@ -1,28 +1,32 @@
-"""Forward kernel: one online softmax over the prefix blocks, then the sequence blocks.
+"""Forward kernel: one online softmax over the sink, the prefix blocks, then the sequence blocks.
 
 For a block of packed rows (see common.py) of KV head hkv in batch row b:
 
-    stage 1  prefix:   for each block of prefix slots (all visible)       s = scale * q . pk
-    stage 2  sequence: blocks every row sees in full (no causal mask)     s = scale * q . k
-    stage 3  sequence: the diagonal blocks, causal mask j <= i + Sk - Sq
-             (blocks after the last row's diagonal are never visited)
+    start    m = sink_h * log2 e, l = 1 (with sinks; else m = -inf, l = 0), acc = 0
+    stage 1  prefix:   every block of prefix slots (all visible)          s = scale * q . pk
+    stage 2  sequence: only the key blocks some row of the block sees (masks.row_block_keys:
+             [min lo, max hi] of the rows' intervals); blocks every row sees in full need no
+             mask, the edge blocks get the per-row interval mask (causal, window, document)
     each block:  m' = max(m, rowmax s);  l = l * 2^(m - m') + rowsum 2^(s - m');
                  acc = acc * 2^(m - m') + 2^(s - m') v                  (base-2, s in log2 units)
     epilogue:    out = acc / l;   lse = (m + log2 l) * ln 2               (natural log, fp32)
 
-Key padding masks keys in stages 2-3. A row that sees nothing (P = 0, every key masked) keeps
-m = -inf and l = 0: it writes out = 0 and lse = +inf, which the backward reads as "p = 0".
+Key padding masks keys in stage 2. A row that sees nothing (P = 0, no sink, every key masked)
+keeps m = -inf and l = 0: it writes out = 0 and lse = +inf, which the backward reads as "p = 0".
+q and k have head dim Dk, v and the output Dv (latent attention: Dk != Dv).
 
 Split-K (decode steps and short chunks over long caches, when the row blocks alone cannot fill
-the GPU): split s of S takes the prefix (s = 0 only) and sequence keys [s*K, (s+1)*K), and writes
-its normalized partial o_s with lse_s (-inf when it saw nothing). _combine_splits_kernel merges:
+the GPU): split s of S takes the sink and the prefix (s = 0 only) and sequence keys
+[base + s*K, base + (s+1)*K) (base: where the first query's window starts, else 0), and writes its normalized partial o_s with lse_s (-inf when it saw nothing).
+_combine_splits_kernel merges:
 
     lse = log sum_s exp(lse_s),    out = sum_s exp(lse_s - lse) o_s
+
+The output is written through strides into (B, Sq, Hq, Dv) memory: the returned (B, Hq, Sq, Dv)
+tensor is a transposed view, so the layout Hugging Face wants is a free ``.transpose(1, 2)``.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -30,63 +34,65 @@ import triton.language as tl
 
 from .common import (
     LOG2E,
-    SMEM_LIMIT,
     alloc,
+    as_i64,
     block_d,
     block_p,
     bucket,
     configs_from,
     dot_precision,
+    fixed_config,
     interpreting,
     load_tile,
     num_sms,
+    packed_row_offsets,
     pick,
     prefix_strides,
     smem_estimate,
+    smem_limit,
     store_tile,
-    tanh,
 )
+from .config import settings
+from .masks import row_block_keys, row_interval, scores
 
 
 @triton.jit
 def _attend(
-    acc, l_i, m_i, q, i_row,
+    acc, l_i, m_i, q, lo_row, hi_row,
     K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd, KPM_ptr, stride_mn,
-    lo, hi, n_limit, causal_off, qk_scale, softcap_scale, softcap_mul,
-    offs_d, d_ok,
-    MASK_LIMIT: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    MAYBE_EMPTY: tl.constexpr, EVEN_D: tl.constexpr,
+    lo, hi, n_limit, qk_scale, softcap_scale, softcap_mul,
+    offs_dk, dk_ok, offs_dv, dv_ok,
+    MASK: tl.constexpr, LIMIT: tl.constexpr, HAS_KPM: tl.constexpr,
+    MAYBE_EMPTY: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Fold keys [lo, hi) into the running (acc, l, m) of a block of rows. Keys past n_limit
-    are masked only when MASK_LIMIT (the fully visible blocks need no mask at all)."""
+    """Fold keys [lo, hi) into the running (acc, l, m) of a block of rows. MASK: the per-row
+    interval [lo_row, hi_row]; LIMIT: keys past n_limit (the loads, and the scores when not MASK)."""
     offs_n0 = tl.arange(0, BLOCK_N)
+    k_ptrs = K_ptr + as_i64(lo) * stride_kn + offs_n0[:, None] * stride_kn + offs_dk[None, :] * stride_kd
+    v_ptrs = V_ptr + as_i64(lo) * stride_vn + offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < n_limit
-        k = load_tile(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok,
-                      MASK_ROWS=MASK_LIMIT, EVEN_D=EVEN_D)
-        v = load_tile(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok,
-                      MASK_ROWS=MASK_LIMIT, EVEN_D=EVEN_D)
+        k = load_tile(k_ptrs, n_ok, dk_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DK)
+        v = load_tile(v_ptrs, n_ok, dv_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DV)
         if INTERPRET:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if SOFTCAP:
-            s = tanh(qk * softcap_scale) * softcap_mul
-        else:
-            s = qk * qk_scale
-        if MASK_LIMIT:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        if MASK_CAUSAL:
-            s = tl.where(offs_n[None, :] <= i_row[:, None] + causal_off, s, float("-inf"))
         if HAS_KPM:
-            kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0)
-            s = tl.where((kp != 0)[None, :], s, float("-inf"))
+            kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
+        else:
+            kp = n_ok
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _ = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
+                      SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
+        if LIMIT:
+            if not MASK:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MAYBE_EMPTY:  # P = 0 with padding: a row may have seen nothing yet (m = -inf)
+        if MAYBE_EMPTY:  # a row may have seen nothing yet (m = -inf)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_safe = m_new
@@ -96,6 +102,8 @@ def _attend(
         acc = acc * alpha[:, None]
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -103,43 +111,43 @@ FWD_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages), in order of preference
     (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3),
     (32, 128, 4, 3), (16, 128, 4, 3), (32, 32, 4, 1),
 ]
-SPLIT_GRANULE = 128  # keys per split are a multiple of every BLOCK_N above
+SPLIT_GRANULE = 128  # keys per split are a multiple of every BLOCK_N
+DECODE_ROWS = 64  # R <= this: a fixed config (no autotuning every time the cache grows)
+
+
+def _fits(es: int, width: int, limit: int):
+    return lambda bm, bn, stages: smem_estimate(es, bm, bn, width, stages, 1) <= limit
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     if interpreting():
         return configs
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    rows = named_args.get("R_BUCKET", kwargs.get("R_BUCKET", 1 << 20))
-    es = named_args["Q"].element_size()
-    # decode / short chunks: do not pad rows to 128
-    keep = [c for c in configs if not (rows <= 64 and c.kwargs["BLOCK_M"] > 64)] or configs
-    return pick(keep, lambda c: smem_estimate(es, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd,
-                                              c.num_stages, 1) <= SMEM_LIMIT)
+    width = (kwargs.get("BLOCK_DK", named_args.get("BLOCK_DK", 128))
+             + kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 128))) // 2
+    q = named_args["Q"]
+    fits = _fits(q.element_size(), width, smem_limit(q.device))
+    return pick(configs, lambda c: fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))
 
 
-@triton.autotune(
-    configs=configs_from(FWD_CONFIGS),
-    key=["R_BUCKET", "SK_BUCKET", "P", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SOFTCAP", "DOT_PRECISION", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _prune_fwd},
-)
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, PK, PV, KPM, PIDX, Out, Lse, OPart, LsePart,
+def _fwd_kernel_jit(
+    Q, K, V, PK, PV, KPM, PIDX, DOCS, DOCE, SINKS, Out, Lse, OPart, LsePart,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_docb,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hkv, Sq, Sk, P, G, R,
+    Hkv, Sq, Sk, P, G, R, window,
     qk_scale, softcap_scale, softcap_mul,
-    R_BUCKET, SK_BUCKET, KEYS_PER_SPLIT,
-    HEAD_DIM: tl.constexpr, SPLIT_K: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, SOFTCAP: tl.constexpr,
+    R_BUCKET, SK_BUCKET, KEY_BASE, KEYS_PER_SPLIT,
+    DK: tl.constexpr, DV: tl.constexpr, SPLIT_K: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
     MAYBE_EMPTY: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # the last row blocks see the most causal keys: launch them first to shorten the tail
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -149,7 +157,7 @@ def _fwd_kernel(
     hkv = pid_bh % Hkv
     causal_off = Sk - Sq
     if SPLIT_K:
-        key_lo = split * KEYS_PER_SPLIT
+        key_lo = KEY_BASE + split * KEYS_PER_SPLIT
         key_hi = key_lo + KEYS_PER_SPLIT
         prefix_hi = tl.where(split == 0, P, 0)
     else:
@@ -162,102 +170,125 @@ def _fwd_kernel(
     r_ok = offs_r < R
     i_row = offs_r // G
     g_row = offs_r % G
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_q = b.to(tl.int64) * stride_qb + (hkv * G + g_row) * stride_qh + i_row.to(tl.int64) * stride_qm
-    q = load_tile(Q + row_q[:, None] + offs_d[None, :] * stride_qd, r_ok, d_ok, MASK_ROWS=True, EVEN_D=EVEN_D)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dk_ok = offs_dk < DK
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    row_q = packed_row_offsets(b, hkv, G, offs_r, stride_qb, stride_qh, stride_qm)
+    q = load_tile(Q + row_q[:, None] + offs_dk[None, :] * stride_qd, r_ok, dk_ok, MASK_ROWS=True, EVEN_D=EVEN_DK)
     if INTERPRET:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_SINKS:  # the sink joins the softmax first: m = sink (log2 units), l = 2^(m - m) = 1
+        sink = tl.load(SINKS + hkv * G + g_row).to(tl.float32) * 1.4426950408889634
+        if SPLIT_K:
+            first = split == 0
+            m_i = tl.where(first, sink, float("-inf"))
+            l_i = tl.where(first, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
+        else:
+            m_i = sink
+            l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # ---- stage 1: the prefix (shared, per row, or this row's bank entry), always visible ----
     if HAS_INDEX:
         prow = tl.load(PIDX + b).to(tl.int64)
     else:
-        prow = b.to(tl.int64)
+        prow = as_i64(b)
     PK_ptr = PK + prow * stride_pkb + hkv * stride_pkh
     PV_ptr = PV + prow * stride_pvb + hkv * stride_pvh
     acc, l_i, m_i = _attend(
-        acc, l_i, m_i, q, i_row, PK_ptr, PV_ptr, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-        KPM, stride_mn, 0, prefix_hi, P, causal_off, qk_scale, softcap_scale, softcap_mul, offs_d, d_ok,
-        MASK_LIMIT=True, MASK_CAUSAL=False, HAS_KPM=False, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
-        SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
+        acc, l_i, m_i, q, i_row, i_row, PK_ptr, PV_ptr, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        KPM, stride_mn, 0, prefix_hi, P, qk_scale, softcap_scale, softcap_mul,
+        offs_dk, dk_ok, offs_dv, dv_ok,
+        MASK=False, LIMIT=True, HAS_KPM=False, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV,
+        SOFTCAP=SOFTCAP, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
     )
 
-    # ---- stages 2-3: the sequence ----
-    K_ptr = K + b.to(tl.int64) * stride_kb + hkv * stride_kh
-    V_ptr = V + b.to(tl.int64) * stride_vb + hkv * stride_vh
-    KPM_ptr = KPM + b.to(tl.int64) * stride_mb
-    if CAUSAL:
-        i_first = (pid_m * BLOCK_M) // G
-        i_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, R) - 1) // G
-        full_end = tl.minimum(i_first + causal_off + 1, Sk)  # keys every row of the block sees
-        hi = tl.minimum(i_last + causal_off + 1, Sk)  # keys past this are masked for every row
-    else:
-        full_end = Sk
-        hi = Sk
-    full_end = (full_end // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend(
-        acc, l_i, m_i, q, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KPM_ptr, stride_mn, key_lo, tl.minimum(full_end, key_hi), Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
-        offs_d, d_ok,
-        MASK_LIMIT=False, MASK_CAUSAL=False, HAS_KPM=HAS_KPM, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
-        SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
-    )
-    acc, l_i, m_i = _attend(
-        acc, l_i, m_i, q, i_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KPM_ptr, stride_mn, tl.maximum(full_end, key_lo), tl.minimum(hi, key_hi), Sk, causal_off, qk_scale, softcap_scale, softcap_mul,
-        offs_d, d_ok,
-        MASK_LIMIT=True, MASK_CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_D=EVEN_D,
-        SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
-    )
+    # ---- stage 2: the sequence keys some row of the block sees ----
+    K_ptr = K + as_i64(b) * stride_kb + hkv * stride_kh
+    V_ptr = V + as_i64(b) * stride_vb + hkv * stride_vh
+    KPM_ptr = KPM + as_i64(b) * stride_mb
+    DocS = DOCS + as_i64(b) * stride_docb
+    DocE = DOCE + as_i64(b) * stride_docb
+    lo_row, hi_row = row_interval(i_row, r_ok, DocS, DocE, causal_off, Sk, window,
+                                  CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW)
+    n_a, n_b, n_c, n_d = row_block_keys(lo_row, hi_row, r_ok, Sk, BLOCK_N)
+    if SPLIT_K:  # this split's share of the keys (its bounds are multiples of BLOCK_N)
+        n_a = tl.maximum(n_a, key_lo)
+        n_b = tl.minimum(tl.maximum(n_b, key_lo), key_hi)
+        n_c = tl.minimum(tl.maximum(n_c, key_lo), key_hi)
+        n_d = tl.minimum(n_d, key_hi)
+    for seg in tl.static_range(3):
+        if seg == 0:
+            lo = n_a
+            hi = n_b
+        elif seg == 1:
+            lo = n_b
+            hi = n_c
+        else:
+            lo = tl.maximum(n_c, n_a)
+            hi = n_d
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, q, lo_row, hi_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            KPM_ptr, stride_mn, lo, hi, Sk, qk_scale, softcap_scale, softcap_mul,
+            offs_dk, dk_ok, offs_dv, dv_ok,
+            MASK=seg != 1, LIMIT=seg != 1, HAS_KPM=HAS_KPM, MAYBE_EMPTY=MAYBE_EMPTY,
+            EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+            DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+        )
 
     # ---- epilogue ----
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse_seen = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # natural log
+    # flat (b, h, i) row index, int64: lse is (B, Hq, Sq) contiguous
+    flat = (as_i64(b) * Hkv * G + hkv * G + g_row) * Sq + i_row
     if SPLIT_K:
-        # partials (SPLITS, B*Hq*Sq, D) fp32 and (SPLITS, B*Hq*Sq); a split that saw nothing has lse -inf
-        flat = ((split * tl.num_programs(1) + pid_bh).to(tl.int64) * G + g_row) * Sq + i_row
-        tl.store(OPart + flat[:, None] * HEAD_DIM + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
-        tl.store(LsePart + flat, tl.where(empty, float("-inf"), lse_seen), mask=r_ok)
+        # partials (SPLITS, B*Hq*Sq, DV) fp32 and (SPLITS, B*Hq*Sq); a split that saw nothing has lse -inf
+        n_rows = as_i64(tl.num_programs(1)) * G * Sq
+        part = split * n_rows + flat
+        tl.store(OPart + part[:, None] * DV + offs_dv[None, :], out, mask=r_ok[:, None] & dv_ok[None, :])
+        tl.store(LsePart + part, tl.where(empty, float("-inf"), lse_seen), mask=r_ok)
     else:
         lse = tl.where(empty, float("inf"), lse_seen)
-        row_o = b.to(tl.int64) * stride_ob + (hkv * G + g_row) * stride_oh + i_row.to(tl.int64) * stride_om
-        store_tile(Out + row_o[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), r_ok, d_ok,
-                   EVEN_D=EVEN_D)
-        # lse is (B, Hq, Sq) contiguous
-        lse_off = (b.to(tl.int64) * Hkv * G + hkv * G + g_row) * Sq + i_row
-        tl.store(Lse + lse_off, lse, mask=r_ok)
+        row_o = packed_row_offsets(b, hkv, G, offs_r, stride_ob, stride_oh, stride_om)
+        store_tile(Out + row_o[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), r_ok, dv_ok,
+                   EVEN_D=EVEN_DV)
+        tl.store(Lse + flat, lse, mask=r_ok)
+
+
+_fwd_kernel = triton.autotune(
+    configs=configs_from(FWD_CONFIGS),
+    key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "HAS_SINKS",
+         "SOFTCAP", "DOT_PRECISION", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)(_fwd_kernel_jit)
 
 
 @triton.jit
 def _combine_splits_kernel(
     OPart, LsePart, Out, Lse, N_ROWS, SPLITS, Hq, Sq,
     stride_ob, stride_oh, stride_om, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, h, i) rows
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, h, i) rows
     r_ok = offs_r < N_ROWS
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask = r_ok[:, None] & (offs_d < DV)[None, :]
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for s in range(SPLITS):
         m = tl.maximum(m, tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     for s in range(SPLITS):
         w = tl.exp(tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")) - m_safe)
-        o = tl.load(OPart + (s * N_ROWS + offs_r.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=mask, other=0.0)
+        o = tl.load(OPart + (s * N_ROWS + offs_r)[:, None] * DV + offs_d[None, :], mask=mask, other=0.0)
         w_sum += w
         acc += w[:, None] * o
     empty = w_sum == 0.0
@@ -265,7 +296,7 @@ def _combine_splits_kernel(
     b = offs_r // (Hq * Sq)
     h = (offs_r // Sq) % Hq
     i = offs_r % Sq
-    row_o = b.to(tl.int64) * stride_ob + h * stride_oh + i.to(tl.int64) * stride_om
+    row_o = b * stride_ob + h * stride_oh + i * stride_om
     tl.store(Out + row_o[:, None] + offs_d[None, :] * stride_od, (acc / w_safe[:, None]).to(Out.dtype.element_ty),
              mask=mask)
     tl.store(Lse + offs_r, tl.where(empty, float("inf"), m_safe + tl.log(w_safe)), mask=r_ok)
@@ -274,10 +305,10 @@ def _combine_splits_kernel(
 def num_splits(B: int, Hkv: int, R: int, Sk: int, device: torch.device) -> int:
     """How many key splits the forward uses: more than one only when the row blocks alone leave
     most of the GPU idle (decode steps, short chunks) and the cache is long enough to share.
-    PREFIXATTN_SPLITS=N forces N (tests)."""
-    forced = os.environ.get("PREFIXATTN_SPLITS")
+    KernelSettings.splits (PREFIXATTN_SPLITS) forces a number (tests)."""
+    forced = settings().splits
     if forced:
-        return max(1, min(int(forced), triton.cdiv(max(Sk, 1), SPLIT_GRANULE)))
+        return max(1, min(forced, triton.cdiv(max(Sk, 1), SPLIT_GRANULE)))
     if R > 64 or Sk < 8 * SPLIT_GRANULE:
         return 1
     programs = B * Hkv * triton.cdiv(R, 64)
@@ -292,6 +323,13 @@ def softcap_args(scale: float, softcap: float) -> tuple[float, float]:
     if softcap > 0:
         return scale / softcap, softcap * LOG2E
     return 1.0, 1.0
+
+
+def decode_config(R: int, es: int, width: int, device: torch.device) -> dict:
+    """The fixed config of short row counts (decode steps): rows padded to a power of two >= 16."""
+    bm = max(16, min(DECODE_ROWS, triton.next_power_of_2(R)))
+    table = [(bm, 128, 4, 3), (bm, 64, 4, 3), (bm, 64, 4, 2), (bm, 32, 4, 1)]
+    return fixed_config(table, _fits(es, width, smem_limit(device)))
 
 
 def attention_forward(
@@ -310,53 +348,69 @@ def attention_forward(
     softcap: float,
     window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Inputs are validated by prefixattn.ops. Returns (out, lse)."""
-    if doc_start is not None or sinks is not None or window:
-        raise NotImplementedError("documents, sinks and sliding windows are not in the kernels yet")
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    """Launch the forward kernel. Inputs are validated by prefixattn.ops. Returns (out, lse):
+    out (B, Hq, Sq, Dv) a view of (B, Sq, Hq, Dv) memory, lse (B, Hq, Sq) fp32 (sink included)."""
+    B, Hq, Sq, Dk = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     R = G * Sq
     P = prefix_k.shape[-2]
-    out = alloc((B, Hq, Sq, D), like=q)
+    out = alloc((B, Sq, Hq, Dv), like=q).transpose(1, 2)
     lse = alloc((B, Hq, Sq), like=q, dtype=torch.float32)
     if B == 0:
         return out, lse
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     kpm_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    has_docs = doc_start is not None
+    docs = doc_start.contiguous() if has_docs else q
+    doce = doc_end.contiguous() if has_docs else q
     pidx = prefix_index if prefix_index is not None else q
     a, c = softcap_args(scale, softcap)
-    BLOCK_D = block_d(D)
-    splits = num_splits(B, Hkv, R, Sk, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(max(Sk, 1), splits), SPLIT_GRANULE) * SPLIT_GRANULE
-    splits = triton.cdiv(max(Sk, 1), keys_per_split) if splits > 1 else 1
+    BLOCK_DK, BLOCK_DV = block_d(Dk), block_d(Dv)
+    # under a window no query sees keys before the first query's window: splits share only the rest
+    key_base = max(0, Sk - Sq - window + 1) // SPLIT_GRANULE * SPLIT_GRANULE if window > 0 else 0
+    span = max(Sk - key_base, 1)
+    splits = num_splits(B, Hkv, R, span, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(span, splits), SPLIT_GRANULE) * SPLIT_GRANULE
+    splits = triton.cdiv(span, keys_per_split) if splits > 1 else 1
     if splits > 1:
-        o_part = alloc((splits, B * Hq * Sq, D), like=q, dtype=torch.float32)
+        o_part = alloc((splits, B * Hq * Sq, Dv), like=q, dtype=torch.float32)
         lse_part = alloc((splits, B * Hq * Sq), like=q, dtype=torch.float32)
     else:
         o_part = lse_part = out
 
-    def grid(meta):
-        return (triton.cdiv(R, meta["BLOCK_M"]), B * Hkv, splits)
-
-    _fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, kpm, pidx, out, lse, o_part, lse_part,
+    args = (
+        q, k, v, prefix_k, prefix_v, kpm, pidx, docs, doce, sinks.contiguous() if sinks is not None else q,
+        out, lse, o_part, lse_part,
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_strides(prefix_k), *prefix_strides(prefix_v),
-        *kpm_strides, *out.stride(),
-        Hkv, Sq, Sk, P, G, R,
+        *kpm_strides, Sk if has_docs else 0, *out.stride(),
+        Hkv, Sq, Sk, P, G, R, int(window),
         scale * LOG2E, a, c,
-        bucket(R), bucket(Sk), keys_per_split,
-        HEAD_DIM=D, SPLIT_K=splits > 1, # a row may have seen nothing yet: no prefix and padding, or a split of keys past its diagonal
-        MAYBE_EMPTY=splits > 1 or (P == 0 and (key_padding_mask is not None or Sk == 0)),
-        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
-        SOFTCAP=softcap > 0, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
-        EVEN_D=D == BLOCK_D, BLOCK_D=BLOCK_D, BLOCK_P=block_p(P, 64),
+        bucket(R), bucket(Sk), key_base, keys_per_split,
     )
+    meta = dict(
+        DK=Dk, DV=Dv, SPLIT_K=splits > 1,
+        # a row may have seen nothing yet: no prefix or sink, and padding, a window or a document
+        # start hides a row's first keys, or a split of keys past its diagonal
+        MAYBE_EMPTY=splits > 1 or (P == 0 and sinks is None and (
+            key_padding_mask is not None or Sk == 0 or has_docs or window > 0)),
+        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
+        HAS_DOCS=has_docs, HAS_WINDOW=window > 0, HAS_SINKS=sinks is not None,
+        SOFTCAP=softcap > 0, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
+        EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        BLOCK_P=block_p(P, 64),
+    )
+    if R <= DECODE_ROWS:
+        cfg = decode_config(R, q.element_size(), (BLOCK_DK + BLOCK_DV) // 2, q.device)
+        grid = (triton.cdiv(R, cfg["BLOCK_M"]), B * Hkv, splits)
+        _fwd_kernel_jit[grid](*args, **meta, **cfg)
+    else:
+        _fwd_kernel[lambda m: (triton.cdiv(R, m["BLOCK_M"]), B * Hkv, splits)](*args, **meta)
     if splits > 1:
         n_rows = B * Hq * Sq
         _combine_splits_kernel[(triton.cdiv(n_rows, 16),)](
             o_part, lse_part, out, lse, n_rows, splits, Hq, Sq, *out.stride(),
-            HEAD_DIM=D, BLOCK_R=16, BLOCK_D=BLOCK_D,
+            DV=Dv, BLOCK_R=16, BLOCK_DV=BLOCK_DV,
         )
     return out, lse

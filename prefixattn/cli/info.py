@@ -9,6 +9,10 @@ import os
 import platform
 from typing import Any
 
+import torch
+
+import prefixattn
+
 
 def _version(module: str) -> str:
     try:
@@ -19,8 +23,6 @@ def _version(module: str) -> str:
 
 def backends() -> dict[str, str]:
     """Each attention backend of prefix_attention, and whether it can run here (with the reason)."""
-    import torch
-
     out = {"torch": "yes (pure PyTorch, any device)"}
     if importlib.util.find_spec("triton") is None:
         out["triton"] = "no: the triton package does not import"
@@ -39,10 +41,6 @@ def backends() -> dict[str, str]:
 
 
 def info() -> dict[str, Any]:
-    import torch
-
-    import prefixattn
-
     dev = "cpu"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

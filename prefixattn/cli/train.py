@@ -242,6 +242,16 @@ def training_arguments(cfg: TrainConfig, out: Path, resuming: bool) -> Any:
     )
 
 
+def sharding(trainer: Any) -> str:
+    """How the Trainer shards the model, as the run reports it (empty for plain data parallelism)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        return f" (FSDP{version})"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return " (DeepSpeed)"
+    return ""
+
+
 def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary. Raises ValueError on bad settings or data,
     before any training step."""
@@ -289,9 +299,12 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
 
     say(f"{described}\nmodel: {type(base).__name__} ({cfg.model or 'embedded tiny Llama'}), {cfg.dtype}"
         f"{', bf16 autocast' if cfg.bf16 else ', fp16 autocast' if cfg.fp16 else ''}, on {args.device}"
-        f"{f' x {size} processes' if size > 1 else ''}; prefix: P={cfg.prefix_tokens}, {n_params} trainable "
-        f"parameters; batch {cfg.batch_size} per process x {size} x {cfg.grad_accum} accumulation = "
-        f"{global_batch}{', packed rows' if cfg.packing else ''}")
+        f"{f' x {size} processes' if size > 1 else ''}{sharding(trainer)}; prefix: P={cfg.prefix_tokens}, "
+        f"{n_params} trainable parameters; batch {cfg.batch_size} per process x {size} x {cfg.grad_accum} "
+        f"accumulation = {global_batch}{', packed rows' if cfg.packing else ''}")
+    if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        say(f"note: the Trainer did not enable FSDP ({cfg.fsdp!r}) on {args.device}: it runs as plain data "
+            f"parallelism (FSDP through the Trainer needs GPUs)")
     if resume_from is not None:
         say(f"resuming from {resume_from} (step {read_marker(resume_from)['step']})")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

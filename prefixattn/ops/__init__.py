@@ -24,7 +24,7 @@ import torch
 from ..documents import Documents
 from ..reference import prefix_attention_torch
 from .autograd import PrefixAttentionFunction
-from .backend import missing_kernel_features, resolve_backend, triton_available, triton_interpreting
+from .backend import resolve_backend, triton_available, triton_interpreting
 from .checks import BACKENDS, MAX_HEAD_DIM, SUPPORTED_DTYPES, autocast_inputs, check_inputs
 
 Backend = Literal["auto", "triton", "torch"]
@@ -78,10 +78,11 @@ def prefix_attention(
     outside it, mixed dtypes are a TypeError.
 
     backend: "triton" (the fused kernels; CPU tensors only under TRITON_INTERPRET=1), "torch"
-    (pure PyTorch, same semantics), "auto" (triton on CUDA or when interpreting, else torch;
-    features the kernels lack run on torch). deterministic: True (default): two backward
+    (pure PyTorch, same semantics), "auto" (triton on CUDA or when interpreting, else torch).
+    deterministic: True (default): two backward
     passes are bitwise equal. False: the triton backend adds dq and the prefix gradient with fp32
-    atomics (faster; the rounding then varies from run to run).
+    atomics (faster; the rounding then varies from run to run) and lets the autotuner pick the
+    backward configs (True pins them, so two processes give bitwise-equal gradients).
     """
     if isinstance(q, torch.Tensor):
         q, k, v, prefix_k, prefix_v = autocast_inputs((q, k, v, prefix_k, prefix_v), q.device.type)
@@ -102,9 +103,7 @@ def prefix_attention(
     # a window that covers every key changes nothing
     window = sliding_window if sliding_window is not None and sliding_window < k.shape[2] else None
 
-    missing = missing_kernel_features(dk=checked.dk, dv=checked.dv, sliding_window=window,
-                                      documents=documents, sinks=sinks)
-    if resolve_backend(backend, q, missing) == "torch":
+    if resolve_backend(backend, q) == "torch":
         return prefix_attention_torch(
             q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal,
             scale=scale, prefix_index=prefix_index, softcap=float(softcap), sliding_window=window,

@@ -1,6 +1,9 @@
 """The Triton path of ``prefix_attention``: torch.library custom ops (what torch.compile traces:
 opaque, with fake implementations giving shapes and strides) and the autograd Function.
 
+Eager calls skip the torch.library dispatch (its per-call overhead is paid on every layer of every
+step): the Function calls the launchers directly unless torch.compile is tracing.
+
 The Function saves q, k, v, out and the fp32 row logsumexp (which includes the sink), and its
 backward computes only the gradients autograd asks for.
 """
@@ -44,7 +47,7 @@ def _forward_op(
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
       causal, scale, softcap, window):
     B, Hq, Sq, _ = q.shape
-    out = q.new_empty((B, Hq, Sq, v.shape[-1]))
+    out = q.new_empty((B, Sq, Hq, v.shape[-1])).transpose(1, 2)  # the kernel's (B, Sq, Hq, Dv) memory
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
     return out, lse
 
@@ -100,7 +103,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, sinks, key_padding_mask, prefix_index, doc_start, doc_end,
                 causal, scale, softcap, window, deterministic):
-        out, lse = _forward_op(
+        forward = _forward_op if torch.compiler.is_compiling() else kernels().attention_forward
+        out, lse = forward(
             q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
             causal, scale, softcap, window,
         )
@@ -121,7 +125,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
         n_inputs = 15
         if not (need_q or need_dkv or need_dprefix or need_sinks):
             return (None,) * n_inputs
-        dq, dk, dv, dpk, dpv, dsinks = _backward_op(
+        backward = _backward_op if torch.compiler.is_compiling() else kernels().attention_backward
+        dq, dk, dv, dpk, dpv, dsinks = backward(
             grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
             doc_start, doc_end, sinks, ctx.causal, ctx.scale, ctx.softcap, ctx.window,
             need_q, need_dkv, need_dprefix, need_sinks, ctx.deterministic,

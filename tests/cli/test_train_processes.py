@@ -13,10 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from prefixattn.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, like the subprocesses (ENV): the test workers share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 FAST = ["--backend", "torch", "--device", "cpu", "--report-to", "none", "--no-plot"]
 TINY = ["--seq-len", 12, "--prefix-tokens", 4, *FAST]
@@ -63,14 +73,13 @@ def test_two_gloo_processes_train_like_one_with_twice_the_batch(tmp_path, capsys
     ckpt = two / "checkpoint-6"
     assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
     assert json.loads((ckpt / "prefixattn.json").read_text())["world_size"] == 2
-    # not trivially equal: training moved the prefix
-    untouched = tmp_path / "zero"
-    assert main([str(a) for a in ["train", "--out", untouched, "--batch-size", 8, *common[2:], "--steps", 1]]) == 0
-    assert (prefix(untouched) - a).abs().max() > 1e-3
+    # not trivially equal: steps 4 to 6 moved the prefix
+    (at_three,) = load_file(str(two / "checkpoint-3" / "model.safetensors")).values()
+    assert (at_three - a).abs().max() > 1e-3
 
 
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, capsys):
-    steps = 60
+    steps = 30
     common = ["--steps", steps, "--batch-size", 8, "--eval-every", 25, "--save-every", 2, "--lr", 0.05,
               "--lr-schedule", "linear", "--warmup", 3, *TINY]
     a = tmp_path / "killed"

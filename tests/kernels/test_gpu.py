@@ -1,10 +1,16 @@
-"""GPU-only checks: bf16/fp16 at real sizes, every head dim, determinism of the backward."""
+"""GPU-only checks: bf16/fp16 at real sizes, every head dim, windows, documents, sinks, Dk != Dv,
+determinism of the backward (in one process and across two)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import Case, assert_close_rel, concat_reference, make_inputs
+from helpers import Case, assert_close_rel, concat_reference, make_case, make_inputs
+from prefixattn.kernels.config import use_settings
 
 import prefixattn
 
@@ -20,28 +26,32 @@ GPU_CASES = [
     Case(B=2, Hq=8, Hkv=2, Sq=128, Sk=1000, P=32, D=128),  # chunked prefill
     Case(B=2, Hq=8, Hkv=4, Sq=300, Sk=200, P=8, D=64, causal=False, softcap=30.0),
     Case(B=2, Hq=4, Hkv=2, Sq=64, Sk=64, P=0, D=64, padding="empty_row"),
+    Case(B=2, Hq=8, Hkv=2, Sq=700, Sk=700, P=16, D=128, window=128),
+    Case(B=2, Hq=8, Hkv=2, Sq=1, Sk=3000, P=16, D=128, window=500, prefix="bank"),
+    Case(B=2, Hq=8, Hkv=4, Sq=600, Sk=600, P=32, D=64, docs=True, padding="right"),
+    Case(B=2, Hq=8, Hkv=2, Sq=300, Sk=300, P=8, D=64, sinks=True, window=100),
+    Case(B=2, Hq=8, Hkv=2, Sq=256, Sk=256, P=16, D=192, Dv=128, docs=True, sinks=True),
 ]
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("PREFIXATTN_POISON", "1")
+def _poison():
+    with use_settings(poison=True):
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_gpu_matches_float64_reference(case, dtype):
-    (q, k, v, pk, pv), mask, idx = make_inputs(case, dtype=dtype, device="cuda")
-    out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal,
-                                      prefix_index=idx, softcap=case.softcap, backend="triton")
-    ref = concat_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal,
-                           prefix_index=idx, softcap=case.softcap)
+    x = make_case(case, dtype=dtype, device="cuda")
+    out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="triton")
+    ref = concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs())
     tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}[dtype]
     assert_close_rel(out, ref, tol, "out")
     do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v, pk, pv), do)
-    refs = torch.autograd.grad(ref, (q, k, v, pk, pv), do.double())
-    for name, g, r in zip(("dq", "dk", "dv", "dpk", "dpv"), grads, refs, strict=True):
+    grads = torch.autograd.grad(out, x.grad_inputs, do)
+    refs = torch.autograd.grad(ref, x.grad_inputs, do.double())
+    for name, g, r in zip(("dq", "dk", "dv", "dpk", "dpv", "dsinks"), grads, refs, strict=True):
         if case.P == 0 and name.startswith("dp"):
             continue
         assert_close_rel(g, r, tol * 1.5, name)
@@ -57,6 +67,29 @@ def test_gpu_backward_bitwise_deterministic(prefix):
     g2 = torch.autograd.grad(out, (q, k, v, pk, pv), do)
     for a, b in zip(g1, g2, strict=True):
         assert torch.equal(a, b)
+
+
+_GRADS_SCRIPT = """
+import hashlib, sys, torch
+sys.path.insert(0, sys.argv[1])
+from helpers import Case, make_case
+import prefixattn
+torch.manual_seed(0)
+x = make_case(Case(B=2, Hq=16, Hkv=4, Sq=700, Sk=700, P=32, D=128, prefix="bank", docs=True, sinks=True),
+              dtype=torch.bfloat16, device="cuda")
+out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs())
+grads = torch.autograd.grad(out, x.grad_inputs, torch.ones_like(out))
+print(hashlib.sha256(b"".join(g.float().cpu().numpy().tobytes() for g in grads)).hexdigest())
+"""
+
+
+def test_gpu_backward_bitwise_equal_across_processes():
+    """deterministic=True pins the backward configs: a fresh process (empty autotune cache) gives the
+    same bits."""
+    tests_dir = str(Path(__file__).resolve().parent.parent)
+    runs = [subprocess.run([sys.executable, "-c", _GRADS_SCRIPT, tests_dir], capture_output=True, text=True,
+                           check=True).stdout.strip() for _ in range(2)]
+    assert runs[0] and runs[0] == runs[1]
 
 
 def test_gpu_atomic_gradients_close_to_deterministic():

@@ -1,5 +1,6 @@
 """The Triton kernels (through the interpreter on CPU) against the float64 concat reference:
-forward and every gradient, over shapes, GQA, padding, decode, prefix forms, causal or not."""
+forward and every gradient (the sinks' included), over shapes, GQA, padding, decode, prefix forms,
+causal or not, sliding windows, packed documents, sinks and Dk != Dv."""
 
 from __future__ import annotations
 
@@ -8,48 +9,54 @@ import torch
 from helpers import (
     CASES,
     DEVICE,
+    FEATURE_CASES,
     REL_TOL,
     Case,
     assert_close_rel,
     concat_reference,
     count_launches,
+    make_case,
     make_inputs,
 )
+from prefixattn.kernels.config import use_settings
 
 import prefixattn
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
+def _poison():
     # Every kernel output starts as NaN: an element a kernel forgets to write fails the test.
-    monkeypatch.setenv("PREFIXATTN_POISON", "1")
+    with use_settings(poison=True):
+        yield
 
 
 def run_case(c: Case, dtype=torch.float32, device=DEVICE, tol=None, deterministic=True):
-    (q, k, v, pk, pv), mask, idx = make_inputs(c, dtype, device)
-    out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=c.causal,
-                                      prefix_index=idx, softcap=c.softcap, backend="triton",
+    x = make_case(c, dtype, device)
+    pk = x.pk
+    idx = x.idx
+    out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="triton",
                                       deterministic=deterministic)
-    ref = concat_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=c.causal,
-                           prefix_index=idx, softcap=c.softcap)
+    ref = concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs())
     tol = tol or REL_TOL[dtype]
     assert out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous(), "the output's memory is (B, Sq, Hq, Dv)"
     assert_close_rel(out, ref, tol, f"{c} out")
     do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v, pk, pv), do)
-    refs = torch.autograd.grad(ref, (q, k, v, pk, pv), do.double())
-    for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, refs, strict=True):
+    grads = torch.autograd.grad(out, x.grad_inputs, do)
+    refs = torch.autograd.grad(ref, x.grad_inputs, do.double())
+    names = ("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dsinks")
+    for name, g, r in zip(names, grads, refs, strict=False):
         if c.P == 0 and name.startswith("dprefix"):
             assert g.shape == r.shape and g.numel() == 0
             continue
         assert_close_rel(g, r, tol, f"{c} {name}")
     if idx is not None and c.P > 0:  # bank entries no row selected get exactly zero
         unused = [n for n in range(pk.shape[0]) if n not in idx.tolist()]
-        assert unused and all(torch.count_nonzero(g[n]) == 0 for g in grads[3:] for n in unused)
-    return out, grads, mask, idx
+        assert unused and all(torch.count_nonzero(g[n]) == 0 for g in grads[3:5] for n in unused)
+    return out, grads, x.mask, idx
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + FEATURE_CASES, ids=str)
 def test_kernel_matches_float64_reference(case):
     out, grads, mask, idx = run_case(case)
     if case.padding == "empty_row" and case.P == 0:
@@ -139,11 +146,12 @@ def test_nondeterministic_backward(c):
 def test_nondeterministic_dq_skips_the_dq_kernel(monkeypatch):
     from prefixattn.kernels import backward
 
-    launched = count_launches(monkeypatch, backward, "_dq_kernel")
+    tuned = count_launches(monkeypatch, backward, "_dq_kernel")
+    pinned = count_launches(monkeypatch, backward, "_dq_kernel_jit")
     run_case(Case(Sq=9, Sk=9), deterministic=False)
-    assert not launched
+    assert not tuned and not pinned
     run_case(Case(Sq=9, Sk=9), deterministic=True)
-    assert len(launched) == 1
+    assert len(pinned) == 1 and not tuned, "deterministic=True launches the pinned config, no autotuner"
 
 
 SPLIT_CASES = [
@@ -151,18 +159,20 @@ SPLIT_CASES = [
     Case(Sq=3, Sk=260, P=0, padding="empty_row"),  # a split (or every split) sees nothing
     Case(Sq=40, Sk=300, Hq=4, Hkv=4, D=80, softcap=4.0),  # chunked prefill, odd D
     Case(Sq=5, Sk=270, causal=False, padding="right", prefix="row"),
+    Case(Sq=2, Sk=280, window=150, sinks=True, D=24, Dv=40, P=3),  # window across splits, sink in split 0
+    Case(Sq=1, Sk=520, window=200, P=2, Hq=8, Hkv=2, padding="left"),  # splits start at the window
 ]
 
 
-@pytest.mark.parametrize("splits", [2, 3])
-@pytest.mark.parametrize("c", SPLIT_CASES, ids=str)
+@pytest.mark.parametrize("c,splits", list(zip(SPLIT_CASES, [3, 2, 3, 2, 3, 2], strict=True)),
+                         ids=lambda x: str(x))
 def test_split_k_forward(c, splits, monkeypatch):
     # keys split over programs, partial results merged by logsumexp; the backward reads the merged lse
     from prefixattn.kernels import forward
 
-    monkeypatch.setenv("PREFIXATTN_SPLITS", str(splits))
     merges = count_launches(monkeypatch, forward, "_combine_splits_kernel")
-    run_case(c)
+    with use_settings(splits=splits):
+        run_case(c)
     assert merges, "the split path did not run"
 
 
@@ -202,3 +212,16 @@ def test_backward_is_deterministic_on_repeat():
     g1 = torch.autograd.grad(out, (pk, pv), do, retain_graph=True)
     g2 = torch.autograd.grad(out, (pk, pv), do)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+def test_windowed_decode_splits_only_the_window(monkeypatch):
+    """Under a window the split-K heuristic counts only the keys from the first query's window on:
+    a short window over a long cache needs no split (without the window it would take two)."""
+    from prefixattn.kernels import forward
+
+    cpu = torch.device("cpu")
+    assert forward.num_splits(B=1, Hkv=1, R=4, Sk=1100, device=cpu) == 2
+    grids = count_launches(monkeypatch, forward, "_fwd_kernel_jit")
+    merges = count_launches(monkeypatch, forward, "_combine_splits_kernel")
+    run_case(Case(B=1, Hq=4, Hkv=1, Sq=1, Sk=1100, window=100, P=3))
+    assert grids and grids[0][2] == 1 and not merges

@@ -1,0 +1,81 @@
+"""Kernel settings read once (KernelSettings), config choice without measuring (decode steps,
+deterministic backward), the shared-memory budget, and the eager path that skips torch.library."""
+
+from __future__ import annotations
+
+import torch
+from helpers import Case, assert_close_rel, concat_reference, count_launches, make_case
+from prefixattn.kernels import backward, forward
+from prefixattn.kernels.common import DEFAULT_SMEM, fixed_config, smem_limit
+from prefixattn.kernels.config import KernelSettings, settings, use_settings
+
+import prefixattn
+from prefixattn.ops import autograd
+
+
+def test_settings_from_env():
+    s = KernelSettings.from_env({"PREFIXATTN_AUTOTUNE": "0", "PREFIXATTN_POISON": "1", "PREFIXATTN_SPLITS": "3"})
+    assert (s.autotune, s.poison, s.splits, s.interpret) == (False, True, 3, False)
+    s = KernelSettings.from_env({"TRITON_INTERPRET": "1"})
+    assert s.interpret and not s.autotune and not s.poison and s.splits == 0
+    assert settings().poison, "tests/conftest.py sets PREFIXATTN_POISON=1 before the import"
+
+
+def test_use_settings_restores():
+    before = settings()
+    with use_settings(splits=2, poison=False) as s:
+        assert settings() is s and s.splits == 2 and not s.poison
+    assert settings() == before
+
+
+def test_shared_memory_budget_and_pinned_configs():
+    assert smem_limit(torch.device("cpu")) == DEFAULT_SMEM
+    table = [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)]
+    # with the interpreter off, the first row that fits wins; the choice depends only on its inputs
+    with use_settings(interpret=False):
+        small = fixed_config(table, lambda bm, bn, s: bm * bn * s <= 64 * 64 * 2)
+        assert small == dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        assert fixed_config(table, lambda *a: False)["BLOCK_M"] == 32  # nothing fits: the smallest
+
+
+def test_decode_steps_use_a_fixed_config(monkeypatch):
+    """Short row counts (decode) launch the plain kernel: no autotuning as the cache grows."""
+    tuned = count_launches(monkeypatch, forward, "_fwd_kernel")
+    plain = count_launches(monkeypatch, forward, "_fwd_kernel_jit")
+    for sk in (20, 33, 65):
+        x = make_case(Case(Sq=1, Sk=sk, Hq=8, Hkv=2), requires_grad=False)
+        out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, backend="triton")
+        assert_close_rel(out, concat_reference(x.q, x.k, x.v, x.pk, x.pv), 2e-3, "out")
+    assert len(plain) == 3 and not tuned
+    x = make_case(Case(Sq=40, Sk=40, Hq=4, Hkv=2), requires_grad=False)  # R = 80 rows: tuned
+    prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, backend="triton")
+    assert len(tuned) == 1
+
+
+def test_deterministic_backward_pins_both_kernels(monkeypatch):
+    tuned = [count_launches(monkeypatch, backward, n) for n in ("_dq_kernel", "_dkdv_kernel")]
+    pinned = [count_launches(monkeypatch, backward, n) for n in ("_dq_kernel_jit", "_dkdv_kernel_jit")]
+    x = make_case(Case(Sq=9, Sk=9))
+    out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, backend="triton")
+    torch.autograd.grad(out.sum(), x.grad_inputs)
+    assert [len(p) for p in pinned] == [1, 1] and not any(tuned)
+
+
+def test_eager_calls_skip_the_custom_op(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("eager call went through torch.library")
+
+    monkeypatch.setattr(autograd, "_forward_op", boom)
+    monkeypatch.setattr(autograd, "_backward_op", boom)
+    x = make_case(Case(Sq=7, Sk=7))
+    out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, backend="triton")
+    torch.autograd.grad(out.sum(), x.grad_inputs)
+
+
+def test_custom_op_fake_matches_the_kernel():
+    """opcheck compares the fake implementation (shapes, strides: (B, Sq, Hq, Dv) memory) with the kernel."""
+    x = make_case(Case(B=1, Hq=2, Hkv=1, Sq=5, Sk=5, P=2, D=16, Dv=8, sinks=True), requires_grad=False)
+    args = (x.q, x.k, x.v, x.pk, x.pv, None, None, None, None, x.sinks, True, 0.25, 0.0, 0)
+    torch.library.opcheck(autograd._forward_op, args, test_utils=("test_schema", "test_faketensor"))
+    out, _ = autograd._forward_op(*args)
+    assert out.shape == (1, 2, 5, 8) and out.transpose(1, 2).is_contiguous()
