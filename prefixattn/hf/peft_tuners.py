@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..prefix import MODULE_NAME
+from .adapters import ORDER_HINT
 from .patcher import InitKind, detach, patch_model
 from .state import get_state
 
@@ -76,7 +77,9 @@ def patch_tuner_model(
                          "trained and saved with the adapter")
     base = peft_model.get_base_model()
     if get_state(base) is not None:
-        raise ValueError("this model is already patched by prefixattn (call prefixattn.unpatch first)")
+        raise ValueError("this model is already patched by prefixattn (call prefixattn.unpatch first); a "
+                         "model patched before get_peft_model() carries a prefix PEFT does not train. "
+                         f"{ORDER_HINT}")
     patch_model(base, num_prefix_tokens, prefix_projection=prefix_projection,
                 projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes, layers=layers,
                 init=init, init_text=init_text, tokenizer=tokenizer, dtype=dtype, backend=backend,

@@ -227,6 +227,8 @@ def test_get_peft_model_on_a_patched_model_is_refused_when_it_freezes_the_prefix
     model.train()
     with pytest.raises(ValueError, match=r"prefixattn.patch\(get_peft_model\(base"):
         model(input_ids=ids, attention_mask=mask, labels=ids)
+    with pytest.raises(ValueError, match=r"already patched.*prefixattn.patch\(get_peft_model\(base"):
+        prefixattn.patch(model, num_prefix_tokens=P)
 
 
 def test_get_peft_model_with_modules_to_save_trains_the_copy_the_model_reads(tmp_path):
