@@ -186,6 +186,11 @@ def test_trainer_checkpoint_and_resume_keep_lora_and_prefix(tmp_path):
     trainer.train()
     trained = _trained_state(model)
     assert any("lora_B" in n for n in trained) and any("prefixattn" in n for n in trained)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "checkpoint-3" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.prefixattn_prefix.kv" in keys and any("lora_B" in k for k in keys)
 
     fresh = _lora_prefix(seed=9)  # the same recipe, other initial values
     assert not all(torch.equal(p, trained[n]) for n, p in _trained_state(fresh).items())
