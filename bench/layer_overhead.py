@@ -168,16 +168,22 @@ class _ReadCounter:
                 setattr(torch.Tensor, name, real)
 
 
-def host_syncs(num_layers: int = 8) -> _ReadCounter:
+def host_syncs(num_layers: int = 8, packed: bool = False) -> _ReadCounter:
+    """Reads during one forward of the bank model: 3 rows of 6 tokens with an attention mask, or (packed)
+    one row of three documents given by position_ids that restart, no mask (padding-free batches)."""
     model = prefixattn.patch(_tiny_llama(num_layers), num_prefix_tokens=4, num_prefixes=4, backend="torch")
-    ids = torch.randint(3, 97, (3, 6))
-    mask = torch.ones_like(ids)
-    prefix_ids = torch.tensor([0, 3, 1])
+    if packed:
+        inputs = {"input_ids": torch.randint(3, 97, (1, 9)), "prefix_ids": torch.tensor([2]),
+                  "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])}
+    else:
+        ids = torch.randint(3, 97, (3, 6))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  "prefix_ids": torch.tensor([0, 3, 1])}
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, prefix_ids=prefix_ids)  # warm up (lazy imports, caches)
+        model(**inputs)  # warm up (lazy imports, caches)
         counter = _ReadCounter()
         with counter.active():
-            model(input_ids=ids, attention_mask=mask, prefix_ids=prefix_ids)
+            model(**inputs)
     return counter
 
 
@@ -198,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, bank, dtype in cases:
         t = layer_time(args.calls, bank, dtype)
         print(f"| {name} | {t['layer (torch backend)']:.1f} | {t['glue only (op stubbed)']:.1f} |")
-    counter = host_syncs()
-    print("\n2. host syncs in one forward, tiny Llama, 8 layers, bank of 4, prefix_ids given, B=3 S=6")
-    print(f"total {counter.total}, from prefixattn {counter.ours}")
-    for site, n in sorted(counter.sites.items()):
-        print(f"  {n:3d}  {site}")
+    for packed in (False, True):
+        counter = host_syncs(packed=packed)
+        what = "one packed row of 3 documents (position_ids, no mask)" if packed else "B=3 S=6 with a mask"
+        print(f"\n2{'b' if packed else ''}. host syncs in one forward, tiny Llama, 8 layers, bank of 4, "
+              f"prefix_ids given, {what}")
+        print(f"total {counter.total}, from prefixattn {counter.ours}")
+        for site, n in sorted(counter.sites.items()):
+            print(f"  {n:3d}  {site}")
     return 0
 
 

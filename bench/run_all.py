@@ -36,7 +36,9 @@ SUITES = ("micro", "train", "bank")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m bench") -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                 epilog="one suite: python -m bench micro|train|bank [OPTIONS]; the kernel "
+                                        "tuning probe (GPU): python -m bench tune --help")
     add_arguments(ap)
     return ap.parse_args(argv)
 

@@ -191,6 +191,24 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
     return done if cfg.resume else None
 
 
+def check_packing(model: Any) -> None:
+    """--packing needs a patcher that keeps the documents of a packed row apart (position_ids restarting
+    per document); refuse, rather than train on documents that see each other, when it does not: the
+    logits of a document inside a packed row must be those of the document alone."""
+    vocab = model.config.vocab_size
+    first, second = torch.arange(5) % (vocab - 3) + 3, (torch.arange(4) + 7) % (vocab - 3) + 3
+    device = next(model.parameters()).device
+    row = torch.cat([first, second])[None].to(device)
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None].to(device)
+    with torch.no_grad():
+        packed = model(input_ids=row, position_ids=positions).logits[0, 5:]
+        alone = model(input_ids=second[None].to(device)).logits[0]
+    tol = 1e-3 if packed.dtype == torch.float32 else 3e-2
+    if not torch.allclose(packed.float(), alone.float(), rtol=tol, atol=tol):
+        raise ValueError("--packing: this version of prefixattn's patcher does not keep the documents of a "
+                         "packed row apart (position_ids restarting per document); train without --packing")
+
+
 def run_settings(cfg: TrainConfig) -> dict[str, Any]:
     _, size = world()
     return {**asdict(cfg), "world_size": size, "global_batch": cfg.batch_size * size * cfg.grad_accum}
@@ -278,6 +296,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     model = prefixattn.patch(base, num_prefix_tokens=cfg.prefix_tokens,
                              prefix_projection=cfg.prefix_projection, backend=cfg.backend)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.packing:
+        check_packing(model)
 
     args = training_arguments(cfg, out, resuming=resume_from is not None)
     progress = ProgressCallback()

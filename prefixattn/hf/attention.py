@@ -3,8 +3,9 @@
 The mask function hands the attention function the 2-D (B, Sk) padding mask (or None without padding).
 The attention function runs once per layer: it looks its layer's prefix up in the step plan (built once
 per step by the pre-hook, ``hooks.py``) and calls ``prefixattn.prefix_attention`` with the sequence K/V
-(the KV cache holds the sequence only; the prefix never enters it). It does no host sync and no copy of
-the prefix unless a layer runs in another dtype or on another device than the plan expected.
+(the KV cache holds the sequence only; the prefix never enters it). It does no host sync (the plan
+checked a bank's ids, so the op skips its own check: ``check_index=False``) and no copy of the prefix
+unless a layer runs in another dtype or on another device than the plan expected.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn as nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..documents import Documents
 from ..ops import prefix_attention
 from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
 
@@ -82,6 +84,7 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
     else:
         plan = state.plan
     backend = state.backend
+    documents = None
     if state.capture is not None:  # probing shapes / init from text: the frozen model, no prefix
         state.capture[layer_idx] = (key.detach(), value.detach())
         pk = pv = index = None
@@ -91,27 +94,23 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             raise RuntimeError("prefixattn: no prefix for this forward pass; call the patched model (or its "
                                "base model), not a layer directly")
         pk, pv, index = plan.layer(layer_idx)
-        if pk is not None and (pk.dtype != query.dtype or pk.device != query.device):
-            # a layer away from the plan's dtype/device (device_map splits, mixed dtypes): cast here
-            pk, pv = pk.to(device=query.device, dtype=query.dtype), pv.to(device=query.device,
-                                                                          dtype=query.dtype)
-            if index is not None:
-                index = index.to(query.device)
+        documents = plan.documents
+        if pk is not None and (pk.device != query.device or (pk.dtype != query.dtype and not plan.autocast)):
+            # a layer away from the plan's device (device_map splits) or dtype: move/cast here. Under
+            # autocast the op casts q, k, v itself and the plan's prefix is already in the autocast dtype
+            dtype = pk.dtype if plan.autocast else query.dtype
+            pk, pv = pk.to(device=query.device, dtype=dtype), pv.to(device=query.device, dtype=dtype)
+        if index is not None and index.device != query.device:
+            index = index.to(query.device)
+        if documents is not None and documents.device != query.device:
+            documents = Documents(documents.start.to(query.device), documents.end.to(query.device))
 
     window = kwargs.get("sliding_window")
-    if window is not None and window > 0:
-        P = 0 if pk is None else pk.shape[-2]
-        if P + key.shape[2] > window:
-            raise ValueError(
-                f"layer {layer_idx} uses a sliding window of {window} tokens, which would hide part of the "
-                f"{P}-token prefix (prefix + keys = {P + key.shape[2]} > {window}); prefixattn does not "
-                "implement windowed prefix attention, keep prefix + sequence within the window"
-            )
-
     out = prefix_attention(
         query, key, value, pk, pv, key_padding_mask=attention_mask,
         causal=bool(getattr(module, "is_causal", True)), scale=scaling, prefix_index=index,
-        softcap=float(kwargs.get("softcap") or 0.0), backend=backend,
+        softcap=float(kwargs.get("softcap") or 0.0), sliding_window=int(window) if window else None,
+        documents=documents, check_index=False, backend=backend,
     )
     # the triton backend's output is (B, Sq, Hq, D) in memory: the transpose is then free
     return out.transpose(1, 2).contiguous(), None

@@ -26,7 +26,8 @@ class Family:
     tested: bool = True
 
 
-# Families with tests (tests/hf/test_patch_peft_parity.py) against PEFT prefix tuning.
+# Families with tests against PEFT prefix tuning (tests/hf/test_patch_peft_parity.py; Gemma 3's text model
+# in tests/hf/test_sliding_window.py).
 TESTED_FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -36,6 +37,7 @@ TESTED_FAMILIES: dict[str, Family] = {
         Family("qwen3"),
         Family("gemma"),
         Family("gemma2"),
+        Family("gemma3_text"),
         Family("phi3"),
         Family("gpt2"),
         Family("gpt_neox"),

@@ -1,9 +1,10 @@
 """The forward pre-hook on the module that runs the decoder layers: the per-step work.
 
 Once per forward it checks the call (``prefix_ids`` for a bank, KV cache kind), numbers positions from
-P the way PEFT does, builds the step plan (``plan.py``) and passes it to every layer in the
-``prefixattn_step`` keyword argument that decoder layers hand down to their attention (so gradient
-checkpointing recomputes with the same plan); the plan is also kept on the patch state as a fallback.
+P the way PEFT does (packed rows: every document from P), builds the step plan (``plan.py``) and
+passes it to every layer in the ``prefixattn_step`` keyword argument that decoder layers hand down to
+their attention (so gradient checkpointing recomputes with the same plan); the plan is also kept on the
+patch state as a fallback.
 
 PEFT semantics: sequence positions start at P (explicit ``position_ids`` get P added, as PEFT does;
 generate() derives them from the attention mask, so left padding works); OPT's mask-based positions
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import active_prefix
-from .plan import CAPTURE_PLAN, build_plan, check_prefix_ids, compute_dtype
+from .plan import CAPTURE_PLAN, StepInputs, build_plan, check_prefix_ids, compute_dtype
 from .state import STATE_ATTR, STEP_KWARG, PatchState
 
 
@@ -100,20 +101,25 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
                              "(a (batch,) long tensor) to choose each row's prefix. With the Hugging Face "
                              "Trainer, set TrainingArguments(remove_unused_columns=False): by default it "
                              "drops every batch key that forward() does not name, prefix_ids included")
-        prefix_ids = check_prefix_ids(prefix_ids, batch, config, device)
+        check_prefix_ids(prefix_ids, batch)
     elif prefix_ids is not None:
         raise ValueError("prefix_ids was given but the model has a single prefix (patch with "
                          "num_prefixes=N for a bank)")
 
     position_ids = kwargs.get("position_ids")
+    inputs = StepInputs(batch=batch, length=length, device=device, prefix_ids=prefix_ids,
+                        position_ids=position_ids, attention_mask=kwargs.get("attention_mask"),
+                        has_cache=cache is not None, cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+                        cu_seq_lens_k=kwargs.get("cu_seq_lens_k"))
     if position_ids is not None:
-        kwargs["position_ids"] = position_ids + state.num_tokens  # as PEFT does for prefix tuning
+        # as PEFT does for prefix tuning; packed rows: every document's positions start at P
+        kwargs["position_ids"] = position_ids + state.num_tokens
     else:
         kwargs["position_ids"] = _positions(state, kwargs, batch, length, device)
 
     if config.projection and module.training and torch.is_grad_enabled():
         _refuse_reentrant_checkpointing(state)
-    plan = build_plan(state.prefix, prefix_ids, compute_dtype(device, _activation_dtype(state, embeds)))
+    plan = build_plan(state.prefix, inputs, compute_dtype(device, _activation_dtype(state, embeds)))
     state.plan = plan
     kwargs[STEP_KWARG] = plan
     return (), kwargs

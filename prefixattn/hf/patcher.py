@@ -6,9 +6,8 @@ No ``forward`` is replaced: the attention goes through transformers' AttentionIn
 (``attention.py``), the per-step work through a forward pre-hook (``hooks.py``).
 
 Refused with a clear error: families with their own attention code, encoder-decoders, 4-D attention
-masks, static (compileable) caches, a sliding window that would hide part of the prefix
-(P + keys > window), nonzero attention dropout in training (unless ``ignore_attention_dropout=True``,
-which runs without it).
+masks, static (compileable) caches, packed rows with a KV cache, nonzero attention dropout in training
+(unless ``ignore_attention_dropout=True``, which runs without it).
 """
 
 from __future__ import annotations

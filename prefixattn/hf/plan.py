@@ -3,8 +3,11 @@
 Work that is the same for every layer happens here, once per step, never per layer:
 
 - the prefix is computed (the MLP reparameterization runs once) and cast ONCE to the compute dtype
-  (the activations' dtype; under ``torch.autocast`` the autocast dtype);
-- a bank's ``prefix_ids`` are validated with a single host read, and put on the device as long ints;
+  (the activations' dtype; under ``torch.autocast`` the autocast dtype, which the op computes in);
+- a bank's ``prefix_ids`` are range-checked and packing is detected with at most ONE host read (the
+  values that need checking are stacked and read together), and the ids put on the device as longs;
+- packed (padding-free) rows become one ``prefixattn.Documents`` (from position_ids that restart,
+  transformers' rule, or from flash-attn style ``cu_seq_lens_q/k``);
 - each prefixed layer's key/value prefix is a ready view into that one tensor.
 
 The attention function of a layer then only looks its entry up: no host sync, no copy of the prefix.
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..documents import Documents
 from ..prefix import PrefixConfig, PrefixKV
 
 LayerPrefix = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]  # (pk, pv, index)
@@ -28,11 +32,15 @@ class StepPlan:
     """One forward pass's prefix: per model layer, (pk, pv, index) ready to hand to the op.
 
     pk/pv are (Hkv, P, D) views for a single prefix, (N, Hkv, P, D) bank views with ``index`` (B,) long
-    for a bank. ``capture`` marks a probing / init-from-text pass (the frozen model, no prefix).
+    for a bank. ``documents`` describes packed rows (None when the rows are not packed). ``autocast``:
+    the step runs under torch.autocast (the op casts q/k/v itself). ``capture`` marks a probing /
+    init-from-text pass (the frozen model, no prefix).
     """
 
     layers: dict[int, LayerPrefix] = field(default_factory=dict)
     dtype: torch.dtype | None = None
+    documents: Documents | None = None
+    autocast: bool = False
     capture: bool = False
 
     def layer(self, layer_idx: int) -> LayerPrefix:
@@ -50,9 +58,8 @@ def compute_dtype(device: torch.device, activations: torch.dtype | None) -> torc
     return activations
 
 
-def check_prefix_ids(prefix_ids: Any, batch: int, config: PrefixConfig, device: torch.device) -> torch.Tensor:
-    """Validate a bank's per-row entry ids (before any kernel runs) with one host read; returns them on
-    ``device`` as long ints."""
+def check_prefix_ids(prefix_ids: Any, batch: int) -> None:
+    """Type and shape of a bank's per-row entry ids (the range is checked in ``StepInputs.read``)."""
     if not isinstance(prefix_ids, torch.Tensor):
         raise TypeError(f"prefix_ids must be a torch.Tensor of integer ids, got {type(prefix_ids).__name__}")
     if prefix_ids.dtype not in (torch.int64, torch.int32):
@@ -61,17 +68,75 @@ def check_prefix_ids(prefix_ids: Any, batch: int, config: PrefixConfig, device: 
         raise ValueError(f"prefix_ids must have shape (batch,) = ({batch},), got {tuple(prefix_ids.shape)}: "
                          "one id per row of input_ids (generate() repeats them for num_beams / "
                          "num_return_sequences itself)")
-    if batch and not torch.compiler.is_compiling():
-        lo, hi = torch.stack([prefix_ids.min(), prefix_ids.max()]).tolist()  # the step's one host read
-        if lo < 0 or hi >= config.num_prefixes:
-            raise ValueError(f"prefix_ids out of range: values span [{lo}, {hi}] but the bank has "
-                             f"{config.num_prefixes} entries")
-    return prefix_ids.to(device=device, dtype=torch.long)
 
 
-def build_plan(prefix: PrefixKV, prefix_ids: torch.Tensor | None, dtype: torch.dtype | None) -> StepPlan:
-    """The step's plan from the prefix module (``prefix_ids`` already checked, on the prefix's device for
-    a bank)."""
+def _restarts(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Device bool: does any row's position_ids restart (transformers' packed-sequence rule)?"""
+    pos = position_ids.expand(batch, -1)
+    return ((pos[:, 1:] - pos[:, :-1]) != 1).any()
+
+
+@dataclass
+class StepInputs:
+    """What the pre-hook found in the call that the plan depends on."""
+
+    batch: int
+    length: int
+    device: torch.device
+    prefix_ids: torch.Tensor | None = None  # a bank's ids, type and shape checked
+    position_ids: torch.Tensor | None = None  # as given by the caller (before + P)
+    attention_mask: torch.Tensor | None = None
+    has_cache: bool = False  # a KV cache was passed in
+    cu_seq_lens_q: torch.Tensor | None = None
+    cu_seq_lens_k: torch.Tensor | None = None
+
+    def documents(self, config: PrefixConfig) -> Documents | None:
+        """Validate the ids' range and find packed rows, with one host read; the step's Documents."""
+        if self.cu_seq_lens_q is not None or self.cu_seq_lens_k is not None:
+            return self._documents_from_cu_seqlens(config)
+        may_pack = self.position_ids is not None and self.attention_mask is None and self.length > 1
+        compiling = torch.compiler.is_compiling()
+        scalars = []
+        if self.prefix_ids is not None and self.batch:
+            scalars += [self.prefix_ids.min().long(), self.prefix_ids.max().long()]
+        if may_pack and not compiling:
+            scalars.append(_restarts(self.position_ids, self.batch).long())
+        values = torch.stack(scalars).tolist() if scalars and not compiling else []  # the one read
+        if self.prefix_ids is not None and values:
+            _check_range(values[0], values[1], config)
+        packed = may_pack and (compiling or bool(values[-1]))  # under compile: documents always
+        if not packed:
+            return None
+        if self.has_cache:
+            raise ValueError("prefixattn: packed rows (position_ids that restart, no attention mask) cannot "
+                             "use a KV cache; pass use_cache=False or unpacked rows with an attention mask")
+        return Documents.from_position_ids(self.position_ids.expand(self.batch, -1).to(self.device))
+
+    def _documents_from_cu_seqlens(self, config: PrefixConfig) -> Documents:
+        if self.prefix_ids is not None and self.batch and not torch.compiler.is_compiling():
+            lo, hi = torch.stack([self.prefix_ids.min(), self.prefix_ids.max()]).tolist()
+            _check_range(lo, hi, config)
+        if self.has_cache:
+            raise ValueError("prefixattn: packed rows (cu_seq_lens_q/k) cannot use a KV cache; pass "
+                             "use_cache=False")
+        cu_q, cu_k = self.cu_seq_lens_q, self.cu_seq_lens_k
+        if cu_q is None or (cu_k is not None and cu_k is not cu_q and not torch.equal(cu_q, cu_k)):
+            raise ValueError("prefixattn: packed rows need cu_seq_lens_q == cu_seq_lens_k (queries and keys "
+                             "are the same tokens: no KV cache)")
+        return Documents.from_cu_seqlens(cu_q.to(self.device), self.batch, self.length)
+
+
+def _check_range(lo: int, hi: int, config: PrefixConfig) -> None:
+    if lo < 0 or hi >= config.num_prefixes:
+        raise ValueError(f"prefix_ids out of range: values span [{lo}, {hi}] but the bank has "
+                         f"{config.num_prefixes} entries")
+
+
+def build_plan(prefix: PrefixKV, inputs: StepInputs, dtype: torch.dtype | None) -> StepPlan:
+    """The step's plan: checks the inputs (one host read at most), computes and casts the prefix once,
+    and lays out every layer's entry."""
+    documents = inputs.documents(prefix.config)
+    ids = None if inputs.prefix_ids is None else inputs.prefix_ids.to(device=inputs.device, dtype=torch.long)
     kv = prefix.compute()  # (L, 2, N, Hkv, P, D); the MLP, if any, runs here once
     if dtype is not None and kv.dtype != dtype:
         kv = kv.to(dtype)  # the one autograd-tracked cast of the master prefix per step
@@ -79,7 +144,8 @@ def build_plan(prefix: PrefixKV, prefix_ids: torch.Tensor | None, dtype: torch.d
     layers: dict[int, LayerPrefix] = {}
     for layer_idx, slot in prefix.layer_slot.items():
         if bank:
-            layers[layer_idx] = (kv[slot, 0], kv[slot, 1], prefix_ids)
+            layers[layer_idx] = (kv[slot, 0], kv[slot, 1], ids)
         else:
             layers[layer_idx] = (kv[slot, 0, 0], kv[slot, 1, 0], None)
-    return StepPlan(layers=layers, dtype=kv.dtype)
+    return StepPlan(layers=layers, dtype=kv.dtype, documents=documents,
+                    autocast=torch.is_autocast_enabled(inputs.device.type))

@@ -17,11 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("kernels", "ops", "prefix", "hf", "cli")
 CLI_LAYER = {"prefixattn", "prefixattn.tasks"}  # and the prefixattn.cli package (see _layer)
 
-# Function-level imports of prefixattn modules that are lazy loads, not cycle dodges: the Triton kernels
-# load on the first launch (triton may be missing), and the command loads its subcommands on use.
-# The prefix and hf layers have none.
+# Function-level imports of prefixattn modules that are lazy loads, not cycle dodges: the command loads
+# its subcommands on use. The prefix and hf layers have none.
 LAZY_LOADERS = {
-    ("prefixattn.ops", "prefixattn.kernels"),
     ("prefixattn.cli", "prefixattn.cli.train"),  # `prefixattn info` does not load transformers
 }
 
@@ -59,13 +57,13 @@ def _known(target: str) -> str | None:
     return target if target in MODULES else None
 
 
-def _resolve(importer: str, node: ast.Import | ast.ImportFrom) -> list[str]:
+def _resolve(importer: str, is_package: bool, node: ast.Import | ast.ImportFrom) -> list[str]:
     """The prefixattn modules an import statement loads."""
     if isinstance(node, ast.Import):
         return [t for t in (_known(alias.name) for alias in node.names) if t]
     if node.level:
         parts = importer.split(".")
-        base = parts if MODULES[importer].name == "__init__.py" else parts[:-1]
+        base = parts if is_package else parts[:-1]
         base = base[: len(base) - (node.level - 1)]
         module = ".".join(base + ([node.module] if node.module else []))
     else:
@@ -76,16 +74,19 @@ def _resolve(importer: str, node: ast.Import | ast.ImportFrom) -> list[str]:
     return found
 
 
-def _imports(name: str) -> list[tuple[str, int, bool]]:
-    """(imported prefixattn module, line, inside a function) for every import in the module."""
-    tree = ast.parse(MODULES[name].read_text(), filename=str(MODULES[name]))
+def _imports(name: str, source: str | None = None, is_package: bool = False) -> list[tuple[str, int, bool]]:
+    """(imported prefixattn module, line, inside a function) for every import in the module (or in
+    ``source``, read as if it were module ``name``)."""
+    if source is None:
+        source, is_package = MODULES[name].read_text(), MODULES[name].name == "__init__.py"
+    tree = ast.parse(source)
     out = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, (ast.Import, ast.ImportFrom)):
-                out.extend((target, child.lineno, in_function) for target in _resolve(name, child))
+                out.extend((target, child.lineno, in_function) for target in _resolve(name, is_package, child))
             visit(child, inner)
 
     visit(tree, False)
@@ -140,12 +141,14 @@ def test_no_import_cycle():
             walk(name)
 
 
-def test_the_checker_sees_violations(tmp_path):
+def test_the_checker_sees_violations():
     """The resolver finds relative, absolute and function-level imports (the checks above can fail)."""
-    found = dict((t, local) for t, _, local in _imports("prefixattn.hf.attention"))
-    assert found.get("prefixattn.ops") is False and found.get("prefixattn.hf.state") is False
-    # a function-level import (ops now loads the kernels through importlib, which is not an import
-    # statement; the command's lazy load of its train subcommand is one)
-    found = {(t, local) for t, _, local in _imports("prefixattn.cli")}
-    assert ("prefixattn.cli.train", True) in found
-    assert "prefixattn.prefix.module" in {t for t, _, _ in _imports("prefixattn.prefix.native")}
+    source = ("from ..hf import plan\nimport prefixattn.ops\nfrom . import module\n"
+              "def f():\n    from .config import PrefixConfig\n    import torch\n")
+    found = _imports("prefixattn.prefix.fake", source)
+    assert found == [("prefixattn.hf.plan", 1, False), ("prefixattn.ops", 2, False),
+                     ("prefixattn.prefix.module", 3, False), ("prefixattn.prefix.config", 5, True)]
+    assert _imports("prefixattn.prefix", "from .module import PrefixKV\n", is_package=True) == [
+        ("prefixattn.prefix.module", 1, False)]
+    # the command's lazy load of its train subcommand is a real function-level import
+    assert ("prefixattn.cli.train", True) in {(t, local) for t, _, local in _imports("prefixattn.cli")}

@@ -1,25 +1,72 @@
-"""Real clients: TRL's SFTTrainer (its defaults: bf16 autocast and gradient checkpointing; padding-free
-packing) and the HF Trainer with bf16, on patched tiny models, and on a LoRA + prefix model.
-
-Tiny models take ByT5's byte vocabulary (384 ids) so TRL's tokenizer fits them; every run is a few
-steps on the CPU.
+"""Real clients: TRL's SFTTrainer with its defaults for memory-lean training (bf16 autocast, gradient
+checkpointing, padding-free batches: position_ids + cu_seq_lens_q/k) on a patched model, the first
+padding-free loss against the same documents padded, and a LoRA + prefix model under SFTTrainer and the
+HF Trainer (checkpoint + resume). The HF Trainer with bf16 on a plain patched model is in
+test_mixed_precision.py.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import VOCAB, tiny_model
 
 import prefixattn
 from prefixattn.hf.state import get_state
 from prefixattn.prefix import find_prefix
 
+trl = pytest.importorskip("trl")
+attention_module = importlib.import_module("prefixattn.hf.attention")
 P = 3
-VOCAB = 384
+BYTES = 384  # ByT5's vocabulary: tiny models that TRL can feed with its byte tokenizer
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_sft_trainer_trains_a_patched_model_bf16_checkpointed_padding_free(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    model = prefixattn.patch(tiny_model("llama").train(), num_prefix_tokens=4, backend="torch")
+    seen = []
+    real = attention_module.prefix_attention
+
+    def spy(q, k, v, pk, pv, **kw):
+        seen.append((pk.dtype, kw["documents"] is not None))
+        return real(q, k, v, pk, pv, **kw)
+
+    monkeypatch.setattr(attention_module, "prefix_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist()
+            for n in torch.randint(3, 12, (16,), generator=g)]
+    data = Dataset.from_dict({"input_ids": rows})
+    before = model.prefixattn_prefix.kv.detach().clone()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                         learning_rate=1e-2, use_cpu=True, bf16=True, gradient_checkpointing=True,
+                         padding_free=True, max_length=None, report_to=[], save_strategy="no", logging_steps=1,
+                         dataset_num_proc=None)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert {dtype for dtype, _ in seen} == {torch.bfloat16}  # autocast reached the layers
+    assert {packed for _, packed in seen} == {True}  # padding-free batches arrive as documents
+    assert not torch.equal(model.prefixattn_prefix.kv.detach(), before)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 def _docs(n: int = 8, seed: int = 0, lengths=(5, 9, 3, 12, 7, 4, 10, 6)) -> list[list[int]]:
@@ -65,22 +112,6 @@ def _assert_unchanged(model, frozen):
         assert torch.equal(params[n], v), n
 
 
-def test_sft_trainer_defaults_bf16_and_gradient_checkpointing_train_the_prefix(tmp_path):
-    model = prefixattn.patch(tiny_model("llama", vocab_size=VOCAB), num_prefix_tokens=P, backend="torch")
-    frozen = _frozen(model)
-    before = find_prefix(model).kv.detach().clone()
-    trainer = _sft(model, _sft_args(tmp_path), _docs(4))  # one batch: every step sees the same documents
-    trainer.train()
-    losses = _losses(trainer)
-    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
-    assert losses[-1] < losses[0], losses
-    assert not torch.equal(find_prefix(model).kv, before)
-    _assert_unchanged(model, frozen)
-    # what TRL's defaults switched on: checkpointed layers, and steps planned in the autocast dtype
-    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-    assert get_state(model).plan.dtype == torch.bfloat16
-
-
 def _padded_loss(model, docs):
     """The mean next-token loss of ``docs`` run as a right-padded batch (no packing)."""
     S = max(len(d) for d in docs)
@@ -97,27 +128,36 @@ def _padded_loss(model, docs):
 @pytest.mark.parametrize("packing", [True, False])
 def test_sft_trainer_padding_free_first_loss_equals_the_padded_loss(tmp_path, packing):
     """padding_free=True puts a batch's documents in one row with position_ids restarting per document:
-    the loss equals the same documents run padded only if no document attends to another."""
+    the loss equals the same documents run padded only if no document attends to another. Then TRL's
+    defaults (bf16 autocast, gradient checkpointing) train on that batch: the loss falls."""
     docs = _docs(4, seed=1)
-    model = prefixattn.patch(tiny_model("llama", vocab_size=VOCAB), num_prefix_tokens=P, backend="torch")
+    model = prefixattn.patch(tiny_model("llama", vocab_size=BYTES), num_prefix_tokens=P, backend="torch")
+    frozen = _frozen(model)
+    before = find_prefix(model).kv.detach().clone()
     extra = dict(packing=True, packing_strategy="bfd", max_length=64) if packing else dict(max_length=None)
-    args = _sft_args(tmp_path, padding_free=True, bf16=False, gradient_checkpointing=False, max_steps=2,
-                     **extra)
-    trainer = _sft(model, args, docs)
+    trainer = _sft(model, _sft_args(tmp_path, padding_free=True, **extra), docs)  # one batch: the 4 docs
     packed = next(iter(trainer.get_train_dataloader()))
     assert packed["input_ids"].shape[0] == 1 and "position_ids" in packed  # one padding-free row
     expected = _padded_loss(model, docs)
     with torch.no_grad():
         got = trainer.compute_loss(model, dict(packed))  # the first step's loss, as the trainer computes it
     assert abs(got.item() - expected) < 1e-4 * abs(expected), (got.item(), expected)
+
     trainer.train()
-    assert all(math.isfinite(x) for x in _losses(trainer))
+    losses = _losses(trainer)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0], losses
+    assert not torch.equal(find_prefix(model).kv, before)
+    _assert_unchanged(model, frozen)
+    # what TRL's defaults switched on: checkpointed layers, and steps planned in the autocast dtype
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    assert get_state(model).plan.dtype == torch.bfloat16
 
 
 class _Data(torch.utils.data.Dataset):
     def __init__(self, n=8, length=6):
         g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(3, VOCAB, (n, length), generator=g)
+        self.ids = torch.randint(3, BYTES, (n, length), generator=g)
 
     def __len__(self):
         return len(self.ids)
@@ -136,22 +176,7 @@ def _trainer_args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
-def test_hf_trainer_bf16_trains_a_patched_model(tmp_path):
-    from transformers import Trainer
-
-    model = prefixattn.patch(tiny_model("llama", vocab_size=VOCAB), num_prefix_tokens=P, backend="torch")
-    frozen = _frozen(model)
-    before = find_prefix(model).kv.detach().clone()
-    trainer = Trainer(model=model, args=_trainer_args(tmp_path, bf16=True), train_dataset=_Data())
-    trainer.train()
-    assert all(math.isfinite(x) for x in _losses(trainer))
-    assert not torch.equal(find_prefix(model).kv, before)
-    assert find_prefix(model).kv.dtype == torch.float32  # the fp32 master stays fp32
-    assert get_state(model).plan.dtype == torch.bfloat16  # cast once per step to the autocast dtype
-    _assert_unchanged(model, frozen)
-
-
-def _lora_prefix(vocab=VOCAB, seed=1):
+def _lora_prefix(vocab=BYTES, seed=1):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)

@@ -1,0 +1,298 @@
+"""The family sweep's runner: classify one transformers causal-LM family against PEFT prefix tuning.
+
+``classify(model_type)`` builds the family's tiny model (tests/family_configs.py), and returns what
+happens when it is prefix-tuned:
+
+- ``"match_peft"``: a PEFT PrefixTuning twin runs; ``prefixattn.patch(peft_model)`` gives the same
+  logits on a right-padded batch, and after one AdamW step on both, the same prefix and logits;
+- ``"refused: <message>"``: ``prefixattn.patch`` itself raised a ValueError (the caller checks that the
+  message names the reason);
+- ``"match_reference"``: PEFT cannot run this family; the patched model runs, and every attention
+  layer's output equals a float64 reference: the layer's own eager attention (its modeling file's
+  ``eager_attention_forward``, so sinks, softcaps and scalings are the family's) over the prefix
+  concatenated in front of the sequence keys, with an explicit mask; ``tests/helpers.concat_reference``
+  where the family has no eager function of its own;
+- anything else raises: ``BuildError`` (no tiny model), ``Mismatch`` (numbers differ), or the crash itself.
+
+Run it as a script to print every family's class: ``python tests/family_sweep.py [model_type ...]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TOL = 1e-4  # relative, fp32
+NUM_VIRTUAL_TOKENS = 3
+
+
+class BuildError(Exception):
+    """The family's tiny model cannot be built or run without any prefix."""
+
+
+class Mismatch(AssertionError):
+    """prefixattn's numbers differ from PEFT's or from the reference."""
+
+
+class FamilyTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """SIGALRM-based limit for one family (the sweep runs in one process, on the main thread)."""
+
+    def _raise(signum, frame):
+        raise FamilyTimeout(f"more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = TOL) -> None:
+    if actual.shape != expected.shape:
+        raise Mismatch(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    if not torch.isfinite(actual).all():
+        raise Mismatch(f"{what}: non-finite values")
+    err = rel_err(actual, expected)
+    if err > tol:
+        raise Mismatch(f"{what}: relative error {err:.2e} > {tol:.0e}")
+
+
+def right_padded_batch(vocab: int, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(vocab, 100), (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ids.masked_fill(mask == 0, -100)
+
+
+def _vocab(model) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def build(model_type: str):
+    from family_configs import tiny_causal_lm
+
+    try:
+        model = tiny_causal_lm(model_type)
+        ids, mask = right_padded_batch(_vocab(model))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    except FamilyTimeout:
+        raise
+    except Exception as e:
+        raise BuildError(f"{type(e).__name__}: {e}") from e
+    return model
+
+
+def peft_twin(model):
+    """A PEFT PrefixTuning twin that runs the batch, or None where PEFT fails on this family."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    torch.manual_seed(1)
+    try:
+        peft_model = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS))
+        ids, mask = right_padded_batch(_vocab(model))
+        with torch.no_grad():
+            peft_model(input_ids=ids, attention_mask=mask)
+    except FamilyTimeout:
+        raise
+    except Exception:
+        return None
+    return peft_model
+
+
+def _peft_prefix(peft_model) -> torch.Tensor:
+    """PEFT's prefix in prefixattn's (L, 2, 1, Hkv, P, D) layout."""
+    cfg = peft_model.active_peft_config
+    rows = peft_model.prompt_encoder["default"].embedding.weight.detach()
+    L, H = cfg.num_layers, cfg.num_attention_heads
+    return rows.view(cfg.num_virtual_tokens, L, 2, H, cfg.token_dim // H).permute(1, 2, 3, 0, 4).unsqueeze(2)
+
+
+def compare_with_peft(peft_model, ours) -> None:
+    ids, mask = right_padded_batch(_vocab(ours))
+    with torch.no_grad():
+        check(ours(input_ids=ids, attention_mask=mask).logits,
+              peft_model(input_ids=ids, attention_mask=mask).logits, "logits")
+    peft_model.train()
+    ours.train()
+    opt_p = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for model, opt in ((peft_model, opt_p), (ours, opt_o)):
+        model(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss.backward()
+        opt.step()
+    check(ours.prefixattn_prefix.kv.detach(), _peft_prefix(peft_model), "prefix after one step")
+    peft_model.eval()
+    ours.eval()
+    with torch.no_grad():
+        check(ours(input_ids=ids, attention_mask=mask).logits,
+              peft_model(input_ids=ids, attention_mask=mask).logits, "logits after one step")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The float64 layer-by-layer reference (families PEFT cannot run)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerCall:
+    module: Any
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float | None
+    kwargs: dict = field(default_factory=dict)
+    out: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def record_attention_calls(calls: list[LayerCall]):
+    """Wrap the function registered under prefixattn's name in transformers' AttentionInterface."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import prefixattn
+
+    name = prefixattn.patch.IMPL_NAME if hasattr(prefixattn.patch, "IMPL_NAME") else "prefixattn"
+    real = ALL_ATTENTION_FUNCTIONS[name]
+
+    def recorder(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out, weights = real(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        calls.append(LayerCall(module, query.detach(), key.detach(), value.detach(), attention_mask, scaling,
+                               kwargs, out.detach()))
+        return out, weights
+
+    AttentionInterface.register(name, recorder)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(name, real)
+
+
+def _layer_prefix(model, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix keys and values of one layer, (Hkv, P, Dk) and (Hkv, P, Dv)."""
+    prefix = model.prefixattn_prefix
+    if hasattr(prefix, "layer_prefix"):
+        return prefix.layer_prefix(layer_idx)
+    kv = prefix.compute().detach()  # (L, 2, N, Hkv, P, D)
+    slot = prefix.slot(layer_idx)
+    return kv[slot, 0, 0], kv[slot, 1, 0]
+
+
+def _mask_4d(call: LayerCall, P: int) -> torch.Tensor:
+    """Additive float64 (B, 1, Sq, P + Sk) mask: prefix always visible; causal and padding on the keys."""
+    B, _, Sq, _ = call.query.shape
+    Sk = call.key.shape[2]
+    i = torch.arange(Sq).view(Sq, 1) + (Sk - Sq)
+    j = torch.arange(Sk).view(1, Sk)
+    visible = (j <= i) if getattr(call.module, "is_causal", True) else torch.ones(Sq, Sk, dtype=torch.bool)
+    window = call.kwargs.get("sliding_window")
+    if window:
+        visible = visible & (j > i - window)
+    visible = visible.view(1, 1, Sq, Sk).expand(B, 1, Sq, Sk)
+    if call.mask is not None:
+        visible = visible & call.mask.bool().view(B, 1, 1, Sk)
+    full = torch.cat([torch.ones(B, 1, Sq, P, dtype=torch.bool), visible], dim=-1)
+    return torch.zeros(full.shape, dtype=torch.float64).masked_fill(~full, torch.finfo(torch.float64).min)
+
+
+def reference_layer(call: LayerCall, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+    """float64 reference output (B, Sq, Hq, Dv) of one recorded layer call."""
+    from helpers import concat_reference
+
+    B = call.query.shape[0]
+    q = call.query.double()
+    k = torch.cat([pk.double().unsqueeze(0).expand(B, -1, -1, -1), call.key.double()], dim=2)
+    v = torch.cat([pv.double().unsqueeze(0).expand(B, -1, -1, -1), call.value.double()], dim=2)
+    eager = getattr(sys.modules[type(call.module).__module__], "eager_attention_forward", None)
+    if eager is not None and hasattr(call.module, "num_key_value_groups"):
+        kwargs = {k_: v_ for k_, v_ in call.kwargs.items() if k_ not in ("prefixattn_step",)}
+        out, _ = eager(call.module, q, k, v, _mask_4d(call, pk.shape[1]), call.scaling, 0.0, **kwargs)
+        return out
+    out = concat_reference(call.query, call.key, call.value, pk, pv, key_padding_mask=call.mask,
+                           causal=getattr(call.module, "is_causal", True), scale=call.scaling,
+                           softcap=call.kwargs.get("softcap") or 0.0)
+    return out.transpose(1, 2)
+
+
+def compare_with_reference(ours) -> None:
+    ids, mask = right_padded_batch(_vocab(ours))
+    calls: list[LayerCall] = []
+    with record_attention_calls(calls), torch.no_grad():
+        ours(input_ids=ids, attention_mask=mask)
+    if not calls:
+        raise Mismatch("no attention layer went through prefixattn")
+    for call in calls:
+        pk, pv = _layer_prefix(ours, call.module.layer_idx)
+        check(call.out, reference_layer(call, pk, pv), f"layer {call.module.layer_idx} attention output")
+
+
+def classify(model_type: str, backend: str = "torch") -> str:
+    """Build, prefix-tune and compare one family; returns its class (see the module docstring)."""
+    import prefixattn
+
+    model = build(model_type)
+    peft_model = peft_twin(model)
+    try:
+        if peft_model is not None:
+            ours = prefixattn.patch(copy.deepcopy(peft_model), backend=backend)
+        else:
+            ours = prefixattn.patch(copy.deepcopy(model), num_prefix_tokens=NUM_VIRTUAL_TOKENS, backend=backend)
+    except ValueError as e:
+        return f"refused: {e}"
+    if peft_model is not None:
+        compare_with_peft(peft_model, ours)
+        return "match_peft"
+    compare_with_reference(ours)
+    return "match_reference"
+
+
+def main(argv: list[str]) -> None:
+    import warnings
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    for model_type in argv or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        t0 = time.time()
+        try:
+            with time_limit(60):
+                result = classify(model_type)
+        except Exception as e:
+            result = f"{type(e).__name__}: {e}"
+        print(f"{model_type:28s} {time.time() - t0:5.1f}s {' '.join(result.split())[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main(sys.argv[1:])
