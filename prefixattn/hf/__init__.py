@@ -12,13 +12,15 @@ the per-step plan) -> ``prefixattn.prefix_attention``. Each module has one job:
     generate.py     generate() with a bank (prefix_ids through prepare_inputs_for_generation)
     patcher.py      patch_model / unpatch / is_patched: attaching and detaching
     peft_models.py  patching PEFT PrefixTuning models, load_peft
-    api.py          patch(): a transformers model or a PEFT model
+    adapters.py     the prefix module a step reads when PEFT wraps it; refusing a prefix PEFT froze
+    peft_tuners.py  a prefix next to a PEFT LoRA (weight tuner) adapter on one model
+    api.py          patch() / unpatch(): a transformers model or a PEFT model
 """
 
 from __future__ import annotations
 
-from .api import patch
-from .patcher import is_patched, unpatch
+from .api import patch, unpatch
+from .patcher import is_patched
 from .peft_models import load_peft
 
 __all__ = ["is_patched", "load_peft", "patch", "unpatch"]

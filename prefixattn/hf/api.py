@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 from .patcher import InitKind, patch_model
+from .patcher import unpatch as unpatch_model
 from .peft_models import is_peft_prefix_model, patch_peft_model
+from .peft_tuners import check_tuner_config, patch_tuner_model, peft_type_name, unpatch_tuner_model
 
 
 def patch(
@@ -34,8 +36,11 @@ def patch(
 
     Args:
         model: a transformers model whose attention goes through the AttentionInterface (Llama, Mistral,
-            Qwen2/3, Gemma 1/2, Phi-3, GPT-2, GPT-NeoX, OPT, ...), or a PEFT ``PeftModel`` with a
-            PREFIX_TUNING adapter (the same prefix is carried over; the base model is returned patched).
+            Qwen2/3, Gemma 1/2, Phi-3, GPT-2, GPT-NeoX, OPT, ...); a PEFT ``PeftModel`` with a
+            PREFIX_TUNING adapter (the same prefix is carried over; the base model is returned patched);
+            or a PEFT LoRA (or other weight-tuner) ``PeftModel``: a trainable prefix is added next to the
+            adapter, which stays trainable as PEFT set it, and the PeftModel is returned (its
+            save_pretrained, the Trainer's checkpoints and merge_and_unload keep the prefix).
         num_prefix_tokens: P, the number of virtual tokens per layer.
         prefix_projection: PEFT's reparameterization (embedding + Linear-Tanh-Linear MLP, run once per step).
         projection_hidden_size: the MLP's hidden size (default Hkv*D, as PEFT's encoder_hidden_size).
@@ -52,6 +57,13 @@ def patch(
         backend: "auto" | "triton" | "torch", passed to ``prefixattn.prefix_attention``.
         ignore_attention_dropout: train without the model's attention dropout instead of refusing it.
     """
+    if is_peft_prefix_model(model) and peft_type_name(model.active_peft_config) != "PREFIX_TUNING":
+        check_tuner_config(model.active_peft_config)
+        return patch_tuner_model(model, num_prefix_tokens, prefix_projection=prefix_projection,
+                                 projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes,
+                                 layers=layers, init=init, init_text=init_text, tokenizer=tokenizer,
+                                 dtype=dtype, backend=backend,
+                                 ignore_attention_dropout=ignore_attention_dropout)
     if is_peft_prefix_model(model):
         if (num_prefix_tokens is not None or prefix_projection or num_prefixes is not None
                 or layers is not None):
@@ -63,3 +75,11 @@ def patch(
                        projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes,
                        layers=layers, init=init, init_text=init_text, tokenizer=tokenizer, dtype=dtype,
                        backend=backend, ignore_attention_dropout=ignore_attention_dropout)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: restore the previous attention implementation and requires_grad flags, remove the
+    prefix module and hooks (for a LoRA PeftModel, also its modules_to_save entry). Returns the model."""
+    if is_peft_prefix_model(model):
+        return unpatch_tuner_model(model)
+    return unpatch_model(model)

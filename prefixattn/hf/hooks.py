@@ -18,6 +18,7 @@ import inspect
 import torch
 import torch.nn as nn
 
+from .adapters import active_prefix
 from .plan import CAPTURE_PLAN, StepInputs, build_plan, check_prefix_ids, compute_dtype
 from .state import STATE_ATTR, STEP_KWARG, PatchState
 
@@ -85,6 +86,8 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         kwargs[STEP_KWARG] = CAPTURE_PLAN
         return (), kwargs
 
+    # looked up every step: PEFT may have wrapped the prefix (modules_to_save) or merged it back
+    state.prefix = active_prefix(state, module.training and torch.is_grad_enabled())
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     ref = ids if ids is not None else embeds
     if ref is None:

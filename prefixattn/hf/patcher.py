@@ -34,7 +34,10 @@ InitKind = Literal["random", "zeros", "text"]
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` was returned by ``prefixattn.patch`` and not unpatched since."""
-    return get_state(model) is not None
+    if get_state(model) is not None:
+        return True
+    get_base = getattr(type(model), "get_base_model", None)  # a PEFT LoRA model carrying a prefix
+    return callable(get_base) and get_state(model.get_base_model()) is not None
 
 
 def check_patch_args(num_prefix_tokens: Any, num_prefixes: Any, dtype: Any, backend: Any, init: Any) -> None:
@@ -143,8 +146,13 @@ def patch_model(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     ignore_attention_dropout: bool = False,
+    peft_tuner: bool = False,
 ) -> nn.Module:
-    """``prefixattn.patch`` for a transformers model (not a PEFT model); see ``prefixattn.hf.api.patch``."""
+    """``prefixattn.patch`` for a transformers model (not a PEFT model); see ``prefixattn.hf.api.patch``.
+
+    ``peft_tuner=True``: the model is the base of a PEFT tuner (LoRA, ...): the trainable flags PEFT set
+    stay as they are (adapter weights trainable, base frozen) and ``save_pretrained`` is left alone (PEFT
+    saves the adapter, and a merged model must save in full)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("patch the model before wrapping it in DistributedDataParallel / FSDP")
     if get_state(model) is not None:
@@ -163,7 +171,7 @@ def patch_model(
                       "through the AttentionInterface, so it is patched, but check it against PEFT",
                       stacklevel=3)
     register()
-    state = PatchState(family=family, backend=backend, base_model=model,
+    state = PatchState(family=family, backend=backend, base_model=model, owner=model,
                        embeddings=model.get_input_embeddings() if hasattr(model, "get_input_embeddings")
                        else None, ignore_attention_dropout=ignore_attention_dropout)
     state.previous_impl = model.config._attn_implementation
@@ -186,8 +194,9 @@ def patch_model(
 
         config = _probe_config(model, state, num_prefix_tokens, num_prefixes, layers, prefix_projection,
                                projection_hidden_size)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        if not peft_tuner:
+            for p in model.parameters():
+                p.requires_grad_(False)
         prefix = PrefixKV(config, dtype=dtype, device=input_device(model), init=init)
         model.add_module(MODULE_NAME, prefix)
         state.prefix = prefix
@@ -195,9 +204,10 @@ def patch_model(
             init_from_text(model, state, _init_texts(init_text, config), tokenizer)
         if config.bank:
             state.wrapped_prepare = wrap_prepare_inputs(model)
-        _save_only_the_prefix(model, state)
+        if not peft_tuner:
+            _save_only_the_prefix(model, state)
     except BaseException:
-        _detach(model, state)
+        detach(model, state)
         raise
     return model
 
@@ -214,7 +224,7 @@ def _save_only_the_prefix(model: nn.Module, state: PatchState) -> None:
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | frozen
 
 
-def _detach(model: nn.Module, state: PatchState) -> None:
+def detach(model: nn.Module, state: PatchState) -> None:
     remove_pre_hooks(state.base_model)
     state.base_model.__dict__.pop(STATE_ATTR, None)
     for module in state.tagged_modules:
@@ -245,5 +255,5 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = get_state(model)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched by prefixattn")
-    _detach(model, state)
+    detach(model, state)
     return model

@@ -23,6 +23,7 @@ class PatchState:
     family: Family
     backend: str
     base_model: nn.Module  # the module that runs the layers (its pre-hook builds the step plan)
+    owner: nn.Module | None = None  # the patched model: it holds the prefix module (or PEFT's wrapper)
     embeddings: nn.Module | None = None  # the input embeddings: their dtype is the activations' dtype
     prefix: PrefixKV | None = None
     ignore_attention_dropout: bool = False

@@ -4,7 +4,8 @@ file formats (prefixattn's own ``save_prefix``/``load_prefix``, PEFT's adapter f
 It knows nothing about transformers: the patcher (``prefixattn.hf``) builds on it, never the reverse.
 
     config.py       PrefixConfig (the prefix's shape), check_prefix_id
-    module.py       PrefixKV, MODULE_NAME (the submodule a patched model carries), find_prefix
+    module.py       PrefixKV, MODULE_NAME (the submodule a patched model carries), find_prefix,
+                    active_copy (through PEFT's modules_to_save wrapper)
     peft_rows.py    PEFT's flat (P, L*2*Hkv*D) row layout <-> ours (L, 2, N, Hkv, P, D)
     files.py        atomic writes, safetensors reading with clear errors
     native.py       save_prefix / load_prefix
@@ -14,7 +15,7 @@ It knows nothing about transformers: the patcher (``prefixattn.hf``) builds on i
 from __future__ import annotations
 
 from .config import PrefixConfig, check_prefix_id
-from .module import MODULE_NAME, PrefixKV, find_prefix
+from .module import MODULE_NAME, PrefixKV, active_copy, find_prefix
 from .native import load_prefix, save_prefix
 from .peft_format import check_adapter_for, check_against_peft_config, read_peft_adapter, save_peft
 from .peft_rows import kv_to_peft_rows, peft_rows_to_kv
@@ -23,6 +24,7 @@ __all__ = [
     "MODULE_NAME",
     "PrefixConfig",
     "PrefixKV",
+    "active_copy",
     "check_adapter_for",
     "check_against_peft_config",
     "check_prefix_id",

@@ -92,12 +92,41 @@ class PrefixKV(nn.Module):
                 f"projection={c.projection}")
 
 
+def active_copy(module: nn.Module | None) -> nn.Module | None:
+    """What a model reads in place of the submodule ``module``: the module itself, or, for PEFT's
+    ``ModulesToSaveWrapper`` (``modules_to_save=["prefixattn_prefix"]``), the copy of the active adapter
+    (the original when the adapters are disabled), as the wrapper's own forward does. Duck-typed: the
+    prefix layer does not import peft."""
+    copies = getattr(module, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict) and isinstance(getattr(module, "original_module", None), nn.Module):
+        active = list(getattr(module, "active_adapters", None) or [])
+        if getattr(module, "disable_adapters", False) or not active or active[0] not in copies:
+            return module.original_module
+        return copies[active[0]]
+    return module
+
+
+def _candidates(model: nn.Module) -> list[nn.Module]:
+    out = [model]
+    for attr in _WRAPPED_ATTRS:
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            out.append(inner)
+    for m in list(out):
+        # a PEFT PeftModel (LoRA, ...): the prefix lives on the transformers model it wraps
+        get_base = getattr(type(m), "get_base_model", None)
+        if callable(get_base):
+            base = m.get_base_model()
+            if isinstance(base, nn.Module) and base is not m:
+                out.append(base)
+    return out
+
+
 def find_prefix(model: nn.Module) -> PrefixKV:
-    """The ``PrefixKV`` of a patched model (also through a DDP / accelerate / torch.compile wrapper);
-    TypeError if the model carries none."""
-    for candidate in (model, *(getattr(model, a, None) for a in _WRAPPED_ATTRS)):
-        if isinstance(candidate, nn.Module):
-            prefix = candidate._modules.get(MODULE_NAME)
-            if isinstance(prefix, PrefixKV):
-                return prefix
+    """The ``PrefixKV`` a patched model reads (also through a DDP / accelerate / torch.compile wrapper,
+    a PEFT model and PEFT's modules_to_save wrapper); TypeError if the model carries none."""
+    for candidate in _candidates(model):
+        prefix = active_copy(candidate._modules.get(MODULE_NAME))
+        if isinstance(prefix, PrefixKV):
+            return prefix
     raise TypeError(f"{type(model).__name__} is not patched by prefixattn.patch")
