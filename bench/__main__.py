@@ -4,6 +4,7 @@ with the project installed, e.g. after ``bash scripts/setup.sh``).
     python -m bench [OPTIONS]              every suite (bench/run_all.py; same as ``run_all``)
     python -m bench micro|train|bank ...   one suite: run_all with --suites NAME
     python -m bench tune [--json FILE]     the kernel tuning probe (bench/tune.py, needs a GPU)
+    python -m bench layer_overhead ...     host time per patched layer (bench/layer_overhead.py)
     python -m bench run_all ...            explicit form of the first line
 
 Options of the suites: ``python -m bench --help``; of the probe: ``python -m bench tune --help``.
@@ -11,19 +12,21 @@ Options of the suites: ``python -m bench --help``; of the probe: ``python -m ben
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-from . import run_all, tune
+from . import run_all
 
 SUITE_COMMANDS = ("micro", "train", "bank")
+TOOLS = ("tune", "layer_overhead")  # modules with their own main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and not argv[0].startswith("-") else "run_all"
     rest = argv[1:] if argv and command == argv[0] else argv
-    if command == "tune":
-        return tune.main(rest)
+    if command in TOOLS:
+        return importlib.import_module(f".{command}", __package__).main(rest)
     if command == "run_all":
         return run_all.main(rest)
     if command in SUITE_COMMANDS:
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return run_all.main(["--suites", command, *rest])
     print(f"python -m bench: unknown command {command!r}; choose from run_all, "
-          f"{', '.join(SUITE_COMMANDS)}, tune (see python -m bench --help)", file=sys.stderr)
+          f"{', '.join(SUITE_COMMANDS + TOOLS)} (see python -m bench --help)", file=sys.stderr)
     return 2
 
 
