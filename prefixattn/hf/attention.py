@@ -108,10 +108,12 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
                 "implement windowed prefix attention, keep prefix + sequence within the window"
             )
 
+    # learned attention sinks (gpt-oss, granite_swa, flint): transformers passes them as ``s_aux``
+    sinks = kwargs.get("s_aux")
     out = prefix_attention(
         query, key, value, pk, pv, key_padding_mask=attention_mask,
         causal=bool(getattr(module, "is_causal", True)), scale=scaling, prefix_index=index,
-        softcap=float(kwargs.get("softcap") or 0.0), backend=backend,
+        softcap=float(kwargs.get("softcap") or 0.0), sinks=sinks, backend=backend,
     )
     # the triton backend's output is (B, Sq, Hq, D) in memory: the transpose is then free
     return out.transpose(1, 2).contiguous(), None
