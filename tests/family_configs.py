@@ -156,7 +156,8 @@ def _layer_pattern(config_cls: type, text_key: str | None) -> dict[str, Any]:
             value = getattr(text, f.name)
         except Exception:
             continue
-        if isinstance(value, (list, tuple)) and len(value) == n:
+        # a per-layer list of kinds (layer types, rope on/off, dense/sparse MLP), not of per-layer values
+        if isinstance(value, (list, tuple)) and len(value) == n and len({str(v) for v in value}) <= 3:
             per_layer[f.name] = list(value)
     if not per_layer:
         return {}

@@ -14,13 +14,15 @@ happens when it is prefix-tuned:
   where the family has no eager function of its own;
 - anything else raises: ``BuildError`` (no tiny model), ``Mismatch`` (numbers differ), or the crash itself.
 
-Run it as a script to print every family's class: ``python tests/family_sweep.py [model_type ...]``.
+Run it as a script to print every family's class: ``python tests/family_sweep.py [model_type ...]``;
+``python tests/family_sweep.py --readme`` rewrites README's family list from tests/family_table.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import signal
 import sys
 import time
@@ -272,8 +274,23 @@ def classify(model_type: str, backend: str = "torch") -> str:
     return "match_reference"
 
 
+def write_readme_section(readme_path: str) -> None:
+    """Replace README's generated family list with the one rendered from tests/family_table.py."""
+    from family_table import README_BEGIN, README_END, readme_section
+
+    with open(readme_path) as f:
+        text = f.read()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    with open(readme_path, "w") as f:
+        f.write(text[:start] + readme_section() + text[end:])
+
+
 def main(argv: list[str]) -> None:
     import warnings
+
+    if argv == ["--readme"]:
+        write_readme_section(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"))
+        return
 
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -291,8 +308,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import os
-
     os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main(sys.argv[1:])

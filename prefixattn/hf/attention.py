@@ -106,11 +106,12 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             documents = Documents(documents.start.to(query.device), documents.end.to(query.device))
 
     window = kwargs.get("sliding_window")
+    # learned attention sinks (gpt-oss, granite_swa, flint): transformers passes them as ``s_aux``
     out = prefix_attention(
         query, key, value, pk, pv, key_padding_mask=attention_mask,
         causal=bool(getattr(module, "is_causal", True)), scale=scaling, prefix_index=index,
         softcap=float(kwargs.get("softcap") or 0.0), sliding_window=int(window) if window else None,
-        documents=documents, check_index=False, backend=backend,
+        documents=documents, sinks=kwargs.get("s_aux"), check_index=False, backend=backend,
     )
     # the triton backend's output is (B, Sq, Hq, D) in memory: the transpose is then free
     return out.transpose(1, 2).contiguous(), None

@@ -86,6 +86,29 @@ def resolve_family(model: nn.Module) -> Family:
             f"{supported_names()} (other families whose attention uses the AttentionInterface are "
             "accepted with a warning)"
         )
+    reason = unsupported_attention(model)
+    if reason is not None:
+        raise ValueError(f"{type(model).__name__} ({model_type}) cannot be prefix-tuned by prefixattn: "
+                         f"{reason}")
     if model_type in TESTED_FAMILIES:
         return TESTED_FAMILIES[model_type]
     return Family(model_type, positions="arange", tested=False)
+
+
+# Attention layers that go through the AttentionInterface but give its arguments a meaning of their own
+# (found by the family sweep, tests/hf/test_family_sweep.py): a prefix there would be silently wrong.
+def unsupported_attention(model: nn.Module) -> str | None:
+    """Why the model's attention cannot take a prefix, or None."""
+    for module in model.modules():
+        if not isinstance(getattr(module, "layer_idx", None), int):
+            continue
+        if isinstance(getattr(module, "indexer", None), nn.Module):
+            return ("its sparse attention has a learned key indexer (DeepSeek Sparse Attention style) that "
+                    "chooses which sequence keys each query sees; a prefix has no place in that selection")
+        if isinstance(getattr(module, "compressor", None), nn.Module):
+            return ("its compressed sparse attention (DeepSeek V4 style) attends over compressed key blocks "
+                    "of its own; a prefix has no place there")
+        if hasattr(module, "lambda_q1") and hasattr(module, "lambda_init"):
+            return ("differential attention (DiffLlama) calls the attention function on split value heads "
+                    "and subtracts two softmaxes; a prefix would enter both with a different meaning")
+    return None

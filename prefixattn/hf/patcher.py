@@ -5,9 +5,11 @@ module) and detaching, ``unpatch`` and ``is_patched``.
 No ``forward`` is replaced: the attention goes through transformers' AttentionInterface
 (``attention.py``), the per-step work through a forward pre-hook (``hooks.py``).
 
-Refused with a clear error: families with their own attention code, encoder-decoders, 4-D attention
-masks, static (compileable) caches, packed rows with a KV cache, nonzero attention dropout in training
-(unless ``ignore_attention_dropout=True``, which runs without it).
+Refused with a clear error: families with their own attention code, encoder-decoders, attention that
+gives the interface a meaning of its own (``families.unsupported_attention``: learned sparse-key
+indexers, compressed sparse attention, differential attention), latent attention with key head dim !=
+value head dim, layers of different KV shapes, 4-D attention masks, static (compileable) caches, packed
+rows with a KV cache, nonzero attention dropout in training (unless ``ignore_attention_dropout=True``, which runs without it).
 """
 
 from __future__ import annotations
@@ -78,23 +80,23 @@ def _find_layers_owner(model: nn.Module, state: PatchState) -> nn.Module:
     LlamaModel, GPT2Model, OPTDecoder (OPTForCausalLM calls its decoder directly), ... Its forward takes
     position_ids; the per-step pre-hook goes there."""
     tagged_ids = {id(m) for m in state.tagged_modules}
-    best = None
+    owners: list[tuple[nn.Module, list[nn.Module]]] = []
     for module in model.modules():
         for child in module.children():
             if isinstance(child, nn.ModuleList) and any(
                 id(m) in tagged_ids for layer in child for m in layer.modules()
             ):
-                best = module
-                layers = list(child)
+                owners.append((module, list(child)))
                 break
-        if best is not None:
-            break
-    if best is None:
+    if not owners:
         raise ValueError(f"{type(model).__name__}: could not find the module that runs the attention layers")
-    state.layer_modules = layers
-    if "position_ids" not in inspect.signature(best.forward).parameters:
-        raise ValueError(f"{type(best).__name__}.forward takes no position_ids; prefixattn cannot number "
-                         "positions from P for this model")
+    # a multimodal model also holds a vision / audio tower's layers: the language model's owner is the
+    # one whose forward takes position_ids
+    with_positions = [o for o in owners if "position_ids" in inspect.signature(o[0].forward).parameters]
+    if not with_positions:
+        raise ValueError(f"{type(owners[0][0]).__name__}.forward takes no position_ids; prefixattn cannot "
+                         "number positions from P for this model")
+    best, state.layer_modules = with_positions[0]
     return best
 
 
@@ -106,6 +108,12 @@ def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, n
     if not captured:
         raise ValueError(f"{type(model).__name__}: no attention layer went through the "
                          "AttentionInterface; cannot patch it")
+    latent = {(k.shape[3], v.shape[3]) for k, v in captured.values() if k.shape[3] != v.shape[3]}
+    if latent:
+        (dk, dv), = sorted(latent)[:1]
+        raise ValueError(f"{type(model).__name__} has latent attention: key head dim {dk} != value head dim "
+                         f"{dv} (DeepSeek V2/V3-style multi-head latent attention); prefixattn's prefix "
+                         "holds one head dim for keys and values, so this model is not supported yet")
     shapes = {(k.shape[1], k.shape[3]) for k, _ in captured.values()}
     if len(shapes) != 1:
         raise ValueError(f"{type(model).__name__} has layers with different KV shapes {sorted(shapes)}; "
