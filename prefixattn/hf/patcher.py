@@ -9,7 +9,8 @@ Refused with a clear error: families with their own attention code, encoder-deco
 gives the interface a meaning of its own (``families.unsupported_attention``: learned sparse-key
 indexers, compressed sparse attention, differential attention), latent attention with key head dim !=
 value head dim, layers of different KV shapes, 4-D attention masks, static (compileable) caches, packed
-rows with a KV cache, nonzero attention dropout in training (unless ``ignore_attention_dropout=True``, which runs without it).
+rows with a KV cache, nonzero attention dropout in training (unless ``ignore_attention_dropout=True``,
+which runs without it).
 """
 
 from __future__ import annotations
