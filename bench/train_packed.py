@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .timing import free_memory, is_oom
-from .train_step import CPU_MODEL, GPU_MODEL, ModelSpec, _measure
+from .train_step import CPU_MODEL, GPU_MODEL, ModelSpec, _measure, peft_prefix_model
 
 PROVIDERS = ("peft_sdpa_padded", "prefixattn_padded", "prefixattn_packed")
 # relative error of the loss (a mean over every label token) up to which a provider agrees
@@ -64,19 +64,9 @@ def make_batches(spec: ModelSpec, lengths: list[int], device: torch.device
 
 def run_packed(spec: ModelSpec, lengths: list[int], P: int, device: torch.device, dtype: torch.dtype,
                backend: str, warmup: int, steps: int, log: Any = print) -> list[dict[str, Any]]:
-    import peft
-    from transformers import LlamaForCausalLM
-
     import prefixattn
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        base = LlamaForCausalLM(spec.config())
-    base = base.to(dtype=dtype)
-    base.set_attn_implementation("sdpa")
-    torch.manual_seed(1)
-    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    snapshot = {k: v.detach().clone() for k, v in model.prompt_encoder.state_dict().items()}
+    model, snapshot = peft_prefix_model(spec, P, device, dtype)
     padded, packed = make_batches(spec, lengths, device)
     tokens = sum(lengths)
     dt = str(dtype).removeprefix("torch.")
@@ -135,7 +125,7 @@ def run_packed(spec: ModelSpec, lengths: list[int], P: int, device: torch.device
                 log(f"{provider:>18}: {rec['status']} ({rec['reason']})")
             finally:
                 free_memory(device)
-    del model, base, patched
+    del model, patched
     free_memory(device)
     return records
 

@@ -134,6 +134,23 @@ def _eager_fits(spec: ModelSpec, B: int, S: int, P: int, device: torch.device) -
     return need < 0.8 * free, need / 2**30
 
 
+def peft_prefix_model(spec: ModelSpec, P: int, device: torch.device, dtype: torch.dtype) -> tuple[Any, dict]:
+    """A random Llama of ``spec`` (SDPA attention) with a PEFT prefix of P tokens, seeded, and a
+    snapshot of the prefix that restores it between providers."""
+    import peft
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):  # initialized where it runs: a 0.5B model is slow to init on a CPU
+        base = LlamaForCausalLM(spec.config())
+    base = base.to(dtype=dtype)
+    base.set_attn_implementation("sdpa")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    snapshot = {k: v.detach().clone() for k, v in model.prompt_encoder.state_dict().items()}
+    return model, snapshot
+
+
 def run_config(
     spec: ModelSpec,
     B: int,
@@ -147,19 +164,10 @@ def run_config(
     log: Any = print,
 ) -> list[dict[str, Any]]:
     """The three providers on one (model, batch) configuration."""
-    import peft
-    from transformers import LlamaForCausalLM
-
     import prefixattn
 
-    torch.manual_seed(0)
-    with torch.device(device):  # initialized where it runs: a 0.5B model is slow to init on a CPU
-        base = LlamaForCausalLM(spec.config())
-    base = base.to(dtype=dtype)
-    base.set_attn_implementation("sdpa")
-    torch.manual_seed(1)
-    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    snapshot = {k: v.detach().clone() for k, v in model.prompt_encoder.state_dict().items()}
+    model, snapshot = peft_prefix_model(spec, P, device, dtype)
+    base = model.get_base_model()
     batch = _batch(spec, B, S, device)
     dt = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
     records = []
