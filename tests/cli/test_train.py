@@ -22,14 +22,7 @@ FAST = ["--backend", "torch", "--device", "cpu", "--report-to", "none"]
 TINY = ["--seq-len", 12, "--prefix-tokens", 4, "--no-plot", *FAST]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the test workers already share the cores (oversubscribed OpenMP threads
-    spin and make these tiny models many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(argv: list, capsys) -> tuple[int, str, str]:

@@ -15,12 +15,7 @@ FAST = ["--backend", "torch", "--device", "cpu", "--report-to", "none"]
 TINY = ["--batch-size", 2, "--seq-len", 8, "--prefix-tokens", 2, "--no-plot", *FAST]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fails(argv: list, message: str, capsys) -> str:

@@ -19,14 +19,7 @@ from safetensors.torch import load_file
 
 from prefixattn.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, like the subprocesses (ENV): the test workers share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--backend", "torch", "--device", "cpu", "--report-to", "none", "--no-plot"]
 TINY = ["--seq-len", 12, "--prefix-tokens", 4, *FAST]

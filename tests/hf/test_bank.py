@@ -31,14 +31,7 @@ N = 3
 patch_module = importlib.import_module("prefixattn.hf.attention")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread per xdist worker is faster, and much faster on a busy machine
-    (two OpenMP threads per worker on two cores oversubscribe them)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
