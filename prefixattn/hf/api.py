@@ -47,7 +47,8 @@ def patch(
         num_prefixes: keep a bank of N prefixes; every call then takes ``prefix_ids`` ((batch,) long)
             choosing each row's entry (``model(ids, prefix_ids=...)``,
             ``model.generate(..., prefix_ids=...)``).
-        layers: indices of the layers that carry a prefix (default: all).
+        layers: indices of the layers that carry a prefix (default: all). Sequence positions are numbered
+            from P when the first layer carries one (as PEFT does: from the KV cache's length), else from 0.
         init: "random" (N(0, 1), as PEFT's embedding), "zeros", or "text": the keys/values the frozen model
             computes for ``init_text`` (repeated/truncated to P tokens), i.e. the prefix starts out exactly
             as if that text preceded every input. For a bank, ``init_text`` may be a list of N texts.

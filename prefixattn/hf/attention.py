@@ -25,10 +25,12 @@ from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
 def prefix_mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
                          kv_offset: int = 0, mask_function: Any = None,
                          attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
-    """AttentionMaskInterface entry: the 2-D (B, kv_length) bool padding mask, or None without padding.
+    """AttentionMaskInterface entry: the (B, kv_length) bool padding mask, or None without padding.
 
-    Runs once per step (per mask kind), not per layer: its one host read (any padding?) lets unpadded
-    batches skip the mask altogether."""
+    It is handed out as a (B, 1, q_length, kv_length) view with stride 0 over the queries (no memory),
+    because some models slice the mask's query dim (Gemma 4 before its KV-sharing layers); the attention
+    function takes row 0 back. Runs once per step (per mask kind), not per layer: its one host read (any
+    padding?) lets unpadded batches skip the mask altogether."""
     if attention_mask is None:
         return None
     mask = attention_mask[:, -kv_length:]
@@ -41,7 +43,22 @@ def prefix_mask_function(batch_size: int, q_length: int, kv_length: int, q_offse
         mask = mask.bool()
     if bool(mask.all()):
         return None
-    return mask
+    return mask[:, None, None, :].expand(mask.shape[0], 1, q_length, kv_length)
+
+
+def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, Sk) padding mask from what a layer hands the attention function: the view
+    ``prefix_mask_function`` made (possibly sliced over the queries) or a 2-D mask. Anything else is a
+    mask of the model's own (the pre-hook refuses a caller's 4-D mask before)."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return attention_mask
+    if (attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1
+            and (attention_mask.stride(2) == 0 or attention_mask.shape[2] == 1)):
+        return attention_mask[:, 0, 0, :]
+    raise ValueError(
+        "prefixattn takes a (batch, keys) padding mask; the layer got a "
+        f"{attention_mask.dim()}-D attention mask of its own (custom 4-D masks are not supported)"
+    )
 
 
 def _state_of(module: nn.Module) -> PatchState:
@@ -54,6 +71,29 @@ def _state_of(module: nn.Module) -> PatchState:
     return state
 
 
+# Keywords a layer may hand the attention function that change the scores and that prefixattn does not
+# implement (Inkling's learned relative position bias, Inkling 2's per-token sink logits): refused, never
+# ignored. Any other floating tensor over the keys (last dim = key length) is taken for a score bias too.
+# (Other tensors pass through the interface untouched: labels, token type ids, ...)
+UNSUPPORTED_KWARGS = frozenset({"position_bias", "sinks", "attention_bias", "attn_bias", "alibi", "bias",
+                                "relative_position_bias", "score_mod"})
+HANDLED_KWARGS = frozenset({"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "s_aux", "cache_position"})
+
+
+def unhandled_inputs(kwargs: dict[str, Any], key_length: int) -> list[str]:
+    """Names of the keywords of an attention call that would change the scores and that prefixattn does
+    not implement."""
+    out = []
+    for name, x in kwargs.items():
+        if x is None or name in HANDLED_KWARGS:
+            continue
+        bias_like = (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 3
+                     and x.shape[-1] == key_length)
+        if name in UNSUPPORTED_KWARGS or bias_like:
+            out.append(name)
+    return sorted(out)
+
+
 def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -63,11 +103,7 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
     if not isinstance(layer_idx, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by "
                            "layer_idx")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            "prefixattn takes a 2-D (batch, keys) padding mask; got a "
-            f"{attention_mask.dim()}-D attention mask (custom 4-D masks are not supported)"
-        )
+    attention_mask = padding_mask(attention_mask)
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         raise ValueError(f"prefixattn: padding mask has {attention_mask.shape[-1]} keys, the layer has "
                          f"{key.shape[2]}")
@@ -78,6 +114,11 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             "or patch with ignore_attention_dropout=True to train without it"
         )
 
+    unhandled = unhandled_inputs(kwargs, key.shape[2])
+    if unhandled:
+        raise ValueError(f"{type(module).__name__} hands the attention function {unhandled}, attention "
+                         "inputs prefixattn does not implement (a learned position bias, per-token sinks, "
+                         "...); ignoring them would be silently wrong")
     plan = kwargs.get(STEP_KWARG)
     if plan is not None:
         state.seen_step_kwarg = True

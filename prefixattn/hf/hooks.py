@@ -43,7 +43,7 @@ def _bind_to_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 def _positions(state: PatchState, kwargs: dict, batch: int, length: int,
                device: torch.device) -> torch.Tensor:
-    P = state.num_tokens
+    P = state.position_offset
     cache = kwargs.get("past_key_values")
     past = 0
     if cache is not None and hasattr(cache, "get_seq_length"):
@@ -106,6 +106,10 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         raise ValueError("prefix_ids was given but the model has a single prefix (patch with "
                          "num_prefixes=N for a bank)")
 
+    user_mask = kwargs.get("attention_mask")
+    if isinstance(user_mask, torch.Tensor) and user_mask.dim() != 2:
+        raise ValueError("prefixattn takes a 2-D (batch, keys) attention mask; got a "
+                         f"{user_mask.dim()}-D one (custom 4-D masks are not supported)")
     position_ids = kwargs.get("position_ids")
     inputs = StepInputs(batch=batch, length=length, device=device, prefix_ids=prefix_ids,
                         position_ids=position_ids, attention_mask=kwargs.get("attention_mask"),
@@ -113,13 +117,14 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
                         cu_seq_lens_k=kwargs.get("cu_seq_lens_k"))
     if position_ids is not None:
         # as PEFT does for prefix tuning; packed rows: every document's positions start at P
-        kwargs["position_ids"] = position_ids + state.num_tokens
+        kwargs["position_ids"] = position_ids + state.position_offset
     else:
         kwargs["position_ids"] = _positions(state, kwargs, batch, length, device)
 
     if config.projection and module.training and torch.is_grad_enabled():
         _refuse_reentrant_checkpointing(state)
-    plan = build_plan(state.prefix, inputs, compute_dtype(device, _activation_dtype(state, embeds)))
+    plan = build_plan(state.prefix, inputs, compute_dtype(device, _activation_dtype(state, embeds)),
+                      state.shared_kv)
     state.plan = plan
     kwargs[STEP_KWARG] = plan
     return (), kwargs

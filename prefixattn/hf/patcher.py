@@ -7,10 +7,10 @@ No ``forward`` is replaced: the attention goes through transformers' AttentionIn
 
 Refused with a clear error: families with their own attention code, encoder-decoders, attention that
 gives the interface a meaning of its own (``families.unsupported_attention``: learned sparse-key
-indexers, compressed sparse attention, differential attention), latent attention with key head dim !=
-value head dim, layers of different KV shapes, 4-D attention masks, static (compileable) caches, packed
-rows with a KV cache, nonzero attention dropout in training (unless ``ignore_attention_dropout=True``,
-which runs without it).
+indexers, compressed sparse attention, differential attention), score inputs the op does not implement
+(a learned position bias, per-token sinks), 4-D attention masks, static (compileable) caches, packed
+rows with a KV cache, head dims over 256 with ``backend="triton"``, nonzero attention dropout in training
+(unless ``ignore_attention_dropout=True``, which runs without it).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from ..ops import BACKENDS
-from ..prefix import MODULE_NAME, PrefixConfig, PrefixKV
+from ..ops import BACKENDS, MAX_HEAD_DIM
+from ..prefix import MODULE_NAME, PeftLayout, PrefixConfig, PrefixKV
 from .attention import register
 from .families import resolve_family
 from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
@@ -101,33 +101,91 @@ def _find_layers_owner(model: nn.Module, state: PatchState) -> nn.Module:
     return best
 
 
+def _shared_kv_layers(captured: dict[int, tuple]) -> dict[int, int]:
+    """Layers handed the very key tensor of an earlier layer (KV sharing: Gemma 3n, Gemma 4's last
+    layers): layer -> the layer that computed those keys. They attend over its prefix too, as they would
+    over PEFT's KV cache, which holds the prefix for the layer that computed the keys."""
+    first: dict[tuple, int] = {}
+    shared: dict[int, int] = {}
+    for layer in sorted(captured):
+        k = captured[layer][0]
+        where = (k.untyped_storage().data_ptr(), k.storage_offset(), tuple(k.shape), k.stride())
+        if where in first:
+            shared[layer] = first[where]
+        else:
+            first[where] = layer
+    return shared
+
+
+def _stored_shape(shapes: dict[int, tuple[int, int, int]], chosen: list[int],
+                  adapter_shape: tuple[int, int] | None) -> tuple[tuple[int, int], list[int]]:
+    """The shape every layer's prefix is stored at and the layers that carry one.
+
+    Without an adapter: the largest KV-head count and head dim among the chosen layers, so every chosen
+    layer gets a prefix of its own shape. With a PEFT adapter's (Hkv, D): PEFT's rule for Gemma 4, a
+    layer reads the leading heads and dims, and a layer larger than the adapter carries no prefix."""
+    if adapter_shape is None:
+        return (max(shapes[i][0] for i in chosen), max(max(shapes[i][1:]) for i in chosen)), chosen
+    heads, dim = adapter_shape
+    fitting = [i for i in chosen if shapes[i][0] <= heads and max(shapes[i][1:]) <= dim]
+    if not fitting:
+        raise ValueError(f"the PEFT prefix ({heads} KV heads x head dim {dim}) does not match the model: no "
+                         "attention layer fits it; the layers' (KV heads, key dim, value dim) are "
+                         f"{sorted(set(shapes.values()))}")
+    skipped = sorted(set(chosen) - set(fitting))
+    if skipped:
+        warnings.warn(f"prefixattn: layers {skipped} have more KV heads or a larger head dim than the PEFT "
+                      f"adapter's {heads} x {dim} and carry no prefix (PEFT skips them too)", stacklevel=4)
+    return adapter_shape, fitting
+
+
+def _peft_layout(shapes: dict[int, tuple[int, int, int]]) -> PeftLayout:
+    """PEFT's layout for a model with these layer shapes (``peft.utils.other._prepare_prompt_learning_config``
+    and ``PeftModel.get_prompt``): the prefix is sized for the layer with the largest head dim (its KV
+    heads); every layer that fits reads the leading heads and dims, the others get none (Gemma 4). For a
+    uniform model: its one shape, every layer."""
+    dim = max(dk for _, dk, _ in shapes.values())
+    heads = next(h for _, (h, dk, _) in sorted(shapes.items()) if dk == dim)
+    return PeftLayout(heads, dim, tuple(i for i, (h, dk, dv) in sorted(shapes.items())
+                                         if h <= heads and max(dk, dv) <= dim))
+
+
 def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, num_prefixes: int | None,
-                  layers: Sequence[int] | None, prefix_projection: bool,
-                  projection_hidden_size: int | None) -> PrefixConfig:
-    """One token through the frozen model tells which layers attend, and their (Hkv, D)."""
+                  layers: Sequence[int] | None, prefix_projection: bool, projection_hidden_size: int | None,
+                  backend: str, adapter_shape: tuple[int, int] | None = None) -> PrefixConfig:
+    """One token through the frozen model tells which layers attend, their (Hkv, Dk, Dv), and which
+    layers share another layer's keys and values."""
     captured = capture(model, state, [probe_token(model)])
     if not captured:
         raise ValueError(f"{type(model).__name__}: no attention layer went through the "
                          "AttentionInterface; cannot patch it")
-    latent = {(k.shape[3], v.shape[3]) for k, v in captured.values() if k.shape[3] != v.shape[3]}
-    if latent:
-        (dk, dv), = sorted(latent)[:1]
-        raise ValueError(f"{type(model).__name__} has latent attention: key head dim {dk} != value head dim "
-                         f"{dv} (DeepSeek V2/V3-style multi-head latent attention); prefixattn's prefix "
-                         "holds one head dim for keys and values, so this model is not supported yet")
-    shapes = {(k.shape[1], k.shape[3]) for k, _ in captured.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"{type(model).__name__} has layers with different KV shapes {sorted(shapes)}; "
-                         "prefixattn needs one (num_kv_heads, head_dim) for all layers")
-    (num_kv_heads, head_dim), = shapes
-    all_layers = sorted(captured)
-    chosen = all_layers if layers is None else _check_layers(layers, all_layers)
+    state.shared_kv = _shared_kv_layers(captured)
+    state.first_layer = min(captured)
+    shapes = {i: (k.shape[1], k.shape[3], v.shape[3]) for i, (k, v) in captured.items()
+              if i not in state.shared_kv}
+    own = sorted(shapes)
+    if layers is not None:
+        for i in layers:
+            if isinstance(i, int) and i in state.shared_kv:
+                raise ValueError(f"layer {i} attends over layer {state.shared_kv[i]}'s keys and values (KV "
+                                 f"sharing), so it reads that layer's prefix; choose among layers {own}")
+    chosen = own if layers is None else _check_layers(layers, own)
+    (num_kv_heads, head_dim), chosen = _stored_shape(shapes, chosen, adapter_shape)
+    wide = [i for i in chosen if max(shapes[i][1:]) > MAX_HEAD_DIM]
+    if wide and backend == "triton":
+        raise ValueError(f"layers {wide} have head dim {max(shapes[wide[0]][1:])}; backend='triton' covers "
+                         f"head dims up to {MAX_HEAD_DIM} (backend='auto' runs those layers in PyTorch)")
+    state.peft_layout = _peft_layout(shapes)
+    layer_shapes = tuple(shapes[i] for i in chosen)
+    if all(shape == (num_kv_heads, head_dim, head_dim) for shape in layer_shapes):
+        layer_shapes = ()
     token_dim = num_kv_heads * head_dim
     return PrefixConfig(
         num_tokens=num_prefix_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim, layers=tuple(chosen),
-        num_layers=len(all_layers), num_prefixes=num_prefixes or 1, bank=num_prefixes is not None,
+        num_layers=len(captured), num_prefixes=num_prefixes or 1, bank=num_prefixes is not None,
         projection=bool(prefix_projection),
         projection_hidden_size=(projection_hidden_size or token_dim) if prefix_projection else 0,
+        layer_shapes=layer_shapes,
     )
 
 
@@ -156,12 +214,16 @@ def patch_model(
     backend: str = "auto",
     ignore_attention_dropout: bool = False,
     peft_tuner: bool = False,
+    adapter_shape: tuple[int, int] | None = None,
 ) -> nn.Module:
     """``prefixattn.patch`` for a transformers model (not a PEFT model); see ``prefixattn.hf.api.patch``.
 
     ``peft_tuner=True``: the model is the base of a PEFT tuner (LoRA, ...): the trainable flags PEFT set
     stay as they are (adapter weights trainable, base frozen) and ``save_pretrained`` is left alone (PEFT
-    saves the adapter, and a merged model must save in full)."""
+    saves the adapter, and a merged model must save in full).
+
+    ``adapter_shape=(Hkv, D)``: the prefix comes from a PEFT adapter of that shape (PEFT's Gemma 4 rule:
+    smaller layers read the leading heads and dims, larger ones carry no prefix)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("patch the model before wrapping it in DistributedDataParallel / FSDP")
     if get_state(model) is not None:
@@ -202,11 +264,12 @@ def patch_model(
         add_pre_hook(base)
 
         config = _probe_config(model, state, num_prefix_tokens, num_prefixes, layers, prefix_projection,
-                               projection_hidden_size)
+                               projection_hidden_size, backend, adapter_shape)
         if not peft_tuner:
             for p in model.parameters():
                 p.requires_grad_(False)
         prefix = PrefixKV(config, dtype=dtype, device=input_device(model), init=init)
+        prefix.peft_layout = state.peft_layout
         model.add_module(MODULE_NAME, prefix)
         state.prefix = prefix
         if init == "text":

@@ -17,6 +17,7 @@ from ..prefix import (
     check_against_peft_config,
     check_prefix_id,
     find_prefix,
+    peft_layout,
     peft_rows_to_kv,
     read_peft_adapter,
 )
@@ -55,12 +56,25 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     base = peft_model.get_base_model()
     projection = bool(config.prefix_projection and not config.inference_mode)
+    heads = config.num_attention_heads
     model = patch_model(base, num_prefix_tokens=config.num_virtual_tokens, prefix_projection=projection,
                         projection_hidden_size=config.encoder_hidden_size if projection else None,
                         dtype=dtype, backend=backend, ignore_attention_dropout=ignore_attention_dropout,
-                        init="zeros")
+                        init="zeros", adapter_shape=(heads, config.token_dim // heads))
     module = find_prefix(model)
-    check_against_peft_config(module.config, config, "the PEFT model")
+    try:
+        check_against_peft_config(module.config, config, "the PEFT model")
+        problems = peft_layout(module).problems(module.config)
+        if problems:
+            raise ValueError("the PEFT model does not match the model: " + "; ".join(problems))
+        if projection and len(module.config.layers) != module.config.num_layers:
+            raise ValueError("the PEFT model's MLP-reparameterized prefix covers all "
+                             f"{module.config.num_layers} layers but PEFT gives only layers "
+                             f"{list(module.config.layers)} a prefix; "
+                             "patch a merged prefix (PeftModel with inference_mode=True) instead")
+    except BaseException:
+        unpatch(model)
+        raise
     with torch.no_grad():
         if projection:
             module.embedding.weight.copy_(encoder.embedding.weight)
@@ -94,7 +108,7 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
             raise ValueError(f"the model is already patched; {sorted(patch_kwargs)} only apply when "
                              "load_peft patches an unpatched model")
         module = find_prefix(model)
-        check_adapter_for(module.config, cfg, str(adapter_directory))
+        check_adapter_for(module, cfg, str(adapter_directory))
     else:
         if prefix_id is not None:
             raise ValueError("prefix_id selects a bank entry of an already patched model")
@@ -105,10 +119,12 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
                              "patch first (prefixattn.patch(model, num_prefix_tokens=P, num_prefixes=N)), "
                              "then load_peft(model, directory, prefix_id=i)")
         _precheck_unpatched(model, cfg, str(adapter_directory))
-        model = patch_model(model, num_prefix_tokens=cfg["num_virtual_tokens"], init="zeros", **patch_kwargs)
+        heads = cfg["num_attention_heads"]
+        model = patch_model(model, num_prefix_tokens=cfg["num_virtual_tokens"], init="zeros",
+                            adapter_shape=(heads, cfg["token_dim"] // heads), **patch_kwargs)
         module = find_prefix(model)
         try:
-            check_adapter_for(module.config, cfg, str(adapter_directory))
+            check_adapter_for(module, cfg, str(adapter_directory))
         except BaseException:
             unpatch(model)  # leave the model as it came
             raise
@@ -144,7 +160,19 @@ def _precheck_unpatched(model: nn.Module, cfg: dict[str, Any], where: str) -> No
 
 
 def infer_head_shapes(config: Any) -> tuple[int, int] | None:
-    """(Hkv, D) from a transformers config, or None if it does not say (a probe forward decides)."""
+    """(Hkv, D) from a transformers config, or None if it does not say or the layers differ (Gemma 4's
+    per-layer configs; a probe forward decides)."""
+    try:
+        return _uniform_head_shapes(config)
+    except AttributeError:
+        return None
+    except Exception as e:  # transformers' AmbiguousGlobalPerLayerAttributeError: the layers differ
+        if type(e).__name__ == "AmbiguousGlobalPerLayerAttributeError":
+            return None
+        raise
+
+
+def _uniform_head_shapes(config: Any) -> tuple[int, int] | None:
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     if heads is None:
         return None

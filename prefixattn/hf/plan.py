@@ -31,10 +31,10 @@ _NO_PREFIX: LayerPrefix = (None, None, None)
 class StepPlan:
     """One forward pass's prefix: per model layer, (pk, pv, index) ready to hand to the op.
 
-    pk/pv are (Hkv, P, D) views for a single prefix, (N, Hkv, P, D) bank views with ``index`` (B,) long
-    for a bank. ``documents`` describes packed rows (None when the rows are not packed). ``autocast``:
-    the step runs under torch.autocast (the op casts q/k/v itself). ``capture`` marks a probing /
-    init-from-text pass (the frozen model, no prefix).
+    pk/pv are (Hkv, P, Dk) / (Hkv, P, Dv) views for a single prefix, (N, Hkv, P, D*) bank views with
+    ``index`` (B,) long for a bank. ``documents`` describes packed rows (None when the rows are not
+    packed). ``autocast``: the step runs under torch.autocast (the op casts q/k/v itself). ``capture``
+    marks a probing / init-from-text pass (the frozen model, no prefix).
     """
 
     layers: dict[int, LayerPrefix] = field(default_factory=dict)
@@ -132,9 +132,12 @@ def _check_range(lo: int, hi: int, config: PrefixConfig) -> None:
                          f"{config.num_prefixes} entries")
 
 
-def build_plan(prefix: PrefixKV, inputs: StepInputs, dtype: torch.dtype | None) -> StepPlan:
+def build_plan(prefix: PrefixKV, inputs: StepInputs, dtype: torch.dtype | None,
+               shared_kv: dict[int, int] | None = None) -> StepPlan:
     """The step's plan: checks the inputs (one host read at most), computes and casts the prefix once,
-    and lays out every layer's entry."""
+    and lays out every layer's entry. ``shared_kv`` maps a layer that attends over another layer's keys
+    and values (KV sharing: Gemma 3n, Gemma 4) to that layer: it reads that layer's prefix too, as it
+    would read it from PEFT's KV cache."""
     documents = inputs.documents(prefix.config)
     ids = None if inputs.prefix_ids is None else inputs.prefix_ids.to(device=inputs.device, dtype=torch.long)
     kv = prefix.compute()  # (L, 2, N, Hkv, P, D); the MLP, if any, runs here once
@@ -143,9 +146,10 @@ def build_plan(prefix: PrefixKV, inputs: StepInputs, dtype: torch.dtype | None) 
     bank = prefix.config.bank
     layers: dict[int, LayerPrefix] = {}
     for layer_idx, slot in prefix.layer_slot.items():
-        if bank:
-            layers[layer_idx] = (kv[slot, 0], kv[slot, 1], ids)
-        else:
-            layers[layer_idx] = (kv[slot, 0, 0], kv[slot, 1, 0], None)
+        pk, pv = prefix.layer_views(kv, slot)
+        layers[layer_idx] = (pk, pv, ids) if bank else (pk[0], pv[0], None)
+    for layer_idx, source in (shared_kv or {}).items():
+        if source in layers:
+            layers[layer_idx] = layers[source]
     return StepPlan(layers=layers, dtype=kv.dtype, documents=documents,
                     autocast=torch.is_autocast_enabled(inputs.device.type))

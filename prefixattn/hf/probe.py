@@ -83,13 +83,16 @@ def init_from_text(model: nn.Module, state: PatchState, texts: list[Any], tokeni
     prefix = state.prefix
     c = prefix.config
     vocab = model.get_input_embeddings().weight.shape[0]
-    values = []
-    for text in texts:
+    # (L, 2, N, Hkv, P, D); where a layer is smaller than the stored shape (Gemma 4, latent attention),
+    # the dims it does not read stay zero
+    kv = torch.zeros(prefix.compute().shape, dtype=torch.float32)
+    for n, text in enumerate(texts):
         ids = repeat_to_length(_tokenize(text, tokenizer), c.num_tokens)
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"init_text token ids must be in [0, {vocab}), got [{min(ids)}, {max(ids)}]")
         captured = capture(model, state, ids)
-        per_layer = [torch.stack([captured[layer][0][0], captured[layer][1][0]]) for layer in c.layers]
-        values.append(torch.stack(per_layer))  # (L, 2, Hkv, P, D)
-    kv = torch.stack(values, dim=2)  # (L, 2, N, Hkv, P, D)
+        for slot, layer in enumerate(c.layers):
+            pk, pv = prefix.layer_views(kv, slot)
+            pk[n].copy_(captured[layer][0][0])
+            pv[n].copy_(captured[layer][1][0])
     prefix.set_values(kv)

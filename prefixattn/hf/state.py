@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..prefix import PrefixKV
+from ..prefix import PeftLayout, PrefixKV
 from .families import Family
 from .plan import StepPlan
 
@@ -35,11 +35,25 @@ class PatchState:
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # probing / init-from-text
     layer_modules: list[nn.Module] = field(default_factory=list)
     seen_step_kwarg: bool = False
+    # layer -> the layer whose keys and values it attends over (KV sharing), found by the shape probe
+    shared_kv: dict[int, int] = field(default_factory=dict)
+    peft_layout: PeftLayout | None = None  # how PEFT would lay out this model's prefix (shape probe)
     wrapped_prepare: bool = False
+
+    first_layer: int = 0  # the first attention layer (the one whose KV cache length numbers positions)
 
     @property
     def num_tokens(self) -> int:
         return 0 if self.prefix is None else self.prefix.config.num_tokens
+
+    @property
+    def position_offset(self) -> int:
+        """Where sequence positions start: P when the first attention layer carries a prefix, else 0.
+        PEFT's rule: positions continue from the KV cache's length, which is layer 0's, and PEFT skips
+        Gemma 4 layers larger than its adapter (a Gemma 4 whose first layer it skips numbers from 0)."""
+        if self.prefix is None or self.prefix.slot(self.first_layer) is None:
+            return 0
+        return self.prefix.config.num_tokens
 
 
 def get_state(model: nn.Module) -> PatchState | None:

@@ -78,7 +78,8 @@ def prefix_attention(
     outside it, mixed dtypes are a TypeError.
 
     backend: "triton" (the fused kernels; CPU tensors only under TRITON_INTERPRET=1), "torch"
-    (pure PyTorch, same semantics), "auto" (triton on CUDA or when interpreting, else torch).
+    (pure PyTorch, same semantics, any head dim), "auto" (triton on CUDA or when interpreting and for
+    head dims up to 256, else torch).
     deterministic: True (default): two backward
     passes are bitwise equal. False: the triton backend adds dq and the prefix gradient with fp32
     atomics (faster; the rounding then varies from run to run) and lets the autotuner pick the
@@ -104,7 +105,7 @@ def prefix_attention(
     # a window that covers every key changes nothing
     window = sliding_window if sliding_window is not None and sliding_window < k.shape[2] else None
 
-    if resolve_backend(backend, q) == "torch":
+    if resolve_backend(backend, q, max(checked.dk, checked.dv)) == "torch":
         return prefix_attention_torch(
             q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal,
             scale=scale, prefix_index=prefix_index, softcap=float(softcap), sliding_window=window,

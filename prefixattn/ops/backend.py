@@ -7,6 +7,8 @@ import os
 
 import torch
 
+MAX_HEAD_DIM = 256  # the largest Dk / Dv the fused kernels' tiles cover
+
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -20,9 +22,13 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, head_dim: int | None = None) -> str:
+    """The backend that runs a call: ``"auto"`` takes the kernels where they run (CUDA, or CPU under the
+    interpreter) and cover the head dim (``head_dim``: the larger of Dk, Dv; up to ``MAX_HEAD_DIM``)."""
     if backend == "torch":
         return "torch"
+    if backend == "auto" and head_dim is not None and head_dim > MAX_HEAD_DIM:
+        return "torch"  # Gemma 4's 512-dim global layers: beyond the kernels' tiles
     usable = triton_available() and (q.is_cuda or (q.device.type == "cpu" and triton_interpreting()))
     if backend == "triton":
         if not triton_available():

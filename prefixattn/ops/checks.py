@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from ..documents import Documents
+from .backend import MAX_HEAD_DIM
 
 BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 _INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
 
@@ -101,8 +101,11 @@ def check_inputs(
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     for name, d in (("Dk", Dk), ("Dv", Dv)):
-        if not 1 <= d <= MAX_HEAD_DIM:
-            raise ValueError(f"unsupported head dim {name}={d}: supported 1..{MAX_HEAD_DIM}")
+        if d < 1:
+            raise ValueError(f"unsupported head dim {name}={d}")
+        if d > MAX_HEAD_DIM and backend == "triton":
+            raise ValueError(f"unsupported head dim {name}={d} for backend='triton': the fused kernels cover "
+                             f"1..{MAX_HEAD_DIM} (backend='torch' runs any head dim; 'auto' picks it)")
     if Sq == 0:
         raise ValueError("q has no query positions (Sq = 0)")
     if causal and Sq > Sk:

@@ -3,7 +3,7 @@ file formats (prefixattn's own ``save_prefix``/``load_prefix``, PEFT's adapter f
 
 It knows nothing about transformers: the patcher (``prefixattn.hf``) builds on it, never the reverse.
 
-    config.py       PrefixConfig (the prefix's shape), check_prefix_id
+    config.py       PrefixConfig (the prefix's shape), PeftLayout (PEFT's shape for a model), check_prefix_id
     module.py       PrefixKV, MODULE_NAME (the submodule a patched model carries), find_prefix,
                     active_copy (through PEFT's modules_to_save wrapper)
     peft_rows.py    PEFT's flat (P, L*2*Hkv*D) row layout <-> ours (L, 2, N, Hkv, P, D)
@@ -14,14 +14,21 @@ It knows nothing about transformers: the patcher (``prefixattn.hf``) builds on i
 
 from __future__ import annotations
 
-from .config import PrefixConfig, check_prefix_id
+from .config import PeftLayout, PrefixConfig, check_prefix_id
 from .module import MODULE_NAME, PrefixKV, active_copy, find_prefix
 from .native import load_prefix, save_prefix
-from .peft_format import check_adapter_for, check_against_peft_config, read_peft_adapter, save_peft
+from .peft_format import (
+    check_adapter_for,
+    check_against_peft_config,
+    peft_layout,
+    read_peft_adapter,
+    save_peft,
+)
 from .peft_rows import kv_to_peft_rows, peft_rows_to_kv
 
 __all__ = [
     "MODULE_NAME",
+    "PeftLayout",
     "PrefixConfig",
     "PrefixKV",
     "active_copy",
@@ -31,6 +38,7 @@ __all__ = [
     "find_prefix",
     "kv_to_peft_rows",
     "load_prefix",
+    "peft_layout",
     "peft_rows_to_kv",
     "read_peft_adapter",
     "save_peft",

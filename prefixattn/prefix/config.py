@@ -6,10 +6,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+LayerShape = tuple[int, int, int]  # (KV heads, key head dim, value head dim) of one layer
+
 
 @dataclass(frozen=True)
 class PrefixConfig:
-    """Everything that fixes the shapes of a prefix (stored in saved files, checked on load)."""
+    """Everything that fixes the shapes of a prefix (stored in saved files, checked on load).
+
+    Every prefixed layer's keys and values are stored at one shape, ``num_kv_heads`` x ``head_dim``: PEFT's
+    layout, which sizes the prefix for the largest layer. Where layers differ (Gemma 4's global layers
+    have a larger head dim and other KV-head counts than its sliding ones; latent attention has a key
+    head dim larger than the value head dim), ``layer_shapes`` gives each prefixed layer's own
+    (Hkv, Dk, Dv), and the layer reads the leading Hkv heads and the leading Dk (keys) / Dv (values)
+    dims, as PEFT slices its Gemma 4 prefix. Empty: every layer is (num_kv_heads, head_dim, head_dim).
+    """
 
     num_tokens: int
     num_kv_heads: int
@@ -20,10 +30,31 @@ class PrefixConfig:
     bank: bool = False
     projection: bool = False
     projection_hidden_size: int = 0
+    layer_shapes: tuple[LayerShape, ...] = ()  # per entry of ``layers``; () when all are the stored shape
+
+    def __post_init__(self) -> None:
+        if self.layer_shapes and len(self.layer_shapes) != len(self.layers):
+            raise ValueError(f"layer_shapes has {len(self.layer_shapes)} entries for {len(self.layers)} "
+                             "layers")
+        for layer, (h, dk, dv) in zip(self.layers, self.layer_shapes, strict=False):
+            if not (1 <= h <= self.num_kv_heads and 1 <= dk <= self.head_dim and 1 <= dv <= self.head_dim):
+                raise ValueError(f"layer {layer}'s shape (KV heads {h}, key dim {dk}, value dim {dv}) does "
+                                 f"not fit the stored {self.num_kv_heads} x {self.head_dim}")
 
     @property
     def token_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def layer_shape(self, slot: int) -> LayerShape:
+        """(Hkv, Dk, Dv) of the prefixed layer at ``slot`` (an index into ``layers``)."""
+        if self.layer_shapes:
+            return self.layer_shapes[slot]
+        return (self.num_kv_heads, self.head_dim, self.head_dim)
+
+    @property
+    def latent(self) -> bool:
+        """Some layer's key head dim differs from its value head dim (multi-head latent attention)."""
+        return any(dk != dv for _, dk, dv in self.layer_shapes)
 
     def single_entry(self) -> PrefixConfig:
         """The config of one entry of this prefix (a bank of 1 is a single prefix)."""
@@ -32,6 +63,10 @@ class PrefixConfig:
     def to_json(self) -> str:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        if self.layer_shapes:
+            d["layer_shapes"] = [list(shape) for shape in self.layer_shapes]
+        else:
+            del d["layer_shapes"]  # files of uniform prefixes stay what earlier versions wrote and read
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -44,7 +79,44 @@ class PrefixConfig:
         if unknown:
             raise ValueError(f"prefix config has unknown fields {sorted(unknown)}")
         d["layers"] = tuple(int(i) for i in d["layers"])
+        if "layer_shapes" in d:
+            d["layer_shapes"] = tuple(tuple(int(x) for x in shape) for shape in d["layer_shapes"])
+            if any(len(shape) != 3 for shape in d["layer_shapes"]):
+                raise ValueError("prefix config: each layer shape must be [kv_heads, key_dim, value_dim]")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class PeftLayout:
+    """How PEFT's prefix tuning lays a model's prefix out: one (KV heads x head dim) for every layer, and
+    the layers that get a prefix. Uniform models: their one shape, every layer. Gemma 4: the shape of its
+    largest-head-dim layer, and the layers that fit in it (PEFT slices those, skips larger ones and the
+    KV-sharing layers). Found by the patcher from the model; not stored in files."""
+
+    num_kv_heads: int
+    head_dim: int
+    layers: tuple[int, ...]
+
+    @classmethod
+    def uniform(cls, config: PrefixConfig) -> PeftLayout:
+        return cls(config.num_kv_heads, config.head_dim, tuple(range(config.num_layers)))
+
+    def problems(self, config: PrefixConfig) -> list[str]:
+        """Why a prefix of ``config`` is not what PEFT puts on this model (empty: it is)."""
+        out = []
+        if config.latent:
+            h, dk, dv = next(s for s in config.layer_shapes if s[1] != s[2])
+            out.append(f"the model has latent attention (key head dim {dk} != value head dim {dv}), which "
+                       "PEFT's prefix tuning cannot run: its adapter format has one head dim for keys and "
+                       "values")
+            return out
+        if (config.num_kv_heads, config.head_dim) != (self.num_kv_heads, self.head_dim):
+            out.append(f"PEFT sizes this model's prefix as {self.num_kv_heads} KV heads x head dim "
+                       f"{self.head_dim}, the prefix is stored as {config.num_kv_heads} x {config.head_dim}")
+        if tuple(config.layers) != self.layers:
+            out.append(f"PEFT puts a prefix on layers {list(self.layers)}, this prefix covers layers "
+                       f"{list(config.layers)}")
+        return out
 
 
 def check_prefix_id(prefix_id: int | None, config: PrefixConfig) -> None:

@@ -9,8 +9,11 @@
   (Linear, Tanh, Linear) to (P, L*2*Hkv*D), exactly PEFT's ``PrefixEncoder``. The MLP runs once per
   step (not once per batch row as in PEFT).
 
-Either way ``PrefixKV.compute()`` gives the (L, 2, N, Hkv, P, D) tensor for the step. Values are kept in
-``dtype`` (fp32 master by default); the patcher casts them once per step to the compute dtype.
+Either way ``PrefixKV.compute()`` gives the (L, 2, N, Hkv, P, D) tensor for the step, and
+``layer_views`` a layer's keys and values in it: the leading heads and dims of its own shape where layers
+differ (``PrefixConfig.layer_shapes``: Gemma 4, latent attention), views the kernels read in place.
+Values are kept in ``dtype`` (fp32 master by default); the patcher casts them once per step to the
+compute dtype.
 
 A patched model carries its prefix as the submodule named ``MODULE_NAME``, so ``model.parameters()``,
 optimizers, DDP and the Trainer see it, and ``find_prefix`` finds it without knowing about the patcher.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import PrefixConfig
+from .config import PeftLayout, PrefixConfig
 from .peft_rows import peft_rows_to_kv
 
 MODULE_NAME = "prefixattn_prefix"
@@ -38,6 +41,7 @@ class PrefixKV(nn.Module):
                  device: torch.device | str | None = None, init: str = "random") -> None:
         super().__init__()
         self.config = config
+        self.peft_layout: PeftLayout | None = None  # set by the patcher: PEFT's layout for the model
         c = config
         L, N, H, P, D = len(c.layers), c.num_prefixes, c.num_kv_heads, c.num_tokens, c.head_dim
         self.layer_slot = {layer: i for i, layer in enumerate(c.layers)}
@@ -69,6 +73,22 @@ class PrefixKV(nn.Module):
             return self.kv
         return peft_rows_to_kv(self.transform(self.embedding.weight), self.config)
 
+    def layer_views(self, kv: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys (N, Hkv, P, Dk) and values (N, Hkv, P, Dv) of the prefixed layer at ``slot`` in ``kv``
+        (what ``compute()`` returns, possibly cast): views, no copy."""
+        h, dk, dv = self.config.layer_shape(slot)
+        return kv[slot, 0, :, :h, :, :dk], kv[slot, 1, :, :h, :, :dv]
+
+    @torch.no_grad()
+    def layer_prefix(self, layer_idx: int, prefix_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's prefix keys (Hkv, P, Dk) and values (Hkv, P, Dv) of one entry, detached."""
+        slot = self.slot(layer_idx)
+        if slot is None:
+            raise ValueError(f"layer {layer_idx} carries no prefix (prefixed layers: "
+                             f"{list(self.config.layers)})")
+        pk, pv = self.layer_views(self.compute(), slot)
+        return pk[prefix_id], pv[prefix_id]
+
     def slot(self, layer_idx: int) -> int | None:
         """Index into the L axis for a model layer, or None when that layer carries no prefix."""
         return self.layer_slot.get(layer_idx)
@@ -87,9 +107,10 @@ class PrefixKV(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        shapes = f", layer_shapes={[list(s) for s in c.layer_shapes]}" if c.layer_shapes else ""
         return (f"tokens={c.num_tokens}, layers={len(c.layers)}/{c.num_layers}, kv_heads={c.num_kv_heads}, "
                 f"head_dim={c.head_dim}, prefixes={c.num_prefixes if c.bank else 1}, "
-                f"projection={c.projection}")
+                f"projection={c.projection}{shapes}")
 
 
 def active_copy(module: nn.Module | None) -> nn.Module | None:

@@ -39,7 +39,7 @@ def save_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
 
 def _mismatches(file_cfg: PrefixConfig, model_cfg: PrefixConfig, single_entry: bool) -> list[str]:
     out = []
-    keys = ["num_tokens", "num_kv_heads", "head_dim", "layers", "num_layers", "projection",
+    keys = ["num_tokens", "num_kv_heads", "head_dim", "layers", "num_layers", "layer_shapes", "projection",
             "projection_hidden_size"]
     if not single_entry:
         keys.append("num_prefixes")

@@ -6,8 +6,10 @@ PEFT's saved prefix-tuning adapter is a directory with
 - ``adapter_config.json``: peft_type "PREFIX_TUNING", task_type "CAUSAL_LM", num_virtual_tokens (P),
   num_layers (L), token_dim (Hkv*D), num_attention_heads (Hkv), num_transformer_submodules (1), ...
 - ``adapter_model.safetensors``: one tensor ``prompt_embeddings`` of shape (P, L*2*Hkv*D), each row laid
-  out [layer][k|v][Hkv][D] (``peft_rows``). With ``prefix_projection`` the MLP is already applied (PEFT
-  saves its output), so ``save_peft`` writes ``prefix_projection: false``: the file is the prefix itself.
+  out [layer][k|v][Hkv][D] (``peft_rows``). For Gemma 4, Hkv x D is its largest layer's shape; smaller
+  layers read the leading heads and dims, larger ones get no prefix (``PeftLayout``). With
+  ``prefix_projection`` the MLP is already applied (PEFT saves its output), so ``save_peft`` writes
+  ``prefix_projection: false``: the file is the prefix itself.
 
 Loading an adapter into a model (which may patch it) is the transformers layer's job
 (``prefixattn.hf.peft_models.load_peft``).
@@ -25,9 +27,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .config import PrefixConfig, check_prefix_id
+from .config import PeftLayout, PrefixConfig, check_prefix_id
 from .files import atomic_write, read_tensors
-from .module import find_prefix
+from .module import PrefixKV, find_prefix
 from .peft_rows import kv_to_peft_rows
 
 CONFIG_NAME = "adapter_config.json"
@@ -77,11 +79,18 @@ def _peft_config_dict(config: PrefixConfig, base_model: nn.Module) -> dict[str, 
         "encoder_hidden_size": config.token_dim,
         "prefix_projection": False,
     }
+def peft_layout(module: PrefixKV) -> PeftLayout:
+    """How PEFT lays this prefix's model out (the patcher records it; uniform without it)."""
+    return getattr(module, "peft_layout", None) or PeftLayout.uniform(module.config)
+
+
 def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id: int | None = None) -> None:
     """Write the prefix as a PEFT prefix-tuning adapter (loadable with ``peft.PeftModel.from_pretrained``).
 
-    For a bank, ``prefix_id`` picks the entry to export (required). Every layer must carry a prefix
-    (PEFT has no per-layer opt-out). Both files are staged as temporary files and renamed into place.
+    For a bank, ``prefix_id`` picks the entry to export (required). The prefix must be the one PEFT puts
+    on the model: every layer (PEFT has no per-layer opt-out), or for Gemma 4 the layers that fit its
+    largest layer's shape; latent attention (which PEFT cannot run) is refused. Both files are staged as
+    temporary files and renamed into place.
     """
     module = find_prefix(model)
     c = module.config
@@ -89,12 +98,13 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     if c.bank and prefix_id is None:
         raise ValueError(f"the model has a bank of {c.num_prefixes} prefixes: pass prefix_id to choose the "
                          "entry to export as a PEFT adapter")
-    if len(c.layers) != c.num_layers:
-        raise ValueError("PEFT prefix tuning puts a prefix on every layer; this model's prefix covers "
-                         f"layers {list(c.layers)} of {c.num_layers}, so it cannot be saved in PEFT's format")
+    problems = peft_layout(module).problems(c)
+    if problems:
+        raise ValueError("this prefix cannot be saved in PEFT's adapter format: " + "; ".join(problems)
+                         + ". save_prefix writes any prefix")
     with torch.no_grad():
         kv = module.compute()[:, :, prefix_id or 0].float()  # (L, 2, Hkv, P, D)
-    rows = kv_to_peft_rows(kv).cpu()
+    rows = kv_to_peft_rows(kv, c).cpu()
     base = getattr(model, "module", model)
     cfg = _peft_config_dict(c, base)
     directory = Path(save_directory)
@@ -167,15 +177,14 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
 
 
 
-def check_adapter_for(ours: PrefixConfig, cfg: dict[str, Any], where: str) -> None:
-    """An adapter config (from ``read_peft_adapter``) fits the prefix ``ours`` exactly."""
+def check_adapter_for(module: PrefixKV, cfg: dict[str, Any], where: str) -> None:
+    """An adapter config (from ``read_peft_adapter``) fits the prefix of ``module`` exactly."""
+    ours = module.config
     problems = []
     if ours.projection:
         problems.append("the model's prefix is MLP-reparameterized (prefix_projection=True); a PEFT "
                         "adapter holds prefix values")
-    if len(ours.layers) != ours.num_layers:
-        problems.append(f"the model's prefix covers layers {list(ours.layers)} of {ours.num_layers}; PEFT "
-                        "adapters cover all layers")
+    problems += peft_layout(module).problems(ours)
     for key, value in (("num_virtual_tokens", ours.num_tokens), ("num_layers", ours.num_layers),
                        ("token_dim", ours.token_dim), ("num_attention_heads", ours.num_kv_heads)):
         if cfg[key] != value:

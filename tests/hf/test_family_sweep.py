@@ -84,8 +84,9 @@ def test_family(model_type):
         _check(model_type)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt_oss", "qwen3_next"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt_oss", "qwen3_next", "deepseek_v2", "gemma4_text"])
 def test_family_with_triton_kernels(model_type):
-    """The fused kernels inside a few representative families: plain GQA, attention sinks, a hybrid."""
+    """The fused kernels inside a few representative families: plain GQA, attention sinks, a hybrid,
+    latent attention (Dk != Dv), per-layer head dims and KV heads (prefix views of a larger stored one)."""
     with time_limit(LIMIT_S * 2):
         _check(model_type, backend="triton")

@@ -64,6 +64,18 @@ def test_auto_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         resolve_backend("triton", q)
     assert resolve_backend("torch", q) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", q, head_dim=256) == "triton"
+    assert resolve_backend("auto", q, head_dim=512) == "torch"  # beyond the kernels' tiles
+
+
+def test_head_dims_beyond_the_kernels_run_the_torch_backend():
+    """Gemma 4's global layers have head dim 512: 'auto' runs them in PyTorch, against float64."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 320), torch.randn(1, 1, 3, 320), torch.randn(1, 1, 3, 288)
+    pk, pv = torch.randn(1, 2, 320), torch.randn(1, 2, 288)
+    out = prefixattn.prefix_attention(q, k, v, pk, pv)
+    torch.testing.assert_close(out.double(), concat_reference(q, k, v, pk, pv), rtol=1e-5, atol=1e-5)
 
 
 def _good():
@@ -107,7 +119,8 @@ BAD = [
      ValueError, "per-row prefix"),
     ("causal Sq>Sk", lambda: _with(q=torch.randn(2, 4, 6, 16)), ValueError, "Sq <= Sk"),
     ("head dim too big", lambda: dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300),
-                                      v=torch.randn(1, 1, 2, 300)), ValueError, "unsupported head dim"),
+                                      v=torch.randn(1, 1, 2, 300), backend="triton"), ValueError,
+     "unsupported head dim Dk=300 for backend='triton'"),
 ]
 
 
