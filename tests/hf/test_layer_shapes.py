@@ -159,6 +159,12 @@ def test_gemma4_kv_sharing_layers_read_their_source_layers_prefix():
     assert ours._prefixattn_state.shared_kv == {2: 0, 3: 1}
     assert ours.prefixattn_prefix.config.layers == (0, 1)
     compare_with_peft(peft_model, ours)  # padded logits, one AdamW step, logits again
+    # generate() slices the queries before the KV-sharing layers (and the mask with them)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(**kw), peft_model.generate(**kw))
     with pytest.raises(ValueError, match="layer 3 attends over layer 1's keys and values"):
         prefixattn.patch(copy.deepcopy(base), num_prefix_tokens=2, layers=[0, 3])
 
