@@ -73,22 +73,22 @@ def _state_of(module: nn.Module) -> PatchState:
 
 # Keywords a layer may hand the attention function that change the scores and that prefixattn does not
 # implement (Inkling's learned relative position bias, Inkling 2's per-token sink logits): refused, never
-# ignored. Any other floating tensor over the keys (last dim = key length) is taken for a score bias too.
+# ignored. Any other floating (.., Sq, Sk) tensor is taken for a score bias too.
 # (Other tensors pass through the interface untouched: labels, token type ids, ...)
 UNSUPPORTED_KWARGS = frozenset({"position_bias", "sinks", "attention_bias", "attn_bias", "alibi", "bias",
                                 "relative_position_bias", "score_mod"})
 HANDLED_KWARGS = frozenset({"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "s_aux", "cache_position"})
 
 
-def unhandled_inputs(kwargs: dict[str, Any], key_length: int) -> list[str]:
+def unhandled_inputs(kwargs: dict[str, Any], query_length: int, key_length: int) -> list[str]:
     """Names of the keywords of an attention call that would change the scores and that prefixattn does
     not implement."""
     out = []
     for name, x in kwargs.items():
         if x is None or name in HANDLED_KWARGS:
             continue
-        bias_like = (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 3
-                     and x.shape[-1] == key_length)
+        bias_like = (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4
+                     and tuple(x.shape[-2:]) == (query_length, key_length))
         if name in UNSUPPORTED_KWARGS or bias_like:
             out.append(name)
     return sorted(out)
@@ -114,7 +114,7 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             "or patch with ignore_attention_dropout=True to train without it"
         )
 
-    unhandled = unhandled_inputs(kwargs, key.shape[2])
+    unhandled = unhandled_inputs(kwargs, query.shape[2], key.shape[2])
     if unhandled:
         raise ValueError(f"{type(module).__name__} hands the attention function {unhandled}, attention "
                          "inputs prefixattn does not implement (a learned position bias, per-token sinks, "

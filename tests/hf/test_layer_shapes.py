@@ -217,3 +217,19 @@ def test_load_prefix_names_a_layer_shape_mismatch(tmp_path):
                          backend="torch")
     with pytest.raises(ValueError, match="layer_shapes: file has"):
         prefixattn.load_prefix(b, tmp_path / "p.safetensors")
+
+
+def test_attention_inputs_the_op_does_not_implement_are_refused():
+    """A layer handing the attention function a score bias (Inkling's learned relative position bias)
+    or per-token sinks is refused, never run with them ignored; other tensors pass through."""
+    from prefixattn.hf.attention import unhandled_inputs
+
+    bias = torch.zeros(2, 4, 5, 8)
+    assert unhandled_inputs({"position_bias": bias, "sinks": torch.zeros(2, 4, 5, 1)}, 5, 8) == [
+        "position_bias", "sinks"]
+    assert unhandled_inputs({"my_bias": bias}, 5, 8) == ["my_bias"]  # shaped like scores: a bias
+    assert unhandled_inputs({"labels": torch.zeros(2, 5, dtype=torch.long), "s_aux": torch.zeros(4),
+                             "position_ids": torch.arange(5)[None], "sliding_window": 4,
+                             "cos": torch.zeros(2, 5, 8)}, 5, 8) == []
+    with pytest.raises(ValueError, match=r"hands the attention function \['position_bias'\]"):
+        prefixattn.patch(tiny_causal_lm("inkling_text"), num_prefix_tokens=2, backend="torch")
