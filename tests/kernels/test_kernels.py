@@ -90,6 +90,33 @@ def test_non_contiguous_inputs():
         assert_close_rel(g, r, 2e-3, "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32])
+def test_prefix_views_of_a_larger_stored_bank(dtype):
+    """What the patcher hands the kernels for Gemma 4 and latent attention: a bank stored at the largest
+    layer's shape (N, 3, P, 24), read as views of the leading 2 heads, 24 key dims and 16 value dims (the
+    head and row strides are the stored ones). Forward, and gradients through the views into the bank."""
+    torch.manual_seed(0)
+    B, S, Hq, Hkv, P, N, Dk, Dv, D = 3, 37, 4, 2, 5, 2, 24, 16, 24
+    stored = torch.randn(2, N, 3, P, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    q = torch.randn(B, Hq, S, Dk, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, S, Dk, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, S, Dv, device=DEVICE, dtype=dtype, requires_grad=True)
+    index = torch.tensor([1, 0, 1], device=DEVICE)
+    pk, pv = stored[0, :, :Hkv, :, :Dk], stored[1, :, :Hkv, :, :Dv]
+    assert not pv.is_contiguous()
+    out = prefixattn.prefix_attention(q, k, v, pk, pv, prefix_index=index, backend="triton")
+    ref = concat_reference(q, k, v, pk, pv, prefix_index=index)
+    tol = REL_TOL[dtype]
+    assert_close_rel(out, ref, tol, "out")
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, stored), do)
+    want = torch.autograd.grad(ref, (q, k, v, stored), do.double())
+    for g, r, name in zip(got, want, ("dq", "dk", "dv", "dstored"), strict=True):
+        assert_close_rel(g, r, tol, name)
+    assert torch.equal(got[3][1, ..., Dv:], torch.zeros_like(got[3][1, ..., Dv:])), "value dims no layer reads"
+    assert torch.equal(got[3][:, :, Hkv:], torch.zeros_like(got[3][:, :, Hkv:])), "heads no layer reads"
+
+
 def test_layer0_computes_only_the_prefix_gradient(monkeypatch):
     """q, k, v need no gradient (layer 0 of a frozen model): the backward launches no dq/dk/dv work."""
     import prefixattn.kernels as kernels
