@@ -14,7 +14,8 @@ Output directory::
     OUT/checkpoint-N/          the Trainer's checkpoint (prefix-only model.safetensors, optimizer,
                                scheduler, RNG states, trainer_state.json) + adapter/ (PEFT format)
                                + prefixattn.json (written last: the checkpoint is complete)
-    OUT/adapter/               the final prefix as a PEFT prefix-tuning adapter (prefixattn.save_peft)
+    OUT/adapter/               the final prefix as a PEFT prefix-tuning adapter (prefixattn.save_peft;
+                               not for latent attention, which PEFT cannot run)
     OUT/prefix.safetensors     the final trainable prefix (prefixattn.save_prefix)
     OUT/run.json               the run's settings and summary (eval loss/accuracy, tokens/s)
     OUT/loss.png               train and eval loss against step
@@ -45,6 +46,7 @@ from .trainer import (
     latest_complete,
     read_marker,
     remove_incomplete,
+    save_peft_if_possible,
     token_accuracy,
     write_json_atomic,
 )
@@ -343,7 +345,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     }
     if main:
         unwrapped = trainer.model
-        prefixattn.save_peft(unwrapped, out / "adapter")
+        no_adapter = save_peft_if_possible(unwrapped, out / "adapter")
         prefixattn.save_prefix(unwrapped, out / "prefix.safetensors")
         plot = plot_losses(history, out / "loss.png") if cfg.plot else None
         summary["plot"] = str(plot) if plot else None
@@ -353,8 +355,9 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
             say(f"done: eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss']:.4f}, accuracy "
                 f"{summary['eval_accuracy_start']:.1%} -> {summary['eval_accuracy']:.1%}"
                 + (f", {progress.tokens_per_s:.0f} tokens/s" if progress.tokens_per_s else ""))
-        say(f"adapter (PEFT format): {out / 'adapter'}; prefix: {out / 'prefix.safetensors'}"
-            + (f"; loss curve: {plot}" if plot else ""))
+        adapter = (f"no PEFT adapter ({'; '.join(no_adapter)})" if no_adapter
+                   else f"adapter (PEFT format): {out / 'adapter'}")
+        say(f"{adapter}; prefix: {out / 'prefix.safetensors'}" + (f"; loss curve: {plot}" if plot else ""))
     with contextlib.suppress(Exception):  # the Trainer leaves the process group to the caller
         if torch.distributed.is_initialized():
             torch.distributed.barrier()

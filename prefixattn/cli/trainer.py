@@ -1,7 +1,8 @@
 """The Trainer of ``prefixattn train``: transformers' Trainer with atomic, prefix-only checkpoints.
 
 What it adds to the Trainer:
-- every checkpoint also holds the prefix as a PEFT adapter (``checkpoint-N/adapter``);
+- every checkpoint also holds the prefix as a PEFT adapter (``checkpoint-N/adapter``) where PEFT's format
+  can hold it (not latent attention: ``save_peft_if_possible``);
 - a checkpoint counts only once its marker ``checkpoint-N/prefixattn.json`` exists. The marker is
   written last (to a temporary name, then renamed), after every process has written its part, so a
   run killed at any moment (SIGKILL included) leaves either a complete checkpoint or one that resume
@@ -29,6 +30,7 @@ import torch
 from transformers import Trainer
 
 import prefixattn
+from prefixattn.prefix import peft_format_problems
 
 from .data import IGNORE
 
@@ -76,6 +78,15 @@ def read_marker(checkpoint: Path) -> dict[str, Any]:
         raise ValueError(f"cannot resume: {checkpoint / MARKER} is unreadable ({e})") from None
 
 
+def save_peft_if_possible(model: Any, directory: Path) -> list[str]:
+    """Write the prefix as a PEFT adapter unless PEFT's format cannot hold it; returns why not (empty
+    when written). ``prefix.safetensors`` / ``model.safetensors`` hold every prefix."""
+    problems = peft_format_problems(model)
+    if not problems:
+        prefixattn.save_peft(model, directory)
+    return problems
+
+
 def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Keep only the predicted token per position (the Trainer would otherwise gather all logits)."""
     if isinstance(logits, tuple):
@@ -111,7 +122,7 @@ class PrefixTrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
-            prefixattn.save_peft(self.model, folder / "adapter")
+            save_peft_if_possible(self.model, folder / "adapter")
         # every process has written its part (each saves its own RNG state) before the marker
         self.accelerator.wait_for_everyone()
         if self.args.should_save:

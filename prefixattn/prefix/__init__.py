@@ -20,6 +20,7 @@ from .native import load_prefix, save_prefix
 from .peft_format import (
     check_adapter_for,
     check_against_peft_config,
+    peft_format_problems,
     peft_layout,
     read_peft_adapter,
     save_peft,
@@ -38,6 +39,7 @@ __all__ = [
     "find_prefix",
     "kv_to_peft_rows",
     "load_prefix",
+    "peft_format_problems",
     "peft_layout",
     "peft_rows_to_kv",
     "read_peft_adapter",

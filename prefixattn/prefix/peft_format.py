@@ -84,6 +84,12 @@ def peft_layout(module: PrefixKV) -> PeftLayout:
     return getattr(module, "peft_layout", None) or PeftLayout.uniform(module.config)
 
 
+def peft_format_problems(model: nn.Module) -> list[str]:
+    """Why the model's prefix cannot be written as a PEFT adapter (empty: ``save_peft`` can write it)."""
+    module = find_prefix(model)
+    return peft_layout(module).problems(module.config)
+
+
 def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id: int | None = None) -> None:
     """Write the prefix as a PEFT prefix-tuning adapter (loadable with ``peft.PeftModel.from_pretrained``).
 
@@ -98,7 +104,7 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     if c.bank and prefix_id is None:
         raise ValueError(f"the model has a bank of {c.num_prefixes} prefixes: pass prefix_id to choose the "
                          "entry to export as a PEFT adapter")
-    problems = peft_layout(module).problems(c)
+    problems = peft_format_problems(model)
     if problems:
         raise ValueError("this prefix cannot be saved in PEFT's adapter format: " + "; ".join(problems)
                          + ". save_prefix writes any prefix")

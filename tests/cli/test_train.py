@@ -190,3 +190,30 @@ def test_gradient_checkpointing_trains_the_same_prefix(tmp_path, capsys):
     assert b.shape[0] == 2
     for layer in range(b.shape[0]):
         assert (b[layer] - after_one[layer]).abs().max() > 1e-4, layer
+
+
+def test_latent_attention_model_trains_without_a_peft_adapter(tmp_path, capsys):
+    """A DeepSeek V2-style model (key head dim != value head dim) trains from a model directory; PEFT's
+    format cannot hold its prefix, so checkpoints and the output carry prefixattn's file only, and the
+    command says why there is no adapter."""
+    from family_configs import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("deepseek_v2")
+    config.vocab_size = 300  # the byte tokenizer's 259 ids fit
+    torch.manual_seed(0)
+    model_dir = tmp_path / "deepseek"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    out = tmp_path / "run"
+    rc, printed, err = run_cli(["train", "--model", model_dir, "--out", out, "--steps", 2, "--batch-size", 2,
+                                "--save-every", 1, *TINY], capsys)
+    assert rc == 0, err
+    assert "no PEFT adapter (the model has latent attention (key head dim 24 != value head dim 16)" in printed
+    assert not (out / "adapter").exists() and not (out / "checkpoint-2" / "adapter").exists()
+    assert (out / "checkpoint-2" / "prefixattn.json").is_file()
+    trained = load_file(out / "prefix.safetensors")["kv"]
+    assert trained.shape == (2, 2, 1, 4, 4, 24)
+    patched = prefixattn.patch(AutoModelForCausalLM.from_pretrained(model_dir), num_prefix_tokens=4,
+                               backend="torch")
+    prefixattn.load_prefix(patched, out / "prefix.safetensors")  # the shapes check passes
+    assert torch.equal(patched.prefixattn_prefix.kv.detach(), trained)
