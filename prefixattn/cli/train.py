@@ -11,9 +11,10 @@ local HF model directory (``--model``) and a JSONL dataset (``--data``).
 Output directory::
 
     OUT/base_model/            the embedded base model and tokenizer (absent with --model)
-    OUT/checkpoint-N/          the Trainer's checkpoint (prefix-only model.safetensors, optimizer,
-                               scheduler, RNG states, trainer_state.json) + adapter/ (PEFT format)
-                               + prefixattn.json (written last: the checkpoint is complete)
+    OUT/checkpoint-N/          the Trainer's checkpoint (prefix-only model.safetensors, optimizer and
+                               RNG states as safetensors, scheduler.json, trainer_state.json: no
+                               pickle) + adapter/ (PEFT format) + prefixattn.json (written last:
+                               the checkpoint is complete)
     OUT/adapter/               the final prefix as a PEFT prefix-tuning adapter (prefixattn.save_peft;
                                not for latent attention, which PEFT cannot run)
     OUT/prefix.safetensors     the final trainable prefix (prefixattn.save_prefix)

@@ -12,6 +12,9 @@ What it adds to the Trainer:
   already random): global step s trains on the same examples whatever the number of processes;
 - next-token accuracy at evaluation (argmax taken per batch, so the logits are never gathered).
 
+- the optimizer, LR scheduler, gradient scaler and RNG states as safetensors + JSON, not the Trainer's
+  pickles (``state_files.py``);
+
 The patched model's ``save_pretrained`` writes only the prefix (the patcher marks the frozen weights
 as not to be saved), so ``model.safetensors`` in a checkpoint is the prefix alone.
 """
@@ -33,6 +36,18 @@ import prefixattn
 from prefixattn.prefix import peft_format_problems
 
 from .data import IGNORE
+from .state_files import (
+    OPTIMIZER_FILE,
+    SCALER_FILE,
+    SCHEDULER_FILE,
+    load_optimizer,
+    load_rng_states,
+    read_json,
+    rng_file,
+    save_optimizer,
+    save_rng_states,
+    write_json,
+)
 
 MARKER = "prefixattn.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -116,6 +131,60 @@ class PrefixTrainer(Trainer):
         if getattr(dataset, "ordered", False):
             return torch.utils.data.SequentialSampler(dataset)
         return super()._get_train_sampler(train_dataset)
+
+    # ---- resume state without pickle (state_files.py); DeepSpeed and FSDP keep their own formats ----
+
+    def _own_state_files(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._own_state_files():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_optimizer(self.optimizer.state_dict(), Path(output_dir) / OPTIMIZER_FILE)
+            write_json(Path(output_dir) / SCHEDULER_FILE, self.lr_scheduler.state_dict(), "LR scheduler")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._own_state_files():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        folder = Path(checkpoint)
+        if (folder / OPTIMIZER_FILE).is_file() and (folder / SCHEDULER_FILE).is_file():
+            self.optimizer.load_state_dict(load_optimizer(folder / OPTIMIZER_FILE))
+            self.lr_scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if not self._own_state_files() or scaler is None:
+            return super()._save_scaler(output_dir)
+        if self.args.should_save:
+            write_json(Path(output_dir) / SCALER_FILE, scaler.state_dict(), "gradient scaler")
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is None or not self._own_state_files() or scaler is None:
+            return super()._load_scaler(checkpoint)
+        if (Path(checkpoint) / SCALER_FILE).is_file():
+            scaler.load_state_dict(read_json(Path(checkpoint) / SCALER_FILE))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        # the Trainer pickles its TrainingArguments next to the weights (informational: resume never
+        # reads it); keep them as JSON instead
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save and (folder / "training_args.bin").is_file():
+            (folder / "training_args.bin").unlink()
+            write_json_atomic(folder / "training_args.json", json.loads(self.args.to_json_string()))
+
+    def _rng_path(self, folder: str) -> Path:
+        return Path(folder) / rng_file(self.args.process_index if self.args.world_size > 1 else None)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_rng_states(self._rng_path(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self._rng_path(checkpoint).is_file():
+            load_rng_states(self._rng_path(checkpoint))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)

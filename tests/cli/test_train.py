@@ -60,6 +60,12 @@ def test_demo_learns_and_writes_peft_adapter_checkpoints_and_plot(tmp_path, caps
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
     ckpt = out / "checkpoint-40"
     assert json.loads((ckpt / "prefixattn.json").read_text())["step"] == 40
+    # no pickle anywhere: the resume state is safetensors + JSON, not the Trainer's .pt/.pth files
+    files = sorted(p.name for p in ckpt.iterdir() if p.is_file())
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl"))], files
+    assert {"optimizer.safetensors", "scheduler.json", "rng_state.safetensors"} <= set(files), files
+    with safe_open(str(ckpt / "optimizer.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["state.0.exp_avg", "state.0.exp_avg_sq", "state.0.step"]
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         assert list(f.keys()) == ["prefixattn_prefix.kv"]
     final = load_file(str(out / "prefix.safetensors"))

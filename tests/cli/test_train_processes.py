@@ -64,7 +64,7 @@ def test_two_gloo_processes_train_like_one_with_twice_the_batch(tmp_path, capsys
     torch.testing.assert_close(torch.tensor([x for _, x in lb]), torch.tensor([x for _, x in la]), rtol=1e-5, atol=0)
     # each process saved its RNG state in the checkpoint; the marker came after both
     ckpt = two / "checkpoint-6"
-    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+    assert (ckpt / "rng_state_0.safetensors").is_file() and (ckpt / "rng_state_1.safetensors").is_file()
     assert json.loads((ckpt / "prefixattn.json").read_text())["world_size"] == 2
     # not trivially equal: steps 4 to 6 moved the prefix
     (at_three,) = load_file(str(two / "checkpoint-3" / "model.safetensors")).values()
