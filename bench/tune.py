@@ -40,6 +40,9 @@ def probe_shape(B: int, Hq: int, Hkv: int, S: int, P: int, D: int,
     x = make_inputs(B=B, H=Hq, Hkv=Hkv, Sq=S, Sk=S, P=P, D=D, dtype=dtype, device=torch.device("cuda"))
     do = torch.randn(B, Hq, S, D, device="cuda", dtype=dtype)
     ours, _ = prefixattn_provider(x)
+    # deterministic=False: the autotuner picks the configs (deterministic=True pins them, so its cache
+    # would stay empty) and dq / the prefix gradient go through atomics; best_configs() reads its choice
+    tuned, _ = prefixattn_provider(x, deterministic=False)
     concat, sdpa_backend = concat_sdpa_causal(x)
 
     ref = concat().float()
@@ -47,7 +50,7 @@ def probe_shape(B: int, Hq: int, Hkv: int, S: int, P: int, D: int,
                            "rel_err_vs_concat": float((ours().float() - ref).norm() / ref.norm())}
     shape = dict(B=B, H=Hq, Sq=S, Sk=S, P=P, D=D)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")  # noqa: E731
-    for name, fn in (("prefixattn", ours), ("concat_causal", concat)):
+    for name, fn in (("prefixattn", ours), ("prefixattn_autotuned", tuned), ("concat_causal", concat)):
         t_f = bench(fn)
         t_fb = bench(lambda fn=fn: torch.autograd.grad(fn(), x.tensors(), do))
         res[f"{name}_fwd_ms"] = t_f
@@ -61,11 +64,14 @@ def probe_shape(B: int, Hq: int, Hkv: int, S: int, P: int, D: int,
         lambda: torch.autograd.grad(prefixattn.prefix_attention(q0, k0, v0, x.pk, x.pv), (x.pk, x.pv), do))
     res["speedup_fwd"] = res["concat_causal_fwd_ms"] / res["prefixattn_fwd_ms"]
     res["speedup_fwdbwd"] = res["concat_causal_fwdbwd_ms"] / res["prefixattn_fwdbwd_ms"]
+    # what pinning the configs (bitwise-reproducible gradients) costs against the autotuned atomics path
+    res["pinned_vs_autotuned_fwdbwd"] = res["prefixattn_fwdbwd_ms"] / res["prefixattn_autotuned_fwdbwd_ms"]
     return res
 
 
 def best_configs() -> list[str]:
-    """The autotuner's choice per kernel and key (after a probe has run)."""
+    """The autotuner's choice per kernel and key (after a probe has run; filled by the
+    deterministic=False runs, the deterministic ones launch pinned configs)."""
     from prefixattn.kernels import backward, forward
 
     lines = []
