@@ -139,15 +139,22 @@ def _stored_shape(shapes: dict[int, tuple[int, int, int]], chosen: list[int],
     return adapter_shape, fitting
 
 
-def _peft_layout(shapes: dict[int, tuple[int, int, int]]) -> PeftLayout:
+def _peft_layout(shapes: dict[int, tuple[int, int, int]], shared: dict[int, int]) -> PeftLayout:
     """PEFT's layout for a model with these layer shapes (``peft.utils.other._prepare_prompt_learning_config``
     and ``PeftModel.get_prompt``): the prefix is sized for the layer with the largest head dim (its KV
     heads); every layer that fits reads the leading heads and dims, the others get none (Gemma 4). For a
     uniform model: its one shape, every layer."""
     dim = max(dk for _, dk, _ in shapes.values())
     heads = next(h for _, (h, dk, _) in sorted(shapes.items()) if dk == dim)
-    return PeftLayout(heads, dim, tuple(i for i, (h, dk, dv) in sorted(shapes.items())
-                                         if h <= heads and max(dk, dv) <= dim))
+    layers = tuple(i for i, (h, dk, dv) in sorted(shapes.items()) if h <= heads and max(dk, dv) <= dim)
+    attention = sorted(set(shapes) | set(shared))
+    if attention != list(range(len(attention))):
+        # PEFT's adapter has a row block per model layer and its cache an entry per layer index; a model
+        # whose attention layers are not layers 0..n-1 (hybrids with state-space / linear layers)
+        return PeftLayout(heads, dim, layers, unsupported=(
+            f"the model's attention layers are {attention} among layers of other kinds (a hybrid), which "
+            "PEFT's prefix tuning cannot run"))
+    return PeftLayout(heads, dim, layers)
 
 
 def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, num_prefixes: int | None,
@@ -175,7 +182,7 @@ def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, n
     if wide and backend == "triton":
         raise ValueError(f"layers {wide} have head dim {max(shapes[wide[0]][1:])}; backend='triton' covers "
                          f"head dims up to {MAX_HEAD_DIM} (backend='auto' runs those layers in PyTorch)")
-    state.peft_layout = _peft_layout(shapes)
+    state.peft_layout = _peft_layout(shapes, state.shared_kv)
     layer_shapes = tuple(shapes[i] for i in chosen)
     if all(shape == (num_kv_heads, head_dim, head_dim) for shape in layer_shapes):
         layer_shapes = ()

@@ -96,6 +96,7 @@ class PeftLayout:
     num_kv_heads: int
     head_dim: int
     layers: tuple[int, ...]
+    unsupported: str | None = None  # why PEFT cannot prefix-tune the model at all (a hybrid, ...)
 
     @classmethod
     def uniform(cls, config: PrefixConfig) -> PeftLayout:
@@ -104,6 +105,8 @@ class PeftLayout:
     def problems(self, config: PrefixConfig) -> list[str]:
         """Why a prefix of ``config`` is not what PEFT puts on this model (empty: it is)."""
         out = []
+        if self.unsupported:
+            return [self.unsupported]
         if config.latent:
             h, dk, dv = next(s for s in config.layer_shapes if s[1] != s[2])
             out.append(f"the model has latent attention (key head dim {dk} != value head dim {dv}), which "

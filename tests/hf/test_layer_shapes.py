@@ -169,6 +169,25 @@ def test_gemma4_kv_sharing_layers_read_their_source_layers_prefix():
         prefixattn.patch(copy.deepcopy(base), num_prefix_tokens=2, layers=[0, 3])
 
 
+def test_gemma4_kv_sharing_adapter_round_trip(tmp_path):
+    """save_peft writes rows for all 4 layers (PEFT's num_layers; the sharing layers' rows are never
+    read) and PEFT running it computes the patched model's logits."""
+    from peft import PeftModel
+
+    base = gemma4_kv_sharing(seed=3)
+    ours = prefixattn.patch(copy.deepcopy(base), num_prefix_tokens=3, backend="torch")
+    prefixattn.save_peft(ours, tmp_path)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert_close_rel(_logits(ours), _logits(peft_model), TOL, "logits")
+
+
+def test_save_peft_refuses_hybrids():
+    """PEFT keys its adapter and cache by layer index; a hybrid's attention layers are not 0..n-1."""
+    model = prefixattn.patch(tiny_causal_lm("jamba"), num_prefix_tokens=2, backend="torch")
+    with pytest.raises(ValueError, match=r"attention layers are \[1\] among layers of other kinds"):
+        prefixattn.save_peft(model, "unused")
+
+
 def test_gemma4_kv_sharing_init_from_text_is_the_text_in_front():
     base = gemma4_kv_sharing()
     model = prefixattn.patch(copy.deepcopy(base), num_prefix_tokens=3, init="text", init_text=[5, 6, 7],
