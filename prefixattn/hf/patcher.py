@@ -117,6 +117,12 @@ def _shared_kv_layers(captured: dict[int, tuple]) -> dict[int, int]:
     return shared
 
 
+def _fits(shape: tuple[int, int, int], heads: int, dim: int) -> bool:
+    """PEFT's Gemma 4 rule: a layer of (Hkv, Dk, Dv) reads a prefix stored at heads x dim when it is no
+    larger in any of them (it takes the leading heads and dims)."""
+    return shape[0] <= heads and max(shape[1:]) <= dim
+
+
 def _stored_shape(shapes: dict[int, tuple[int, int, int]], chosen: list[int],
                   adapter_shape: tuple[int, int] | None) -> tuple[tuple[int, int], list[int]]:
     """The shape every layer's prefix is stored at and the layers that carry one.
@@ -127,7 +133,7 @@ def _stored_shape(shapes: dict[int, tuple[int, int, int]], chosen: list[int],
     if adapter_shape is None:
         return (max(shapes[i][0] for i in chosen), max(max(shapes[i][1:]) for i in chosen)), chosen
     heads, dim = adapter_shape
-    fitting = [i for i in chosen if shapes[i][0] <= heads and max(shapes[i][1:]) <= dim]
+    fitting = [i for i in chosen if _fits(shapes[i], heads, dim)]
     if not fitting:
         raise ValueError(f"the PEFT prefix ({heads} KV heads x head dim {dim}) does not match the model: no "
                          "attention layer fits it; the layers' (KV heads, key dim, value dim) are "
@@ -146,7 +152,7 @@ def _peft_layout(shapes: dict[int, tuple[int, int, int]], shared: dict[int, int]
     uniform model: its one shape, every layer."""
     dim = max(dk for _, dk, _ in shapes.values())
     heads = next(h for _, (h, dk, _) in sorted(shapes.items()) if dk == dim)
-    layers = tuple(i for i, (h, dk, dv) in sorted(shapes.items()) if h <= heads and max(dk, dv) <= dim)
+    layers = tuple(i for i, shape in sorted(shapes.items()) if _fits(shape, heads, dim))
     attention = sorted(set(shapes) | set(shared))
     if attention != list(range(len(attention))):
         # PEFT's adapter has a row block per model layer and its cache an entry per layer index; a model
@@ -159,9 +165,10 @@ def _peft_layout(shapes: dict[int, tuple[int, int, int]], shared: dict[int, int]
 
 def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, num_prefixes: int | None,
                   layers: Sequence[int] | None, prefix_projection: bool, projection_hidden_size: int | None,
-                  backend: str, adapter_shape: tuple[int, int] | None = None) -> PrefixConfig:
+                  backend: str, adapter_shape: tuple[int, int] | None = None
+                  ) -> tuple[PrefixConfig, PeftLayout]:
     """One token through the frozen model tells which layers attend, their (Hkv, Dk, Dv), and which
-    layers share another layer's keys and values."""
+    layers share another layer's keys and values; returns the prefix's config and PEFT's layout."""
     captured = capture(model, state, [probe_token(model)])
     if not captured:
         raise ValueError(f"{type(model).__name__}: no attention layer went through the "
@@ -182,18 +189,18 @@ def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, n
     if wide and backend == "triton":
         raise ValueError(f"layers {wide} have head dim {max(shapes[wide[0]][1:])}; backend='triton' covers "
                          f"head dims up to {MAX_HEAD_DIM} (backend='auto' runs those layers in PyTorch)")
-    state.peft_layout = _peft_layout(shapes, state.shared_kv)
     layer_shapes = tuple(shapes[i] for i in chosen)
     if all(shape == (num_kv_heads, head_dim, head_dim) for shape in layer_shapes):
         layer_shapes = ()
     token_dim = num_kv_heads * head_dim
-    return PrefixConfig(
+    config = PrefixConfig(
         num_tokens=num_prefix_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim, layers=tuple(chosen),
         num_layers=len(captured), num_prefixes=num_prefixes or 1, bank=num_prefixes is not None,
         projection=bool(prefix_projection),
         projection_hidden_size=(projection_hidden_size or token_dim) if prefix_projection else 0,
         layer_shapes=layer_shapes,
     )
+    return config, _peft_layout(shapes, state.shared_kv)
 
 
 def _init_texts(init_text: Any, config: PrefixConfig) -> list[Any]:
@@ -270,13 +277,13 @@ def patch_model(
         base.__dict__[STATE_ATTR] = state
         add_pre_hook(base)
 
-        config = _probe_config(model, state, num_prefix_tokens, num_prefixes, layers, prefix_projection,
-                               projection_hidden_size, backend, adapter_shape)
+        config, peft_layout = _probe_config(model, state, num_prefix_tokens, num_prefixes, layers,
+                                            prefix_projection, projection_hidden_size, backend, adapter_shape)
         if not peft_tuner:
             for p in model.parameters():
                 p.requires_grad_(False)
         prefix = PrefixKV(config, dtype=dtype, device=input_device(model), init=init)
-        prefix.peft_layout = state.peft_layout
+        prefix.peft_layout = peft_layout
         model.add_module(MODULE_NAME, prefix)
         state.prefix = prefix
         if init == "text":

@@ -17,7 +17,7 @@ from ..prefix import (
     check_against_peft_config,
     check_prefix_id,
     find_prefix,
-    peft_layout,
+    peft_format_problems,
     peft_rows_to_kv,
     read_peft_adapter,
 )
@@ -64,7 +64,7 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
     module = find_prefix(model)
     try:
         check_against_peft_config(module.config, config, "the PEFT model")
-        problems = peft_layout(module).problems(module.config)
+        problems = peft_format_problems(model)
         if problems:
             raise ValueError("the PEFT model does not match the model: " + "; ".join(problems))
         if projection and len(module.config.layers) != module.config.num_layers:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..prefix import PeftLayout, PrefixKV
+from ..prefix import PrefixKV
 from .families import Family
 from .plan import StepPlan
 
@@ -37,7 +37,6 @@ class PatchState:
     seen_step_kwarg: bool = False
     # layer -> the layer whose keys and values it attends over (KV sharing), found by the shape probe
     shared_kv: dict[int, int] = field(default_factory=dict)
-    peft_layout: PeftLayout | None = None  # how PEFT would lay out this model's prefix (shape probe)
     wrapped_prepare: bool = False
 
     first_layer: int = 0  # the first attention layer (the one whose KV cache length numbers positions)

@@ -79,9 +79,11 @@ def _peft_config_dict(config: PrefixConfig, base_model: nn.Module) -> dict[str, 
         "encoder_hidden_size": config.token_dim,
         "prefix_projection": False,
     }
+
+
 def peft_layout(module: PrefixKV) -> PeftLayout:
     """How PEFT lays this prefix's model out (the patcher records it; uniform without it)."""
-    return getattr(module, "peft_layout", None) or PeftLayout.uniform(module.config)
+    return module.peft_layout or PeftLayout.uniform(module.config)
 
 
 def peft_format_problems(model: nn.Module) -> list[str]:
