@@ -19,7 +19,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel, rel_err
-from tiny_models import FAMILIES, batch, labels_for, patched_twin, peft_prefix_as_kv, peft_twin, tiny_model
+from tiny_models import (
+    FAMILIES,
+    batch,
+    generate,
+    labels_for,
+    patched_twin,
+    peft_prefix_as_kv,
+    peft_twin,
+    tiny_model,
+)
 
 import prefixattn
 from prefixattn.tasks import SuccessorTask
@@ -62,7 +71,7 @@ def _sum_loss(logits, labels):
 
 
 def _gen(model, ids, mask, **kw):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, **kw)
+    return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
