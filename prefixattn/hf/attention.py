@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..documents import Documents
 from ..ops import prefix_attention
+from ..weights import attention_weights
 from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
 
 
@@ -30,7 +31,8 @@ def prefix_mask_function(batch_size: int, q_length: int, kv_length: int, q_offse
     It is handed out as a (B, 1, q_length, kv_length) view with stride 0 over the queries (no memory),
     because some models slice the mask's query dim (Gemma 4 before its KV-sharing layers); the attention
     function takes row 0 back. Runs once per step (per mask kind), not per layer: its one host read (any
-    padding?) lets unpadded batches skip the mask altogether."""
+    padding?) lets unpadded batches skip the mask altogether (not under torch.compile: no data-dependent
+    branch in a graph)."""
     if attention_mask is None:
         return None
     mask = attention_mask[:, -kv_length:]
@@ -41,7 +43,9 @@ def prefix_mask_function(batch_size: int, q_length: int, kv_length: int, q_offse
         )
     if mask.dtype != torch.bool:
         mask = mask.bool()
-    if bool(mask.all()):
+    # unpadded batches skip the mask (one host read per step); a compiled graph cannot branch on data, so
+    # under torch.compile the mask always goes to the op
+    if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask[:, None, None, :].expand(mask.shape[0], 1, q_length, kv_length)
 
@@ -147,15 +151,24 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             documents = Documents(documents.start.to(query.device), documents.end.to(query.device))
 
     window = kwargs.get("sliding_window")
+    causal = bool(getattr(module, "is_causal", True))
+    softcap = float(kwargs.get("softcap") or 0.0)
+    window = int(window) if window else None
     # learned attention sinks (gpt-oss, granite_swa, flint): transformers passes them as ``s_aux``
     out = prefix_attention(
-        query, key, value, pk, pv, key_padding_mask=attention_mask,
-        causal=bool(getattr(module, "is_causal", True)), scale=scaling, prefix_index=index,
-        softcap=float(kwargs.get("softcap") or 0.0), sliding_window=int(window) if window else None,
-        documents=documents, sinks=kwargs.get("s_aux"), check_index=False, backend=backend,
+        query, key, value, pk, pv, key_padding_mask=attention_mask, causal=causal, scale=scaling,
+        prefix_index=index, softcap=softcap, sliding_window=window, documents=documents,
+        sinks=kwargs.get("s_aux"), check_index=False, backend=backend,
     )
+    weights = None
+    if plan is not None and plan.output_attentions:
+        weights = attention_weights(
+            query, key, pk, scale=query.shape[-1] ** -0.5 if scaling is None else scaling, causal=causal,
+            key_padding_mask=attention_mask, prefix_index=index, softcap=softcap, sliding_window=window,
+            doc_start=None if documents is None else documents.start,
+            doc_end=None if documents is None else documents.end, sinks=kwargs.get("s_aux"))
     # the triton backend's output is (B, Sq, Hq, D) in memory: the transpose is then free
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def register() -> None:
