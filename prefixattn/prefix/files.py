@@ -12,9 +12,16 @@ import torch
 from safetensors import safe_open
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call ``write(tmp_path)`` on a temporary file in the same directory, fsync it, then rename it over
-    ``path``. On any error the temporary file is removed and ``path`` is untouched."""
+    ``path`` with the mode a plain ``open`` would give (0666 less the umask). On any error the temporary
+    file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -23,6 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary file, not the output
         os.replace(tmp, path)
     except BaseException:
         try:
