@@ -65,14 +65,19 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     )
 
 
-def _state_of(module: nn.Module) -> PatchState:
-    state = module.__dict__.get(STATE_ATTR)
-    if state is None:
-        raise RuntimeError(
-            f"{type(module).__name__} runs with attn_implementation={IMPL_NAME!r} but was not patched by "
-            "prefixattn.patch (set the model's attention implementation back, or patch this model)"
-        )
-    return state
+def _unpatched_documents(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                         kwargs: dict[str, Any]) -> Documents | None:
+    """Packed rows of a model that was not patched (no per-step plan): from the layer's own inputs, the
+    way transformers' other attention functions read them."""
+    if query.shape[2] != key.shape[2] or attention_mask is not None:
+        return None  # a KV cache or a padding mask: not packed
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return Documents.from_cu_seqlens(cu.to(query.device), query.shape[0], query.shape[2])
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or query.shape[2] < 2:
+        return None
+    return Documents.from_position_ids(position_ids.expand(query.shape[0], -1).to(query.device))
 
 
 # Keywords a layer may hand the attention function that change the scores and that prefixattn does not
@@ -101,17 +106,21 @@ def unhandled_inputs(kwargs: dict[str, Any], query_length: int, key_length: int)
 def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """AttentionInterface entry: (B, Hq, Sq, D) q and (B, Hkv, Sk, D) k/v -> ((B, Sq, Hq, D), None)."""
-    state = _state_of(module)
+    """AttentionInterface entry: (B, Hq, Sq, D) q and (B, Hkv, Sk, D) k/v -> ((B, Sq, Hq, D), None).
+
+    A module of a model that was not patched (loaded with ``attn_implementation="prefixattn"``, as TRL
+    rebuilds the reference model of DPO / GRPO from a patched model's path) has no prefix: it runs the
+    model's own attention, the frozen base model."""
+    state: PatchState | None = module.__dict__.get(STATE_ATTR)
     layer_idx = getattr(module, "layer_idx", None)
-    if not isinstance(layer_idx, int):
+    if state is not None and not isinstance(layer_idx, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by "
                            "layer_idx")
     attention_mask = padding_mask(attention_mask)
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         raise ValueError(f"prefixattn: padding mask has {attention_mask.shape[-1]} keys, the layer has "
                          f"{key.shape[2]}")
-    if dropout and module.training and not state.ignore_attention_dropout:
+    if dropout and module.training and not (state is not None and state.ignore_attention_dropout):
         raise ValueError(
             f"{type(module).__name__} asks for attention dropout {dropout} in training, which "
             "prefixattn's fused attention does not implement. Set the config's attention dropout to 0, "
@@ -124,17 +133,16 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
                          "inputs prefixattn does not implement (a learned position bias, per-token sinks, "
                          "...); ignoring them would be silently wrong")
     plan = kwargs.get(STEP_KWARG)
-    if plan is not None:
-        state.seen_step_kwarg = True
-    else:
-        plan = state.plan
-    backend = state.backend
-    documents = None
-    if state.capture is not None:  # probing shapes / init from text: the frozen model, no prefix
+    backend = "auto" if state is None else state.backend
+    pk = pv = index = documents = None
+    if state is None:
+        documents = _unpatched_documents(query, key, attention_mask, kwargs)
+    elif state.capture is not None:  # probing shapes / init from text: the frozen model, no prefix
         state.capture[layer_idx] = (key.detach(), value.detach())
-        pk = pv = index = None
         backend = "torch"
     else:
+        if plan is None:  # a layer that does not pass its kwargs on: the step's plan from the state
+            plan = state.plan
         if plan is None or plan.capture:
             raise RuntimeError("prefixattn: no prefix for this forward pass; call the patched model (or its "
                                "base model), not a layer directly")
@@ -161,7 +169,7 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
         sinks=kwargs.get("s_aux"), check_index=False, backend=backend,
     )
     weights = None
-    if plan is not None and plan.output_attentions:
+    if plan is not None and plan.output_attentions:  # (unpatched: transformers refuses output_attentions)
         weights = attention_weights(
             query, key, pk, scale=query.shape[-1] ** -0.5 if scaling is None else scaling, causal=causal,
             key_padding_mask=attention_mask, prefix_index=index, softcap=softcap, sliding_window=window,
