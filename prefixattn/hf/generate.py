@@ -27,7 +27,8 @@ class PrepareInputsWithPrefixIds:
         own = inspect.signature(type(model).prepare_inputs_for_generation)
         params = [p for name, p in own.parameters.items() if name != "self"]
         extra = inspect.Parameter("prefix_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-        where = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        where = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
+                     len(params))
         self.__signature__ = own.replace(parameters=[*params[:where], extra, *params[where:]])
 
     def __call__(self, *args: Any, prefix_ids: torch.Tensor | None = None, **kwargs: Any) -> dict:
