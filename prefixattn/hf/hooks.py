@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import active_prefix
-from .plan import CAPTURE_PLAN, StepInputs, build_plan, check_prefix_ids, compute_dtype
+from .plan import CAPTURE_PLAN, StepInputs, StepPlan, build_plan, check_prefix_ids, compute_dtype
 from .state import STATE_ATTR, STEP_KWARG, PatchState
 
 # on a module running a stack: how it numbers positions from P. "owner": the pre-hook sets position_ids
@@ -29,6 +29,7 @@ from .state import STATE_ATTR, STEP_KWARG, PatchState
 # (``positions.py``); "none": positions stay as they are (an encoder-decoder's encoder: PEFT leaves it
 # alone, and Li & Liang's BART did not shift it either)
 POSITIONS_ATTR = "_prefixattn_owner_positions"
+UNPREFIXED_ATTR = "_prefixattn_unprefixed"
 # forward arguments that carry the batch, in the order they are looked for
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "input_features", "input_values")
 
@@ -108,6 +109,12 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         state.plan = CAPTURE_PLAN
         kwargs[STEP_KWARG] = CAPTURE_PLAN
         return (), kwargs
+    if module.__dict__.get(UNPREFIXED_ATTR):  # a stack without a prefix: the model's own attention
+        device = next((kwargs[n].device for n in _BATCH_INPUTS if kwargs.get(n) is not None), None)
+        kwargs[STEP_KWARG] = StepPlan(
+            autocast=device is not None and torch.is_autocast_enabled(device.type),
+            output_attentions=bool(kwargs.get("output_attentions")))
+        return (), kwargs
 
     # looked up every step: PEFT may have wrapped the prefix (modules_to_save) or merged it back
     state.prefix = active_prefix(state, module.training and torch.is_grad_enabled())
@@ -172,8 +179,12 @@ def _refuse_reentrant_checkpointing(state: PatchState) -> None:
                 )
 
 
-def add_pre_hook(module: nn.Module, positions: str = "owner") -> None:
+def add_pre_hook(module: nn.Module, positions: str = "owner", prefixed: bool = True) -> None:
+    """``prefixed=False``: the stack carries no prefix (an encoder-decoder's encoder under PEFT's layout);
+    its step plan holds none."""
     module.__dict__[POSITIONS_ATTR] = positions
+    if not prefixed:
+        module.__dict__[UNPREFIXED_ATTR] = True
     module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
@@ -183,3 +194,4 @@ def remove_pre_hooks(module: nn.Module) -> None:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
     module.__dict__.pop(POSITIONS_ATTR, None)
+    module.__dict__.pop(UNPREFIXED_ATTR, None)

@@ -116,13 +116,12 @@ def attach(model: nn.Module, state: PatchState, sites: str) -> Structure:
         state.tagged_modules.append(site.module)
         state.site_modules.append(site.module)
     for stack in structure.stacks:
-        if stack.role == "encoder" and state.kind == "seq2seq" and sites == "decoder":
-            continue  # the encoder carries no prefix: its attention runs as the model's own
         stack.owner.__dict__[STATE_ATTR] = state
         state.stack_owners.append(stack.owner)
         state.layer_modules.extend(stack.layers)
         if stack.role == "encoder" and state.kind == "seq2seq":
-            add_pre_hook(stack.owner, positions="none")
+            # its step plan carries no prefix with sites="decoder" (a bank's prefix_ids are not needed)
+            add_pre_hook(stack.owner, positions="none", prefixed=sites == "all")
             continue
         embedding = find_position_embedding(stack.owner, stack.layers)
         if embedding is not None:
