@@ -10,6 +10,8 @@ unless a layer runs in another dtype or on another device than the plan expected
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..documents import Documents
 from ..ops import prefix_attention
 from ..weights import attention_weights
-from .sites import PROBE_ATTR, SITE_ATTR
+from .sites import CAUSAL_ATTR, PROBE_ATTR, SITE_ATTR
 from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
 
 
@@ -104,6 +106,21 @@ def unhandled_inputs(kwargs: dict[str, Any], query_length: int, key_length: int)
     return sorted(out)
 
 
+# while the shape probe of an encoder or encoder-decoder runs: the modules that called this function without
+# being tagged (attention the stack discovery missed would run without its prefix, silently)
+_untagged_calls: list[nn.Module] | None = None
+
+
+@contextlib.contextmanager
+def recording_untagged_calls() -> Iterator[list[nn.Module]]:
+    global _untagged_calls
+    _untagged_calls = calls = []
+    try:
+        yield calls
+    finally:
+        _untagged_calls = None
+
+
 def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -138,7 +155,7 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
                          "inputs prefixattn does not implement (a learned position bias, per-token sinks, "
                          "...); ignoring them would be silently wrong")
     window = kwargs.get("sliding_window")
-    causal = bool(getattr(module, "is_causal", True))
+    causal = bool(module.__dict__.get(CAUSAL_ATTR, getattr(module, "is_causal", True)))
     if window and not causal:
         raise ValueError(f"{type(module).__name__} asks for a sliding window in bidirectional attention (a "
                          "two-sided local window, ModernBERT style), which prefixattn's attention does not "
@@ -146,6 +163,8 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
     plan = kwargs.get(STEP_KWARG)
     backend = "auto" if state is None else state.backend
     pk = pv = index = documents = None
+    if state is None and _untagged_calls is not None:
+        _untagged_calls.append(module)
     if state is None or (site is None and plan is None):
         # an unpatched model, or a module with no prefix in a stack without a step plan (the encoder of
         # an encoder-decoder whose prefix is on the decoder): the model's own attention

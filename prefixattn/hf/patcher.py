@@ -304,6 +304,8 @@ def patch_model(
         model.set_attn_implementation(IMPL_NAME)
         if model.config._attn_implementation != IMPL_NAME:
             raise ValueError(f"{type(model).__name__} refused attn_implementation={IMPL_NAME!r}")
+        if kind == "seq2seq":
+            roles.check_own_encoder(model, structure, state.previous_impl, IMPL_NAME)
 
         if kind == "seq2seq":
             config, peft_layout = roles.seq2seq_config(

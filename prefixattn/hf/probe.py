@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .attention import recording_untagged_calls
 from .state import PatchState
 
 
@@ -34,11 +35,17 @@ def capture(model: nn.Module, state: PatchState, inputs: list[int] | Callable[[]
     model.eval()
     state.capture = {}
     try:
-        if callable(inputs):
-            inputs()
-        else:
-            ids = torch.tensor([inputs], dtype=torch.long, device=input_device(model))
-            state.base_model(input_ids=ids, use_cache=False)
+        with recording_untagged_calls() as untagged:
+            if callable(inputs):
+                inputs()
+            else:
+                ids = torch.tensor([inputs], dtype=torch.long, device=input_device(model))
+                state.base_model(input_ids=ids, use_cache=False)
+        if untagged and state.kind != "causal":
+            names = sorted({type(m).__name__ for m in untagged})
+            raise ValueError(f"{type(model).__name__}: attention modules {names} call transformers' "
+                             "attention interface outside the layer stacks prefixattn found; they would run "
+                             "without a prefix")
         return state.capture
     finally:
         state.capture = None

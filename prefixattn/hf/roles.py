@@ -110,6 +110,10 @@ def attach(model: nn.Module, state: PatchState, sites: str) -> Structure:
                 f"i reads slots 4i and 4i+1 mod {2 * num_layers}: a decoder deeper than the encoder has no "
                 "place in it (PEFT crashes with an IndexError). Patch with sites='all' (every layer its own "
                 "prefix)")
+    if sites == "all" and state.kind == "seq2seq" and structure.stack("encoder") is None:
+        raise ValueError(f"{type(model).__name__}: its encoder's attention does not go through transformers' "
+                         "AttentionInterface (attention code of its own), so sites='all' cannot prefix it; "
+                         "sites='decoder' (PEFT's) leaves the encoder alone and works")
     assign_sites(structure, sites, num_layers)
     for site in structure.sites:
         site.module.__dict__[STATE_ATTR] = state
@@ -140,6 +144,39 @@ def attach(model: nn.Module, state: PatchState, sites: str) -> Structure:
     return structure
 
 
+@torch.no_grad()
+def check_own_encoder(model: nn.Module, structure: Structure, previous_impl: Any, impl: str) -> None:
+    """An encoder-decoder whose encoder attends with code of its own (BigBird-Pegasus, PEGASUS-X) runs it
+    unchanged only if that code does not read the masks transformers builds through the mask interface
+    (which hands prefixattn's form over): its output on a padded batch must equal the original's."""
+    if structure.kind != "seq2seq" or structure.stack("encoder") is not None:
+        return
+    encoder = model.get_encoder()
+    if "input_ids" not in inspect.signature(encoder.forward).parameters:
+        raise ValueError(f"{type(model).__name__}: its encoder's attention does not go through transformers' "
+                         "AttentionInterface, and prefixattn cannot check that it runs unchanged")
+    device = input_device(model)
+    token = probe_token(model)
+    ids = torch.full((2, 6), token, device=device)
+    mask = torch.ones(2, 6, dtype=torch.long, device=device)
+    mask[1, 3:] = 0
+    was_training = model.training
+    model.eval()
+    try:
+        model.set_attn_implementation(previous_impl)
+        expected = encoder(input_ids=ids, attention_mask=mask)[0]
+        model.set_attn_implementation(impl)
+        got = encoder(input_ids=ids, attention_mask=mask)[0]
+    finally:
+        model.set_attn_implementation(impl)
+        model.train(was_training)
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        raise ValueError(f"{type(model).__name__}: its encoder's attention is code of its own (not "
+                         "transformers' AttentionInterface) that reads the attention masks transformers "
+                         "builds, which prefixattn's mask function hands over in another form: the encoder "
+                         "would run wrong")
+
+
 def _encoder_probe_inputs(model: nn.Module, encoder: nn.Module) -> dict[str, torch.Tensor]:
     """A tiny input for the encoder of an encoder-decoder (for the shape probe of sites='all')."""
     params = inspect.signature(encoder.forward).parameters
@@ -156,24 +193,33 @@ def _encoder_probe_inputs(model: nn.Module, encoder: nn.Module) -> dict[str, tor
         if isinstance(feat, int):  # Speech2Text: (batch, frames, features x channels)
             channels = getattr(config, "input_channels", 1) or 1
             return {"input_features": torch.zeros(1, 8, feat * channels, device=device, dtype=dtype)}
+    if "input_values" in params:  # raw audio (Moonshine)
+        return {"input_values": torch.zeros(1, 4000, device=device, dtype=dtype)}
     raise ValueError(f"{type(model).__name__}: prefixattn cannot build an input for its encoder "
                      f"({type(encoder).__name__}) to probe the encoder's attention shapes, which sites='all' "
                      "needs; sites='decoder' (PEFT's) does not")
 
 
-def _hidden_size(config: object) -> int:
-    for name in ("d_model", "hidden_size"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    raise ValueError("the model config has neither d_model nor hidden_size")
+def _encoder_width(model: nn.Module, structure: Structure) -> int:
+    """The width of the encoder states the decoder's cross-attention reads: its key projection's input
+    size, else the config's d_model / hidden_size."""
+    for site in structure.of_role("cross"):
+        for name, child in site.module.named_children():
+            if name in ("k_proj", "key", "k", "to_k") and isinstance(child, nn.Linear):
+                return child.in_features
+    for config in (model.config, getattr(model.config, "decoder", None)):
+        for name in ("d_model", "hidden_size"):
+            if isinstance(getattr(config, name, None), int):
+                return getattr(config, name)
+    raise ValueError(f"{type(model).__name__}: cannot tell the width of its encoder's states")
 
 
 def probe_seq2seq(model: nn.Module, state: PatchState, structure: Structure, sites: str) -> dict:
     """The keys and values every attention module computes for a tiny input: {probe key: (k, v)}."""
-    decoder, encoder = structure.stacks[1].owner, structure.stacks[0].owner
+    decoder = structure.stack("decoder").owner
     token = probe_token(model)
     params = inspect.signature(decoder.forward).parameters
-    hidden = torch.zeros(1, 3, _hidden_size(model.config), device=input_device(model),
+    hidden = torch.zeros(1, 3, _encoder_width(model, structure), device=input_device(model),
                          dtype=next(decoder.parameters()).dtype)
 
     def run_decoder() -> None:
@@ -184,7 +230,14 @@ def probe_seq2seq(model: nn.Module, state: PatchState, structure: Structure, sit
         decoder(**kwargs)
 
     captured = capture(model, state, run_decoder)
+    for site in structure.sites:  # the roles found by name: self-attention over 2 tokens, cross over 3
+        k = captured.get(site.probe_key, (None,))[0]
+        if site.role in ("decoder", "cross") and k is not None and k.shape[2] != (2 if site.role == "decoder"
+                                                                                  else 3):
+            raise ValueError(f"{type(site.module).__name__} of decoder layer {site.layer} was taken for "
+                             f"{site.role} attention but attends over {k.shape[2]} keys in the shape probe")
     if sites == "all":
+        encoder = structure.stack("encoder").owner
         inputs = _encoder_probe_inputs(model, encoder)
         captured.update(capture(model, state, lambda: encoder(**inputs)))
     return captured

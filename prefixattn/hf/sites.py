@@ -25,6 +25,7 @@ Attention modules are found as the modules whose ``forward`` calls transformers'
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,6 +37,7 @@ ModelKind = Literal["causal", "encoder", "seq2seq"]
 Role = Literal["self", "encoder", "decoder", "cross"]
 
 SITE_ATTR = "_prefixattn_site"  # on an attention module: its site key, or None (no prefix)
+CAUSAL_ATTR = "_prefixattn_causal"  # on an attention module: whether it is causal (its role decides)
 PROBE_ATTR = "_prefixattn_probe"  # on an attention module: its key in the shape probe
 # forward parameters that carry the batch (the module that runs a stack builds the step plan from them)
 INPUT_NAMES = ("input_ids", "inputs_embeds", "input_features", "input_values")
@@ -59,13 +61,25 @@ def is_attention_module(module: nn.Module) -> bool:
     return isinstance(getattr(module, "layer_idx", None), int) or calls_attention_interface(module)
 
 
+def is_bidirectional(module: nn.Module) -> bool:
+    """An attention module that is not causal: ``is_causal`` False, or (BERT copies such as LayoutLM that
+    set neither) no ``is_causal`` and no ``layer_idx``, which every module with a KV cache carries."""
+    causal = getattr(module, "is_causal", None)
+    if causal is not None:
+        return not causal
+    return not isinstance(getattr(module, "layer_idx", None), int)
+
+
 def model_kind(model: nn.Module) -> ModelKind:
     """The model's kind (see the module docstring)."""
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     attention = [m for m in model.modules() if is_attention_module(m)]
-    if attention and all(getattr(m, "is_causal", True) is False for m in attention):
+    if not attention:
+        raise ValueError(f"{type(model).__name__} has no attention module that calls transformers' "
+                         "AttentionInterface (or carries a layer_idx); there is nothing to prefix")
+    if all(is_bidirectional(m) for m in attention):
         return "encoder"
     return "causal"
 
@@ -103,6 +117,11 @@ class Structure:
     def of_role(self, role: Role) -> list[AttentionSite]:
         return sorted((s for s in self.sites if s.role == role), key=lambda s: s.layer)
 
+    def stack(self, role: str) -> Stack | None:
+        """The encoder's or the decoder's stack (None: an encoder whose attention does not go through the
+        interface, such as BigBird-Pegasus's block-sparse one)."""
+        return next((s for s in self.stacks if s.role == role), None)
+
 
 def _parents(root: nn.Module) -> dict[int, nn.Module]:
     return {id(child): module for module in root.modules() for child in module.children()}
@@ -116,40 +135,66 @@ def _takes(module: nn.Module, names: tuple[str, ...]) -> bool:
     return any(name in params for name in names)
 
 
-def _layer_list(root: nn.Module) -> nn.ModuleList | None:
-    """The outermost ModuleList under ``root`` that holds attention modules (the stack of layers)."""
+def _layer_lists(root: nn.Module) -> list[nn.ModuleList]:
+    """The outermost ModuleLists under ``root`` that hold attention modules (stacks of layers)."""
+    found: list[nn.ModuleList] = []
+    inside: set[int] = set()
     for module in root.modules():
+        if id(module) in inside:
+            continue
         if isinstance(module, nn.ModuleList) and any(is_attention_module(m) for m in module.modules()):
-            return module
-    return None
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    return found
 
 
-def _sites_in(layers: nn.ModuleList) -> list[tuple[nn.Module, int]]:
-    """(attention module, its layer) for every attention module of a stack: the module's ``layer_idx``,
-    else the index of the layer that holds it (some encoders' modules carry no ``layer_idx``)."""
+def _layer_list(root: nn.Module) -> nn.ModuleList | None:
+    lists = _layer_lists(root)
+    return lists[0] if lists else None
+
+
+def _sites_in(layers: nn.ModuleList) -> list[tuple[str, nn.Module, int]]:
+    """(name in its layer, attention module, its layer) for every module of a stack that calls the
+    attention interface: the module's ``layer_idx``, else the index of the layer that holds it (some
+    encoders' modules carry no ``layer_idx``)."""
     out = []
     for index, layer in enumerate(layers):
-        for module in layer.modules():
-            if is_attention_module(module):
+        for name, module in layer.named_modules():
+            if calls_attention_interface(module):
                 layer_idx = getattr(module, "layer_idx", None)
-                out.append((module, layer_idx if isinstance(layer_idx, int) else index))
+                out.append((name, module, layer_idx if isinstance(layer_idx, int) else index))
     return out
+
+
+# a decoder layer's cross-attention module, by its name in the layer (BART & co. "encoder_attn", BERT
+# "crossattention", NLLB-MoE / Seamless "cross_attention", T5 "EncDecAttention"): its ``is_causal`` is not
+# reliable (NLLB-MoE's self-attention sets none); the shape probe checks the role
+_CROSS_NAME = re.compile(r"cross|encoder_attn|encdec", re.IGNORECASE)
+
+
+def _decoder_role(name: str, module: nn.Module) -> Role:
+    if _CROSS_NAME.search(name):
+        return "cross"
+    return "cross" if getattr(module, "is_causal", True) is False and "self" not in name else "decoder"
 
 
 def encoder_structure(model: nn.Module) -> Structure:
     """An encoder-only model: its stack of layers, run by the nearest module above it whose forward takes
     the inputs (BertModel around BertEncoder), and one self-attention site per layer."""
-    layers = _layer_list(model)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: found no stack of attention layers")
     parents = _parents(model)
-    owner = parents.get(id(layers))
-    while owner is not None and not _takes(owner, INPUT_NAMES):
-        owner = parents.get(id(owner))
-    if owner is None:
-        raise ValueError(f"{type(model).__name__}: no module above its layers takes input_ids or "
+    stacks = []
+    for layers in _layer_lists(model):
+        owner = parents.get(id(layers))
+        while owner is not None and not _takes(owner, INPUT_NAMES):
+            owner = parents.get(id(owner))
+        if owner is not None:
+            stacks.append((not _takes(owner, ("input_ids",)), layers, owner))
+    if not stacks:
+        raise ValueError(f"{type(model).__name__}: no module above its attention layers takes input_ids or "
                          "inputs_embeds; cannot find the module that runs the encoder")
-    sites = [AttentionSite(m, "self", layer) for m, layer in _sites_in(layers)]
+    # a multimodal encoder: the text stack (its runner takes input_ids), not a vision tower's
+    _, layers, owner = min(stacks, key=lambda s: s[0])
+    sites = [AttentionSite(m, "self", layer) for _, m, layer in _sites_in(layers)]
     _check_one_per_layer(model, sites)
     return Structure("encoder", [Stack("encoder", owner, layers)], sites)
 
@@ -165,19 +210,21 @@ def seq2seq_structure(model: nn.Module) -> Structure:
     if not isinstance(encoder, nn.Module) or not isinstance(decoder, nn.Module) or encoder is decoder:
         raise ValueError(f"{name}: get_encoder() / get_decoder() do not give two separate stacks")
     enc_layers, dec_layers = _layer_list(encoder), _layer_list(decoder)
-    if enc_layers is None or dec_layers is None:
-        raise ValueError(f"{name}: found no stack of attention layers in its "
-                         f"{'encoder' if enc_layers is None else 'decoder'}")
+    if dec_layers is None:
+        raise ValueError(f"{name}: found no attention layer that goes through transformers' "
+                         "AttentionInterface in its decoder")
     if not _takes(decoder, INPUT_NAMES):
         raise ValueError(f"{name}: its decoder's forward takes no input_ids / inputs_embeds")
-    sites = [AttentionSite(m, "encoder", layer) for m, layer in _sites_in(enc_layers)]
-    for module, layer in _sites_in(dec_layers):
-        role = "decoder" if getattr(module, "is_causal", False) else "cross"
-        sites.append(AttentionSite(module, role, layer))
+    sites = [] if enc_layers is None else [AttentionSite(m, "encoder", layer)
+                                           for _, m, layer in _sites_in(enc_layers)]
+    for attr, module, layer in _sites_in(dec_layers):
+        sites.append(AttentionSite(module, _decoder_role(attr, module), layer))
     _check_one_per_layer(model, sites)
     if not [s for s in sites if s.role == "decoder"]:
         raise ValueError(f"{name}: its decoder has no causal self-attention module")
-    stacks = [Stack("encoder", encoder, enc_layers), Stack("decoder", decoder, dec_layers)]
+    stacks = [Stack("decoder", decoder, dec_layers)]
+    if enc_layers is not None and sites[0].role == "encoder":
+        stacks.insert(0, Stack("encoder", encoder, enc_layers))
     return Structure("seq2seq", stacks, sites)
 
 
@@ -224,6 +271,7 @@ def assign_sites(structure: Structure, sites: str,
             key = None
         site.module.__dict__[PROBE_ATTR] = site.probe_key
         site.module.__dict__[SITE_ATTR] = key
+        site.module.__dict__[CAUSAL_ATTR] = site.role == "decoder"
         if key is not None:
             readers.setdefault(key, []).append(site)
     return readers
@@ -233,3 +281,4 @@ def untag(modules: list[nn.Module]) -> None:
     for module in modules:
         module.__dict__.pop(SITE_ATTR, None)
         module.__dict__.pop(PROBE_ATTR, None)
+        module.__dict__.pop(CAUSAL_ATTR, None)
