@@ -13,15 +13,25 @@ from __future__ import annotations
 
 import copy
 import inspect
-import types
 
 import torch
 
 P = 3  # prefix tokens of the twins
 
 
-def _with_old_cache_name(self, *args, past_key_values=None, **kwargs):
-    return type(self).forward(self, *args, past_key_values=past_key_values, **kwargs)
+class _WithOldCacheName:
+    """A module's forward that also takes ``past_key_values`` by name (its own signature plus that one)."""
+
+    def __init__(self, module) -> None:
+        self.module = module  # deep copies of the module get their own (copy's memo)
+        own = inspect.signature(type(module).forward)
+        params = [p for name, p in own.parameters.items() if name != "self"]
+        where = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        extra = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+        self.__signature__ = own.replace(parameters=[*params[:where], extra, *params[where:]])
+
+    def __call__(self, *args, past_key_values=None, **kwargs):
+        return type(self.module).forward(self.module, *args, past_key_values=past_key_values, **kwargs)
 
 
 def restore_old_cache_name(model) -> None:
@@ -37,7 +47,7 @@ def restore_old_cache_name(model) -> None:
         if "past_key_values" in params:
             return
         if "cache" in params:
-            target.forward = types.MethodType(_with_old_cache_name, target)
+            target.forward = _WithOldCacheName(target)
             return
 
 
@@ -46,7 +56,7 @@ def peft_twin(model, task_type: str, num_virtual_tokens: int = P, seed: int = 1)
     from peft import PrefixTuningConfig, get_peft_model
 
     base = copy.deepcopy(model)
-    if task_type != "SEQ_2_SEQ_LM":
+    if task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):  # the task types that check the signature
         restore_old_cache_name(base)
     torch.manual_seed(seed)
     return get_peft_model(base, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens))
@@ -94,10 +104,11 @@ def tiny_encoder(family: str = "bert", head: str = "ForSequenceClassification", 
     from transformers import AutoConfig
 
     torch.manual_seed(seed)
+    overrides = {"num_labels": 2 if head == "ForQuestionAnswering" else 3, **overrides}
     config = AutoConfig.for_model(
         family, vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=3, pad_token_id=1, **overrides)
+        attention_probs_dropout_prob=0.0, pad_token_id=1, **overrides)
     auto = {"ForSequenceClassification": "AutoModelForSequenceClassification",
             "ForTokenClassification": "AutoModelForTokenClassification",
             "ForQuestionAnswering": "AutoModelForQuestionAnswering", "ForMaskedLM": "AutoModelForMaskedLM",

@@ -34,9 +34,10 @@ from .attention import register
 from .families import resolve_family
 from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
 from .hooks import add_pre_hook, remove_pre_hooks
+from .positions import find_position_embedding, hook_position_embedding
 from .probe import capture, init_from_text, input_device, probe_token
 from .saved import SavePretrainedWithPrefix
-from .sites import model_kind
+from .sites import mark_decoder_roles, model_kind
 from .state import IMPL_NAME, STATE_ATTR, PatchState, get_state
 
 InitKind = Literal["random", "zeros", "text"]
@@ -83,10 +84,12 @@ def _check_layers(layers: Sequence[int], all_layers: list[int]) -> list[int]:
     return sorted(chosen)
 
 
-def _find_layers_owner(model: nn.Module, state: PatchState) -> nn.Module:
+def _find_layers_owner(model: nn.Module, state: PatchState) -> tuple[nn.Module, nn.Module | None]:
     """The module that runs the decoder layers (parent of the ModuleList holding the attention layers):
     LlamaModel, GPT2Model, OPTDecoder (OPTForCausalLM calls its decoder directly), ... Its forward takes
-    position_ids; the per-step pre-hook goes there."""
+    position_ids; the per-step pre-hook goes there. Or, for a seq2seq model's decoder used alone
+    (BartForCausalLM: BartDecoder numbers positions from the cache length itself), one whose position
+    embedding takes a cache length: (owner, that embedding)."""
     tagged_ids = {id(m) for m in state.tagged_modules}
     owners: list[tuple[nn.Module, list[nn.Module]]] = []
     for module in model.modules():
@@ -102,10 +105,15 @@ def _find_layers_owner(model: nn.Module, state: PatchState) -> nn.Module:
     # one whose forward takes position_ids
     with_positions = [o for o in owners if "position_ids" in inspect.signature(o[0].forward).parameters]
     if not with_positions:
+        for owner, layers in owners:
+            embedding = find_position_embedding(owner, nn.ModuleList(layers))
+            if embedding is not None:
+                state.layer_modules = layers
+                return owner, embedding
         raise ValueError(f"{type(owners[0][0]).__name__}.forward takes no position_ids; prefixattn cannot "
                          "number positions from P for this model")
     best, state.layer_modules = with_positions[0]
-    return best
+    return best, None
 
 
 def _shared_kv_layers(captured: dict[int, tuple]) -> dict[int, int]:
@@ -294,11 +302,15 @@ def patch_model(
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.__dict__[STATE_ATTR] = state
                     state.tagged_modules.append(module)
-            base = _find_layers_owner(model, state)
+            base, embedding = _find_layers_owner(model, state)
             state.base_model = base
             base.__dict__[STATE_ATTR] = state
-            add_pre_hook(base)
+            add_pre_hook(base, positions="owner" if embedding is None else "embedding")
             state.stack_owners.append(base)
+            if embedding is not None:  # a seq2seq model's decoder used alone (BartForCausalLM)
+                hook_position_embedding(embedding, state, "decoder")
+                state.position_modules.append(embedding)
+                state.site_modules.extend(mark_decoder_roles(state.layer_modules))
         else:
             structure = roles.attach(model, state, sites)
         model.set_attn_implementation(IMPL_NAME)

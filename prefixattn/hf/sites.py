@@ -79,7 +79,8 @@ def model_kind(model: nn.Module) -> ModelKind:
     if not attention:
         raise ValueError(f"{type(model).__name__} has no attention module that calls transformers' "
                          "AttentionInterface (or carries a layer_idx); there is nothing to prefix")
-    if all(is_bidirectional(m) for m in attention):
+    # a *ForCausalLM that keeps a decoder's modules (BigBird-Pegasus's, whose is_causal is unset) says so
+    if all(is_bidirectional(m) for m in attention) and not getattr(config, "is_decoder", False):
         return "encoder"
     return "causal"
 
@@ -176,6 +177,19 @@ def _decoder_role(name: str, module: nn.Module) -> Role:
     if _CROSS_NAME.search(name):
         return "cross"
     return "cross" if getattr(module, "is_causal", True) is False and "self" not in name else "decoder"
+
+
+def mark_decoder_roles(layers: list[nn.Module]) -> list[nn.Module]:
+    """A seq2seq model's decoder used alone as a causal LM: its self-attention modules are causal whatever
+    their ``is_causal`` says (BigBird-Pegasus's say False and rely on the causal mask); returns the modules
+    marked."""
+    marked = []
+    for layer in layers:
+        for name, module in layer.named_modules():
+            if calls_attention_interface(module):
+                module.__dict__[CAUSAL_ATTR] = _decoder_role(name, module) == "decoder"
+                marked.append(module)
+    return marked
 
 
 def encoder_structure(model: nn.Module) -> Structure:
