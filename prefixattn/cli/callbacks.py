@@ -97,3 +97,14 @@ class ProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class CadenceFromArguments(TrainerCallback):
+    """A resumed Trainer takes its logging, evaluation and checkpoint intervals from the checkpoint's
+    trainer_state.json, not from its arguments (a mismatch is only logged), so a resumed run's
+    --eval-every / --save-every would be ignored. The state is loaded before ``on_train_begin``
+    (transformers 5.17 to 5.24): put the arguments' intervals back there."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        state.logging_steps = args.logging_steps
+        state.eval_steps, state.save_steps = args.eval_steps, args.save_steps

@@ -37,7 +37,7 @@ import torch
 import prefixattn
 
 from . import data as D
-from .callbacks import ProgressCallback
+from .callbacks import CadenceFromArguments, ProgressCallback
 from .model import DTYPES, build_base_model, check_model_dir
 from .outputs import forget_umask, give_normal_modes, process_umask, write_json_atomic
 from .plot import plot_losses
@@ -120,14 +120,22 @@ class TrainConfig:
                              f"chosen by torchrun / accelerate through LOCAL_RANK)")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is available")
+        if self.backend == "triton" and on_cpu(self) and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow "
+                             "interpreter); on a CPU use --backend torch, which --backend auto picks")
         if self.fp16 and on_cpu(self):
             raise ValueError("--fp16 needs a CUDA GPU: on a CPU the Trainer (accelerate) skips fp16 autocast "
                              "and would train in fp32 while calling it fp16; use --bf16 for mixed precision "
                              "on a CPU")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out}: a file, not a directory")
         if self.model is not None:
             check_model_dir(self.model)
+        if self.data is not None and Path(self.data).is_dir():
+            raise ValueError(f"--data {self.data}: a directory; --data takes a JSONL file")
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"--data {self.data}: no such file")
+        report_to(self.report_to)
         for name in ("fsdp_config", "deepspeed"):
             value = getattr(self, name)
             if value is not None and not value.lstrip().startswith("{") and not Path(value).is_file():
@@ -139,15 +147,27 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def report_to(choice: str) -> list[str] | str:
-    """``auto``: TensorBoard when it is installed, else nothing; otherwise what the Trainer accepts."""
+def report_to(choice: str) -> list[str]:
+    """``auto``: TensorBoard when it is installed, else nothing; ``none``; or a comma-separated list of the
+    Trainer's integrations, each checked to be installed (the Trainer would raise a bare RuntimeError from
+    its callback's constructor)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = set(get_available_reporting_integrations())
     if choice == "auto":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            return []
-        return ["tensorboard"]
-    return [] if choice == "none" else [s.strip() for s in choice.split(",") if s.strip()]
+        return ["tensorboard"] if "tensorboard" in installed else []
+    names = [] if choice == "none" else [s.strip() for s in choice.split(",") if s.strip()]
+    if names == ["all"]:
+        return sorted(installed)
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(f"--report-to {name}: not one of the Trainer's integrations (auto, none, all, "
+                             f"or {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+        # flyte is the one integration get_available_reporting_integrations does not list
+        if name not in installed and name != "flyte":
+            raise ValueError(f"--report-to {name}: its package is not installed here; install it, or pass "
+                             f"--report-to none")
+    return names
 
 
 def build_datasets(cfg: TrainConfig, tokenizer: Any, global_batch: int) -> tuple[Any, Any, str]:
@@ -360,6 +380,7 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     for cb in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(progress)
+    trainer.add_callback(CadenceFromArguments())
 
     say(f"{described}\nmodel: {type(base).__name__} ({cfg.model or 'embedded tiny Llama'}), {cfg.dtype}"
         f"{', bf16 autocast' if cfg.bf16 else ', fp16 autocast' if cfg.fp16 else ''}, on {args.device}"
@@ -371,7 +392,10 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
         say(f"note: the Trainer did not enable FSDP ({cfg.fsdp!r}) on {args.device}: it runs as plain data "
             f"parallelism (FSDP through the Trainer needs GPUs)")
     if resume_from is not None:
-        say(f"resuming from {resume_from} (step {read_marker(resume_from)['step']})")
+        at = read_marker(resume_from)["step"]
+        say(f"resuming from {resume_from} (step {at})" + (
+            f": the run is complete (--steps {cfg.steps}), nothing to train; its outputs are written again "
+            f"(a larger --steps trains further)" if at == cfg.steps else ""))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     history = trainer.state.log_history

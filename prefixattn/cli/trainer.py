@@ -10,10 +10,10 @@ What it adds to the Trainer:
   after a newer one is complete;
 - datasets that say ``ordered = True`` (the built-in task) are read in index order (the examples are
   already random): global step s trains on the same examples whatever the number of processes;
-- next-token accuracy at evaluation (argmax taken per batch, so the logits are never gathered).
-
 - the optimizer, LR scheduler, gradient scaler and RNG states as safetensors + JSON, not the Trainer's
   pickles (``state_files.py``);
+- every file of a checkpoint gets the mode ``open()`` would give it (``outputs.py``);
+- next-token accuracy at evaluation (argmax taken per batch, so the logits are never gathered).
 
 The patched model's ``save_pretrained`` writes only the prefix (the patcher marks the frozen weights
 as not to be saved), so ``model.safetensors`` in a checkpoint is the prefix alone.

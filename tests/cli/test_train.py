@@ -297,15 +297,19 @@ def test_resume_takes_the_runs_settings_and_may_train_longer(tmp_path, capsys):
                 *TINY]
     a = tmp_path / "resumed"
     assert run_cli(["train", "--out", a, "--steps", 2, *settings], capsys)[0] == 0
-    rc, printed, err = run_cli(["train", "--out", a, "--resume", "--steps", 4], capsys)
+    # --eval-every and --save-every may change too (the Trainer would keep the checkpoint's intervals)
+    rc, printed, err = run_cli(["train", "--out", a, "--resume", "--steps", 4, "--eval-every", 1, "--save-every", 1],
+                               capsys)
     assert rc == 0, err
     assert "resuming from" in printed and "(step 2)" in printed
+    assert sorted(p.name for p in a.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     b = tmp_path / "straight"
     assert run_cli(["train", "--out", b, "--steps", 4, *settings], capsys)[0] == 0
     ra, rb = run_json(a), run_json(b)
     for key in ("lr", "warmup", "seed", "batch_size", "prefix_tokens", "seq_len", "backend", "device", "plot"):
         assert ra["settings"][key] == rb["settings"][key], key
     assert not (a / "loss.png").exists()  # --no-plot came from the run too
+    assert [r["step"] for r in ra["log_history"] if "eval_loss" in r] == [0, 2, 3, 4]
     losses = [[(r["step"], r["loss"]) for r in doc["log_history"] if "loss" in r] for doc in (ra, rb)]
     assert [s for s, _ in losses[0]] == [1, 2, 3, 4]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-6, atol=0)

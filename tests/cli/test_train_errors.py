@@ -91,3 +91,23 @@ def test_bad_settings_and_resume_rules(tmp_path, capsys):
     assert main([str(a) for a in ["train", "--out", out, "--steps", 1, "--overwrite", *TINY]]) == 0
     assert sorted(p.name for p in Path(out).glob("checkpoint-*")) == ["checkpoint-1"]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_bad_paths_backends_and_loggers_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    fails(["train", "--out", a_file, *FAST], "--out " + str(a_file) + ": a file, not a directory", capsys)
+    out = tmp_path / "run"
+    fails(["train", "--out", out, "--data", tmp_path, *FAST], "a directory; --data takes a JSONL file", capsys)
+    fails(["train", "--out", out, *FAST, "--report-to", "frobnicate"],
+          "--report-to frobnicate: not one of the Trainer's integrations", capsys)
+    missing = sorted(set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()) - {"flyte"})
+    if missing:  # the Trainer would raise a bare RuntimeError
+        fails(["train", "--out", out, *FAST, "--report-to", missing[0]],
+              f"--report-to {missing[0]}: its package is not installed here", capsys)
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        fails(["train", "--out", out, *FAST, "--backend", "triton"], "--backend triton needs a CUDA GPU", capsys)
+    assert not out.exists()
