@@ -5,7 +5,8 @@ Atomic writers make a temporary file and rename it. safetensors >= 0.8 (whose ``
 private temporary file: every ``model.safetensors`` the Trainer or ``save_pretrained`` writes) creates that
 file with mode 0600, and the rename keeps it (prefixattn's own ``atomic_write`` fixes its outputs). A run's
 outputs are meant to be shared (a checkpoint read by another user, a base model served from it), so every
-file the run wrote gets ``0666 & ~umask`` (0644 under the usual umask 022), as if it had been written in place. Directories are made with ``mkdir``, which applies the umask already.
+file the run wrote gets ``0666 & ~umask`` (0644 under the usual umask 022), as if it had been written in
+place. Directories are made with ``mkdir``, which applies the umask already.
 """
 
 from __future__ import annotations
