@@ -238,3 +238,20 @@ def _pad_free(collator):
         batch["decoder_input_ids"] = collator.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
         return batch
     return collate
+
+
+def test_sites_all_generate_equals_the_model_run_token_by_token():
+    """generate() with every site prefixed (the cache holds the sequence only; cross-attention's keys come
+    from the cache after the first step) gives the tokens of full forwards without a cache."""
+    model = prefixattn.patch(tiny_bart(2, 3), num_prefix_tokens=P, sites="all", backend="torch")
+    with torch.no_grad():
+        model.prefixattn_prefix.kv.mul_(5.0)
+    batch = {k: v for k, v in _inputs("left").items() if k != "decoder_input_ids"}
+    got = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    tokens = torch.full((2, 1), model.config.decoder_start_token_id)
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(**batch, decoder_input_ids=tokens, use_cache=False).logits[:, -1]
+            logits[:, model.config.eos_token_id] = -torch.inf  # min_new_tokens
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, tokens)
