@@ -59,7 +59,8 @@ SEQ2SEQ_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_S
 
 # sizes the generic tiny overrides do not reach (so that building stays cheap)
 OVERRIDES: dict[str, dict] = {"perceiver": {"d_latents": 32, "num_latents": 4, "num_blocks": 1,
-                                            "num_self_attends_per_block": 1}}
+                                            "num_self_attends_per_block": 1},
+                               "luke": {"entity_vocab_size": 16, "entity_emb_size": 16}}
 
 
 def _mapping(name: str) -> dict:

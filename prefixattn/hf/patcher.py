@@ -106,7 +106,7 @@ def _find_layers_owner(model: nn.Module, state: PatchState) -> tuple[nn.Module, 
     with_positions = [o for o in owners if "position_ids" in inspect.signature(o[0].forward).parameters]
     if not with_positions:
         for owner, layers in owners:
-            embedding = find_position_embedding(owner, nn.ModuleList(layers))
+            embedding = find_position_embedding(owner, layers)
             if embedding is not None:
                 state.layer_modules = layers
                 return owner, embedding

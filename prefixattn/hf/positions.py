@@ -16,6 +16,7 @@ QUESTION_ANS models hand them to the backbone unchanged.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Literal
 
 import torch.nn as nn
@@ -37,10 +38,10 @@ def cache_length_parameter(module: nn.Module) -> str | None:
     return next((name for name in CACHE_LENGTH_NAMES if name in params), None)
 
 
-def find_position_embedding(owner: nn.Module, layers: nn.Module) -> nn.Module | None:
+def find_position_embedding(owner: nn.Module, layers: Iterable[nn.Module]) -> nn.Module | None:
     """The module under ``owner`` (outside the stack of layers) that numbers positions from a cache
     length, or None."""
-    inside = {id(m) for m in layers.modules()}
+    inside = {id(m) for layer in layers for m in layer.modules()}
     for module in owner.modules():
         if module is owner or id(module) in inside:
             continue

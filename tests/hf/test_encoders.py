@@ -252,3 +252,15 @@ def test_hf_trainer_trains_a_classifier_with_bf16_and_checkpointing(tmp_path):
             assert torch.equal(v, frozen[k]), k
     with safe_open(str(tmp_path / "checkpoint-40" / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == {"prefixattn_prefix.kv", "classifier.weight", "classifier.bias"}
+
+
+def test_unpatch_gives_back_the_model_as_it_was():
+    base = tiny_encoder("roberta")
+    ids, mask = text_batch(97, pad=1)
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask).logits
+    model = prefixattn.unpatch(prefixattn.patch(base, num_prefix_tokens=P, backend="torch"))
+    assert not [m for m in model.modules() if m._forward_pre_hooks]
+    assert not [m for m in model.modules() if any(k.startswith("_prefixattn") for k in m.__dict__)]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)

@@ -255,3 +255,17 @@ def test_sites_all_generate_equals_the_model_run_token_by_token():
             logits[:, model.config.eos_token_id] = -torch.inf  # min_new_tokens
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(got, tokens)
+
+
+@pytest.mark.parametrize("sites", ["decoder", "all"])
+def test_unpatch_gives_back_the_model_as_it_was(sites):
+    base = tiny_bart(3, 2)
+    with torch.no_grad():
+        expected = base(**_inputs()).logits
+    model = prefixattn.patch(base, num_prefix_tokens=P, sites=sites, backend="torch")
+    prefixattn.unpatch(model)
+    hooks = [m for m in model.modules() if m._forward_pre_hooks]
+    tagged = [m for m in model.modules() if any(k.startswith("_prefixattn") for k in m.__dict__)]
+    assert not hooks and not tagged, (hooks, tagged)
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs()).logits, expected)
