@@ -264,3 +264,21 @@ def test_unpatch_gives_back_the_model_as_it_was():
     assert not [m for m in model.modules() if any(k.startswith("_prefixattn") for k in m.__dict__)]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_a_decoder_only_classifier_matches_peft_s_seq_cls():
+    """PEFT's SEQ_CLS on a causal LM's classification head (Llama's ``score``): the same logits, and the
+    head is PEFT's modules_to_save."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, pad_token_id=0, num_labels=3)).eval()
+    twin = peft_twin(model, "SEQ_CLS")
+    ours = prefixattn.patch(copy.deepcopy(twin), backend="torch")
+    assert ours.prefixattn_prefix.heads == ("score",)
+    ids, mask = text_batch(97, pad=0)
+    with torch.no_grad():
+        assert_close_rel(ours(input_ids=ids, attention_mask=mask).logits,
+                         twin(input_ids=ids, attention_mask=mask).logits, TOL, "logits")
