@@ -1,12 +1,12 @@
 """What ``prefixattn train`` writes: JSON written atomically, and files with the modes a plain ``open()``
 would give them.
 
-Atomic writers make a temporary file and rename it; ``tempfile.mkstemp`` (prefixattn's own
-``atomic_write``) and safetensors >= 0.8 (whose ``save_file`` renames a private temporary file, so every
-``model.safetensors`` the Trainer or ``save_pretrained`` writes) create that file with mode 0600, and the
-rename keeps it. A run's outputs are meant to be shared (a checkpoint read by another user, a base model
-served from it), so every file the run wrote gets ``0666 & ~umask`` (0644 under the usual umask 022), as
-if it had been written in place. Directories are made with ``mkdir``, which applies the umask already.
+Atomic writers make a temporary file and rename it. safetensors >= 0.8 (whose ``save_file`` renames a
+private temporary file: every ``model.safetensors`` the Trainer or ``save_pretrained`` writes) creates that
+file with mode 0600, and the rename keeps it (prefixattn's own ``atomic_write`` fixes its outputs). A run's
+outputs are meant to be shared (a checkpoint read by another user, a base model served from it), so every
+file the run wrote gets ``0666 & ~umask`` (0644 under the usual umask 022), as if it had been written in
+place. Directories are made with ``mkdir``, which applies the umask already.
 """
 
 from __future__ import annotations
@@ -17,41 +17,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
-_umask: int | None = None
-
-
-def process_umask() -> int:
-    """The process's umask. Read from /proc where there is one: ``os.umask`` can only be read by setting it,
-    which for a moment changes it for every thread."""
-    global _umask
-    if _umask is None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("Umask:"):
-                    _umask = int(line.split()[1], 8)
-                    break
-        except OSError:
-            pass
-        if _umask is None:
-            _umask = os.umask(0o022)
-            os.umask(_umask)
-    return _umask
-
-
-def forget_umask() -> None:
-    """Read the umask again on next use (a run reads it once, at its start)."""
-    global _umask
-    _umask = None
-
-
-def file_mode() -> int:
-    return 0o666 & ~process_umask()
+from ..prefix.files import normal_file_mode
 
 
 def give_normal_modes(*paths: Path) -> None:
     """Give every regular file at or under ``paths`` the mode ``open()`` would have created it with. Files
     only: executables and directories keep their modes; a path that does not exist is skipped."""
-    mode = file_mode()
+    mode = normal_file_mode()
     for path in paths:
         files = path.rglob("*") if path.is_dir() else [path]
         for f in files:

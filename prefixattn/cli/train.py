@@ -39,7 +39,7 @@ import prefixattn
 from . import data as D
 from .callbacks import CadenceFromArguments, ProgressCallback
 from .model import DTYPES, build_base_model, check_model_dir
-from .outputs import forget_umask, give_normal_modes, process_umask, write_json_atomic
+from .outputs import give_normal_modes, write_json_atomic
 from .plot import plot_losses
 from .resume import PATHS, absolute, settings_for_resume
 from .trainer import (
@@ -330,8 +330,6 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     from transformers import ProgressCallback as HFProgressCallback
     from transformers.utils import logging as hf_logging
 
-    forget_umask()
-    process_umask()  # read once, before the Trainer starts threads (outputs.py)
     rank, size = world()
     if cfg.resume and not cfg.overwrite:
         done = latest_complete(Path(cfg.out))
