@@ -307,3 +307,33 @@ def test_compose_equals_peft_compose_cartridge_adapters(tmp_path):
     with pytest.raises(ValueError, match="token_dim is 64, not 32"):
         prefixattn.compose_cartridges([tmp_path / "a", tmp_path / "gpt2"], tmp_path / "y")
     assert not (tmp_path / "y").exists()
+
+
+def test_sft_trainer_trains_a_cartridge_bf16_checkpointed(tmp_path):
+    """TRL's SFTTrainer with its memory-lean defaults (bf16 autocast, gradient checkpointing, which PEFT
+    refuses for CARTRIDGE) on a cartridge initialised from a document: the loss falls, the trainable
+    tokens move, the frozen ones and the base model do not."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import ByT5Tokenizer
+
+    tok = ByT5Tokenizer()
+    corpus = "The cartridge holds a corpus as keys and values. " * 3
+    model = prefixattn.patch(tiny_model("llama", vocab_size=BYTES), num_prefix_tokens=40, cartridge=True,
+                             init="text", init_text=corpus, tokenizer=tok, backend="torch")
+    module = find_prefix(model)
+    frozen, trained = module.frozen_kv.clone(), module.kv.detach().clone()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    questions = [f"Q{i}: what does the cartridge hold? A: keys and values." for i in range(8)]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[],
+                         use_cpu=True, bf16=True, gradient_checkpointing=True, logging_steps=1,
+                         learning_rate=3e-2, save_strategy="no", dataloader_num_workers=0, weight_decay=0.1)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": questions}),
+                             processing_class=tok)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    assert torch.equal(module.frozen_kv, frozen)
+    assert not torch.equal(module.kv.detach(), trained)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
