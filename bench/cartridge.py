@@ -9,7 +9,8 @@ trained KV caches of Cartridges) over sequences of S = 256..2048, training (``fw
   (prefix visible, sequence causal), compiled on every device. On a CPU torch's FlexAttention has no
   backward (torch 2.13 refuses it), so there it runs the decode shapes only.
 
-GPU: B = 4, H = 32 / 8 KV heads, D = 128, bf16 for training; B = 16 for decode. ``--quick`` keeps the
+GPU: B = 4, H = 32 / 8 KV heads, D = 128, bf16 for training; B = 16 for decode, and B = 1 over a short
+cache (where the forward's key split, which covers the sequence keys only, cannot help). ``--quick`` keeps the
 P = 2048 column only: the GPU script's entry (``python -m bench cartridge --quick --out DIR``). CPU: B = 1,
 H = 4 / 2, D = 32, fp32, the same P and S: these are CPU numbers (PyTorch on a CPU against PyTorch on a
 CPU), not kernel speed. Records are ``micro`` records with ``suite = "cartridge"``.
@@ -49,6 +50,8 @@ def grid(gpu: bool, quick: bool = False, smoke: bool = False) -> list[Shape]:
                      tag="cartridge decode" + ("" if gpu else " (cpu)"))
     shapes = [replace(base, P=p, S=s) for p in lengths for s in TRAIN_LENGTHS]
     shapes += [replace(decode, P=p, S=s) for p in lengths for s in DECODE_CACHES]
+    if gpu:  # one sequence: B x Hkv = 8 programs, each walking all P prefix keys (the split covers Sk only)
+        shapes += [replace(decode, B=1, P=p, S=256, tag="cartridge decode B=1") for p in lengths]
     return shapes
 
 

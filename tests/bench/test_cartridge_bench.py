@@ -24,7 +24,8 @@ def test_grid_covers_the_issue_and_the_gpu_entry_is_p2048():
     assert {s.S for s in full if s.modes == ("fwd_bwd",)} == {256, 1024, 2048}
     assert {s.S for s in full if s.Sq == 1 and s.modes == ("infer",)} == {256, 2048}
     assert {s.P for s in cartridge.grid(gpu=True, quick=True)} == {2048}
-    assert [(s.P, s.S, s.Sq) for s in cartridge.grid(gpu=False)] == [(s.P, s.S, s.Sq) for s in full]
+    assert {(s.P, s.S, s.Sq) for s in cartridge.grid(gpu=False)} == {(s.P, s.S, s.Sq) for s in full}
+    assert {s.P for s in full if s.B == 1 and s.Sq == 1} == {512, 2048, 8192}
 
 
 def test_python_m_bench_cartridge_on_cpu(tmp_path, monkeypatch):

@@ -66,3 +66,25 @@ def test_long_prefix_decode_with_key_splits(monkeypatch):
     with use_settings(splits=3):
         _check(Case(B=1, Hq=4, Hkv=1, Sq=1, Sk=300, P=1000, D=16, padding="left"))
     assert merges, "the split path did not run"
+
+
+GPU_LONG_CASES = [  # bf16 at a cartridge's sizes (not run without a GPU)
+    Case(B=2, Hq=16, Hkv=4, Sq=256, Sk=256, P=4096, D=128, padding="left"),
+    Case(B=4, Hq=32, Hkv=8, Sq=1, Sk=300, P=8192, D=128),  # decode over a long cartridge, short cache
+    Case(B=2, Hq=8, Hkv=2, Sq=64, Sk=64, P=2048, D=64, prefix="bank"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_LONG_CASES, ids=str)
+def test_long_prefix_bf16_on_the_gpu(case):
+    x = make_case(case, torch.bfloat16)
+    out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="triton")
+    ref = concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs())
+    tol = REL_TOL[torch.bfloat16]
+    assert_close_rel(out, ref, tol, f"{case} out")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, x.grad_inputs, do)
+    refs = torch.autograd.grad(ref, x.grad_inputs, do.double())
+    for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, refs, strict=False):
+        assert_close_rel(g, r, tol, f"{case} {name}")
