@@ -11,17 +11,16 @@ a row stride wraps int32 at long sequences); only the offsets inside one tile st
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .config import settings
+from .device import CPU, device_facts
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-DEFAULT_SMEM = 160 * 1024  # bytes a config may plan for when the device cannot say (CPU, interpreter)
+DEFAULT_SMEM = CPU.smem_per_block  # bytes a config may plan for when the device cannot say (CPU, interpreter)
 
 
 def interpreting() -> bool:
@@ -53,16 +52,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.cache
-def _device_props(index: int):
-    return torch.cuda.get_device_properties(index)
-
-
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _device_props(device.index if device.index is not None else torch.cuda.current_device()
-                             ).multi_processor_count
-    return 4
+    return device_facts(device).sms
 
 
 # smem_estimate is rough (the compiler adds its own buffers and layout conversions), so a config
@@ -72,14 +63,9 @@ SMEM_SHARE = 0.7
 
 
 def smem_limit(device: torch.device) -> int:
-    """Shared memory a config may plan for: a share of the device's opt-in limit per block when it
-    reports one, else DEFAULT_SMEM."""
-    if device.type == "cuda":
-        props = _device_props(device.index if device.index is not None else torch.cuda.current_device())
-        optin = getattr(props, "shared_memory_per_block_optin", 0)
-        if optin:
-            return int(optin * SMEM_SHARE)
-    return DEFAULT_SMEM
+    """Shared memory a config may plan for: a share of the device's opt-in limit per block."""
+    facts = device_facts(device)
+    return facts.smem_per_block if facts is CPU else int(facts.smem_per_block * SMEM_SHARE)
 
 
 def bucket(n: int) -> int:
@@ -102,6 +88,17 @@ def smem_estimate(elsize: int, a_rows: int, b_rows: int, width: int, stages: int
     """Rough shared memory of a config: `resident` tiles of a_rows x width kept for the whole
     program plus two streamed b_rows x width tiles per pipeline stage."""
     return elsize * width * (resident * a_rows + 2 * stages * b_rows)
+
+
+def launch_smem_estimate(kernel: str, meta: dict, num_stages: int, elsize: int) -> int:
+    """The estimate the launchers plan a launch of `kernel` (fwd, dq, dkdv) with: BLOCK_* from meta."""
+    width = (meta["BLOCK_DK"] + meta["BLOCK_DV"]) // 2
+    bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+    if kernel == "fwd":
+        return smem_estimate(elsize, bm, bn, width, num_stages, 1)
+    if kernel == "dq":
+        return smem_estimate(elsize, bm, bn, width, num_stages, 2)
+    return smem_estimate(elsize, bn, bm, width, num_stages, 2)
 
 
 INTERPRET_CONFIG = (16, 16, 4, 1)

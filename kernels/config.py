@@ -15,6 +15,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .device import DeviceFacts
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class KernelSettings:
     autotune: bool = True
     poison: bool = False
     splits: int = 0  # 0: the heuristic decides
+    device: DeviceFacts | None = None  # plan launches for this GPU instead of asking (bench compile)
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> KernelSettings:

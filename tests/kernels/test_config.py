@@ -3,13 +3,12 @@ deterministic backward), the shared-memory budget, and the eager path that skips
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from helpers import Case, assert_close_rel, concat_reference, count_launches, make_case
 from prefixattn.kernels import backward, common, forward
 from prefixattn.kernels.common import DEFAULT_SMEM, fixed_config, smem_limit
 from prefixattn.kernels.config import KernelSettings, settings, use_settings
+from prefixattn.kernels.device import H100
 
 import prefixattn
 from prefixattn.ops import autograd
@@ -30,12 +29,12 @@ def test_use_settings_restores():
     assert settings() == before
 
 
-def test_shared_memory_budget_and_pinned_configs(monkeypatch):
+def test_shared_memory_budget_and_pinned_configs():
     assert smem_limit(torch.device("cpu")) == DEFAULT_SMEM
     # a CUDA device's budget is a share of what it reports (H100: 227 KiB opt-in per block)
-    monkeypatch.setattr(common, "_device_props", lambda index: SimpleNamespace(
-        shared_memory_per_block_optin=227 * 1024, multi_processor_count=132))
-    assert smem_limit(torch.device("cuda", 0)) == int(227 * 1024 * common.SMEM_SHARE)
+    with use_settings(device=H100):
+        assert smem_limit(torch.device("cuda", 0)) == int(227 * 1024 * common.SMEM_SHARE)
+        assert common.num_sms(torch.device("cuda", 0)) == 132
     table = [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)]
     # with the interpreter off, the first row that fits wins; the choice depends only on its inputs
     with use_settings(interpret=False):
