@@ -100,7 +100,7 @@ def compile_all(jobs: list[tuple[int, Any]], n_workers: int, timeout: float, tri
             proc, idx, started = workers[conn]
             try:
                 res = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):
                 res = {"ok": False, "error": f"worker died (exit code {proc.exitcode})"}
                 del workers[conn]
                 start()
@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
     import triton
-
     from prefixattn.kernels.common import launch_smem_estimate
     from prefixattn.kernels.device import KNOWN
 
@@ -198,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if row.get("ok"):
             row["ctas_per_sm"] = ctas_per_sm(row["registers"], row["shared"], row["num_warps"])
         if row["short"] in ("fwd", "dq", "dkdv") and row.get("dtype"):
-            row["estimate"] = launch_smem_estimate(row["short"], row["constants"], row["num_stages"],
-                                                   elsize[row["dtype"]])
+            row["estimate"] = launch_smem_estimate(row["short"], row["constants"], row["num_warps"],
+                                                   row["num_stages"], elsize[row["dtype"]])
     header = {"device": facts.name, "arch": arch, "limit": facts.smem_per_block, "triton": triton.__version__,
               "torch": torch.__version__, "python": platform.python_version(), "set": args.set,
               "date": datetime.date.today().isoformat(), "seconds": round(time.monotonic() - t0, 1)}

@@ -31,14 +31,14 @@ def test_use_settings_restores():
 
 def test_shared_memory_budget_and_pinned_configs():
     assert smem_limit(torch.device("cpu")) == DEFAULT_SMEM
-    # a CUDA device's budget is a share of what it reports (H100: 227 KiB opt-in per block)
+    # a CUDA device's budget is its opt-in limit per block (H100: 227 KiB): smem_bytes counts every tile
     with use_settings(device=H100):
-        assert smem_limit(torch.device("cuda", 0)) == int(227 * 1024 * common.SMEM_SHARE)
+        assert smem_limit(torch.device("cuda", 0)) == 227 * 1024
         assert common.num_sms(torch.device("cuda", 0)) == 132
     table = [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)]
     # with the interpreter off, the first row that fits wins; the choice depends only on its inputs
     with use_settings(interpret=False):
-        small = fixed_config(table, lambda bm, bn, s: bm * bn * s <= 64 * 64 * 2)
+        small = fixed_config(table, lambda bm, bn, w, s: bm * bn * s <= 64 * 64 * 2)
         assert small == dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
         assert fixed_config(table, lambda *a: False)["BLOCK_M"] == 32  # nothing fits: the smallest
 
