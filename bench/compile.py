@@ -122,6 +122,21 @@ def compile_all(jobs: list[tuple[int, Any]], n_workers: int, timeout: float, tri
     return results
 
 
+def _finish(rows: list[dict[str, Any]]) -> None:
+    """Occupancy from the compiler's figures, and the launchers' estimate for each config."""
+    from prefixattn.kernels.smem import launch_smem_estimate
+
+    from .compile_table import ctas_per_sm
+
+    elsize = {"bf16": 2, "fp16": 2, "fp32": 4}
+    for row in rows:
+        if row.get("ok"):
+            row["ctas_per_sm"] = ctas_per_sm(row["registers"], row["shared"], row["num_warps"])
+        if row["short"] in ("fwd", "dq", "dkdv") and row.get("dtype"):
+            row["estimate"] = launch_smem_estimate(row["short"], row["constants"], row["num_warps"],
+                                                   row["num_stages"], elsize[row["dtype"]])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench compile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", default="full", choices=("ci", "pinned", "tuned", "full"))
@@ -131,10 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="compile everything afresh (temporary directory)")
     ap.add_argument("--out", type=Path, default=None,
                     help="write compile-<device>-triton<version>-<set>.md and .json here")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per compile before it counts as failed")
+    ap.add_argument("--timeout", type=float, default=900,
+                    help="seconds per compile before it counts as failed")
     ap.add_argument("--check", action="store_true", help="exit 1 on the problems CI fails on")
     ap.add_argument("--only", default="", help="only launches whose kernel or case contains this text")
-    ap.add_argument("--skip-pruned", action="store_true", help="do not compile autotune candidates the prune drops")
+    ap.add_argument("--skip-pruned", action="store_true",
+                    help="do not compile autotune candidates the prune drops")
+    ap.add_argument("--triton-cache", type=Path, default=None,
+                    help="triton's own cache of compiled kernels (default CACHE/triton); scripts/gpu_check.sh "
+                         "uses .gpu/triton-cache when carried (see bench/TUNING.md on whether it can hit)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="compile nothing: the table of what the cache holds (the rest marked not compiled)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="re-render the table of an earlier run's JSON (estimates from the current model)")
     args = ap.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -142,18 +166,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
     import triton
-    from prefixattn.kernels.common import launch_smem_estimate
     from prefixattn.kernels.device import KNOWN
 
     from .compile_plan import case_set, record
-    from .compile_table import ctas_per_sm, problems, table
+    from .compile_table import problems, table
 
     facts = KNOWN[args.device]
     arch = facts.capability[0] * 10 + facts.capability[1]
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        rows = doc.pop("rows")
+        _finish(rows)
+        report = table(rows, doc["limit"], doc)
+        target = args.from_json.with_suffix(".md")
+        target.write_text(report)
+        args.from_json.write_text(json.dumps({**doc, "rows": rows}, indent=1))
+        print(f"re-rendered {target}")
+        return 0
     tmp = tempfile.TemporaryDirectory() if args.no_cache else None
     cache = Path(tmp.name) if tmp else args.cache
     (cache / "results").mkdir(parents=True, exist_ok=True)
-    (cache / "triton").mkdir(parents=True, exist_ok=True)
+    triton_cache = args.triton_cache or cache / "triton"
+    triton_cache.mkdir(parents=True, exist_ok=True)
 
     t0 = time.monotonic()
     launches = record(case_set(args.set), facts)
@@ -161,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         launches = [x for x in launches if args.only in x.kernel or any(args.only in c for c in x.cases)]
     if args.skip_pruned:
         launches = [x for x in launches if x.kind != "pruned"]
-    print(f"{len(launches)} launches from set {args.set!r} ({time.monotonic() - t0:.1f} s to record)", flush=True)
+    print(f"{len(launches)} launches from set {args.set!r} ({time.monotonic() - t0:.1f} s to record)",
+          flush=True)
 
     rows: list[dict[str, Any]] = []
     todo: list[tuple[int, Any]] = []
@@ -190,20 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         if res.get("ok"):
             (cache / "results" / f"{keys[idx]}.json").write_text(json.dumps(res))
 
-    compile_all(todo, args.jobs, args.timeout, str(cache / "triton"), arch, progress)
+    if args.cached_only:
+        rows[:] = [r for r in rows if "ok" in r]
+        print(f"--cached-only: {len(todo)} launches left out (not compiled yet)")
+    else:
+        compile_all(todo, args.jobs, args.timeout, str(triton_cache), arch, progress)
 
-    elsize = {"bf16": 2, "fp16": 2, "fp32": 4}
-    for row in rows:
-        if row.get("ok"):
-            row["ctas_per_sm"] = ctas_per_sm(row["registers"], row["shared"], row["num_warps"])
-        if row["short"] in ("fwd", "dq", "dkdv") and row.get("dtype"):
-            row["estimate"] = launch_smem_estimate(row["short"], row["constants"], row["num_warps"],
-                                                   row["num_stages"], elsize[row["dtype"]])
+    _finish(rows)
     header = {"device": facts.name, "arch": arch, "limit": facts.smem_per_block, "triton": triton.__version__,
               "torch": torch.__version__, "python": platform.python_version(), "set": args.set,
               "date": datetime.date.today().isoformat(), "seconds": round(time.monotonic() - t0, 1)}
     report = table(rows, facts.smem_per_block, header)
-    bad = [(r["short"], r["config"], r.get("cases", [])[:1], p) for r in rows for p in problems(r, facts.smem_per_block)]
+    limit = facts.smem_per_block
+    bad = [(r["short"], r["config"], r.get("cases", [])[:1], p) for r in rows for p in problems(r, limit)]
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = f"compile-{args.device}-triton{triton.__version__}-{args.set}"

@@ -89,7 +89,7 @@ class Launch:
         return self.kernel.rsplit(":", 1)[1].strip("_").replace("_kernel_jit", "").replace("_kernel", "")
 
 
-_context: contextvars.ContextVar[dict] = contextvars.ContextVar("bench_compile_context", default={})
+_context: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bench_compile_context", default=None)
 
 
 def _config_name(constants: dict[str, Any], num_warps: int, num_stages: int) -> str:
@@ -116,7 +116,7 @@ class Recorder:
         jit = fn.jit_function
         names = jit.arg_names
         constants = {names[k[0]]: _plain(v) for k, v in compile["constants"].items() if len(k) == 1}
-        ctx = _context.get()
+        ctx = _context.get() or {}
         kind = ctx.get("kind") or (PINNED if "BLOCK_M" in constants and "BLOCK_N" in constants else FIXED)
         launch = Launch(
             kernel=f"{jit.fn.__module__}:{jit.fn.__qualname__}",
@@ -140,10 +140,10 @@ class Recorder:
         from triton.runtime.driver import driver
 
         def autotune_run(tuner, *args, **kwargs):
-            tuner.nargs = dict(zip(tuner.arg_names, args))
+            tuner.nargs = dict(zip(tuner.arg_names, args, strict=False))
             kept = tuner.prune_configs(kwargs)
             for config in tuner.configs:
-                token = _context.set({**_context.get(),
+                token = _context.set({**(_context.get() or {}),
                                       "kind": AUTOTUNE_KEPT if config in kept else AUTOTUNE_PRUNED})
                 try:
                     tuner.fn.run(*args, **kwargs, **config.all_kwargs())
@@ -269,7 +269,8 @@ def _inputs(case: Case, B=2, Hq=16, Hkv=4, S=1024, P=64, Sq=None):
     pv = torch.empty(*lead, Hkv, P, case.dv, **meta)
     idx = torch.empty(B, device="meta", dtype=torch.int64) if prefix == "bank" else None
     kpm = torch.empty(B, S, device="meta", dtype=torch.bool) if opts.get("padding") else None
-    docs = (torch.empty(B, S, device="meta", dtype=torch.int32),) * 2 if opts.get("docs") and Sq == S else (None, None)
+    doc_bounds = torch.empty(B, S, device="meta", dtype=torch.int32)
+    docs = (doc_bounds, doc_bounds) if opts.get("docs") and Sq == S else (None, None)
     sinks = torch.empty(Hq, device="meta", dtype=dtype) if opts.get("sinks") else None
     return dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, key_padding_mask=kpm, prefix_index=idx,
                 doc_start=docs[0], doc_end=docs[1], sinks=sinks, causal=opts.get("causal", True),
@@ -299,9 +300,9 @@ def run_case(case: Case) -> None:
         need = {"bwd": (True, True, True), "bwd_tuned": (True, True, True), "layer0": (False, False, True),
                 "dq_tuned": (True, False, False)}[case.mode]
         attention_backward(
-            grad_out, x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], out, lse, x["key_padding_mask"],
-            x["prefix_index"], x["doc_start"], x["doc_end"], x["sinks"], x["causal"], x["scale"], x["softcap"],
-            x["window"], need_dq=need[0], need_dkv=need[1], need_dprefix=need[2],
+            grad_out, x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], out, lse,
+            x["key_padding_mask"], x["prefix_index"], x["doc_start"], x["doc_end"], x["sinks"], x["causal"],
+            x["scale"], x["softcap"], x["window"], need_dq=need[0], need_dkv=need[1], need_dprefix=need[2],
             need_dsinks=x["sinks"] is not None, deterministic=deterministic,
         )
     finally:

@@ -47,10 +47,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1 PREFIXATTN_POISON=1
     DEVICE_ARGS=(--device cpu --backend triton)
+    TRAIN_ARGS=(--device cpu --backend torch)  # a training step through the interpreter takes minutes
     GRID_MICRO=dry GRID_DECODE=dry_decode
     TEST_ARGS=(-p no:cacheprovider)
 else
     DEVICE_ARGS=()
+    TRAIN_ARGS=()
     GRID_MICRO=headline GRID_DECODE=decode
     TEST_ARGS=(-p no:cacheprovider -n "${GPU_CHECK_TEST_WORKERS:-8}")
 fi
@@ -105,15 +107,21 @@ facts() {
             echo "nvidia-smi: not found"
         fi
         "$PY" - <<'EOF'
-import importlib, os, platform
+import importlib.metadata as md, os, platform
 for name in ("torch", "triton", "transformers", "peft", "trl", "numpy"):
     try:
-        print(f"{name}: {importlib.import_module(name).__version__}")
-    except Exception as e:
-        print(f"{name}: not importable ({type(e).__name__})")
+        print(f"{name}: {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name}: not installed")
 import torch
 print(f"python: {platform.python_version()}  cuda: {torch.version.cuda}  gpu: "
       f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+try:  # what a carried Triton cache must match (bench/TUNING.md, "Carrying a Triton cache")
+    import hashlib
+    from triton.runtime.cache import triton_key
+    print(f"triton_key sha256: {hashlib.sha256(triton_key().encode()).hexdigest()[:16]}")
+except Exception as e:
+    print(f"triton_key: {type(e).__name__}")
 cache = os.environ.get("TRITON_CACHE_DIR")
 if cache:
     print(f"triton cache: {cache}: {len(os.listdir(cache))} kernels")
@@ -133,18 +141,18 @@ setup() {
 
 export -f say facts setup
 export DRY PY WORK LOG START
-run_stage setup 60 setup
+run_stage setup 40 setup
 : > "$OUT/tests.log"
-run_stage tests 110 "$PY" -m pytest tests/kernels tests/ops -m gpu -q "${TEST_ARGS[@]}"
+run_stage tests 100 "$PY" -m pytest tests/kernels tests/ops -m gpu -q "${TEST_ARGS[@]}"
 run_stage micro 110 "$PY" -m bench micro --grid "$GRID_MICRO" "${DEVICE_ARGS[@]}" --budget 100 \
     --out "$WORK/micro"
-run_stage decode 30 "$PY" -m bench micro --grid "$GRID_DECODE" "${DEVICE_ARGS[@]}" --budget 25 \
+run_stage decode 35 "$PY" -m bench micro --grid "$GRID_DECODE" "${DEVICE_ARGS[@]}" --budget 28 \
     --out "$WORK/decode"
-run_stage train 60 "$PY" -m bench train --quick "${DEVICE_ARGS[@]}" --out "$WORK/train"
+run_stage train 45 "$PY" -m bench train --quick "${TRAIN_ARGS[@]}" --out "$WORK/train"
 if [ -f "$WORK/facts.txt" ] && [ -n "${TRITON_CACHE_DIR:-}" ]; then
     echo "triton cache after the stages: $(ls "$TRITON_CACHE_DIR" | wc -l) kernels" >> "$WORK/facts.txt"
 fi
-run_stage report 20 "$PY" -m bench.gpu_report "$WORK" "$OUT"
+run_stage report 15 "$PY" -m bench.gpu_report "$WORK" "$OUT"
 if [ ! -s "$OUT/results.json" ]; then
     say "report stage wrote no results.json: packing the raw stage outputs into raw.tgz"
     tar czf "$OUT/raw.tgz" -C "$WORK" . 2>> "$LOG"
