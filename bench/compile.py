@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-pruned", action="store_true",
                     help="do not compile autotune candidates the prune drops")
     ap.add_argument("--triton-cache", type=Path, default=None,
-                    help="triton's own cache of compiled kernels (default CACHE/triton); scripts/gpu_check.sh "
+                    help="triton's own cache of compiled kernels (default CACHE/triton); gpu_check.sh "
                          "uses .gpu/triton-cache when carried (see bench/TUNING.md on whether it can hit)")
     ap.add_argument("--cached-only", action="store_true",
                     help="compile nothing: the table of what the cache holds (the rest marked not compiled)")
