@@ -128,7 +128,7 @@ def _finish(rows: list[dict[str, Any]]) -> None:
 
     from .compile_table import ctas_per_sm
 
-    elsize = {"bf16": 2, "fp16": 2, "fp32": 4}
+    elsize = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}
     for row in rows:
         if row.get("ok"):
             row["ctas_per_sm"] = ctas_per_sm(row["registers"], row["shared"], row["num_warps"])

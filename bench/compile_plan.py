@@ -226,10 +226,12 @@ def case_set(name: str) -> list[Case]:
             for dk, dv in HEAD_DIMS:
                 for mode in ("fwd", "decode", "bwd", "layer0"):
                     cases.append(Case("base", mode, dtype, dk, dv))
-        # fp32 compiles slowly (minutes per kernel when it spills): two head dims
-        for dk in (64, 128):
-            for mode in ("fwd", "bwd"):
-                cases.append(Case("base", mode, "fp32", dk, dk))
+        # fp32 compiles slowly (minutes per kernel when it spills): two head dims; exact products
+        # (torch's default) and TF32 (torch.backends.cuda.matmul.allow_tf32 = True)
+        for dtype in ("fp32", "tf32"):
+            for dk in (64, 128):
+                for mode in ("fwd", "bwd"):
+                    cases.append(Case("base", mode, dtype, dk, dk))
         for variant in VARIANTS:
             if variant == "base":
                 continue
@@ -255,7 +257,9 @@ def _inputs(case: Case, B=2, Hq=16, Hkv=4, S=1024, P=64, Sq=None):
     """Meta tensors in the layout transformers hands over ((B, S, H, D) memory), per the variant."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.dtype]
+    # "tf32": fp32 inputs with torch.backends.cuda.matmul.allow_tf32 set (run_case sets it)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+    dtype = dtypes[case.dtype]
     opts = dict(VARIANTS[case.variant])
     P = opts.get("P", P)
     Sq = S if Sq is None else Sq
@@ -289,6 +293,8 @@ def run_case(case: Case) -> None:
     deterministic = not case.mode.endswith("_tuned")
     token = _context.set({"case": str(case), "dtype": case.dtype, "dk": case.dk, "dv": case.dv,
                           "variant": case.variant, "mode": case.mode})
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = case.dtype == "tf32"
     try:
         if case.mode in ("fwd", "decode", "fwd_tuned"):
             attention_forward(**x, deterministic=deterministic)
@@ -306,6 +312,7 @@ def run_case(case: Case) -> None:
             need_dsinks=x["sinks"] is not None, deterministic=deterministic,
         )
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         _context.reset(token)
 
 

@@ -375,11 +375,15 @@ def softcap_args(scale: float, softcap: float) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def decode_config(R: int, fits) -> dict:
-    """The fixed config of short row counts (decode steps): rows padded to a power of two >= 16."""
+def decode_config(R: int, width: int, fits) -> dict:
+    """The fixed config of short row counts (decode steps): rows padded to a power of two >= 16.
+    Decode is memory-bound and launches only ~2 programs per SM (split-K), so the tables keep a
+    program near 70 KiB of shared memory (3 per SM) rather than the largest tile that fits:
+    key blocks of 128 at D <= 64, 64 (3 stages) at D <= 128, 64 (2 stages) above."""
     bm = max(16, min(DECODE_ROWS, triton.next_power_of_2(R)))
     table = [(bm, 128, 4, 3), (bm, 64, 4, 3), (bm, 64, 4, 2), (bm, 32, 4, 1)]
-    return fixed_config(table, fits)
+    skip = 0 if width <= 128 else 1 if width <= 256 else 2
+    return fixed_config(table[skip:], fits)
 
 
 def attention_forward(
@@ -456,7 +460,7 @@ def attention_forward(
     )
     fits = smem_fits("fwd", meta, q.element_size(), q.device)
     if R <= DECODE_ROWS:
-        cfg = decode_config(R, fits)
+        cfg = decode_config(R, BLOCK_DK + BLOCK_DV, fits)
     elif deterministic:
         cfg = fixed_config(pinned_table(BLOCK_DK + BLOCK_DV), fits)
     else:

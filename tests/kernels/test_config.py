@@ -86,3 +86,21 @@ def test_custom_op_fake_matches_the_kernel():
     torch.library.opcheck(autograd._forward_op, args, test_utils=("test_schema", "test_faketensor"))
     out, _ = autograd._forward_op(*args)
     assert out.shape == (1, 2, 5, 8) and out.transpose(1, 2).is_contiguous()
+
+
+def test_fp32_dot_precision_follows_torch():
+    """fp32 dots on the TF32 tensor cores exactly when torch allows TF32 for CUDA matmuls."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert common.dot_precision(torch.float32) == "ieee"
+        assert common.dot_precision(torch.bfloat16) == common.dot_precision(torch.float16) == "tf32"
+        matmul.allow_tf32 = True
+        assert common.dot_precision(torch.float32) == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("high")  # sets allow_tf32 too
+        assert common.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        matmul.allow_tf32 = before
