@@ -15,10 +15,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .device import DeviceFacts
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the launchers need to know about a GPU (kernels/device.py asks the device for them)."""
+
+    name: str
+    sms: int
+    smem_per_block: int  # bytes, opt-in maximum per block
+    capability: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)

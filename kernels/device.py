@@ -12,20 +12,10 @@ launchers plan with ``CPU`` (the interpreter, where the numbers only bound the t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
-from .config import settings
-
-
-@dataclass(frozen=True)
-class DeviceFacts:
-    name: str
-    sms: int
-    smem_per_block: int  # bytes, opt-in maximum per block
-    capability: tuple[int, int] = (0, 0)
-
+from .config import DeviceFacts, settings
 
 # Hopper (sm_90): 228 KiB of shared memory per SM, of which one block may opt in to 227 KiB.
 H100 = DeviceFacts("NVIDIA H100 80GB HBM3", sms=132, smem_per_block=232448, capability=(9, 0))

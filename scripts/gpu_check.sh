@@ -146,9 +146,9 @@ export DRY PY WORK LOG START
 run_stage setup 40 setup
 : > "$OUT/tests.log"
 run_stage tests 100 "$PY" -m pytest tests/kernels tests/ops -m gpu -q "${TEST_ARGS[@]}"
-run_stage micro 110 "$PY" -m bench micro --grid "$GRID_MICRO" "${DEVICE_ARGS[@]}" --budget 100 \
+run_stage micro 110 "$PY" -m bench micro --grid "$GRID_MICRO" "${DEVICE_ARGS[@]}" --budget $((100 * SCALE)) \
     --out "$WORK/micro"
-run_stage decode 35 "$PY" -m bench micro --grid "$GRID_DECODE" "${DEVICE_ARGS[@]}" --budget 28 \
+run_stage decode 35 "$PY" -m bench micro --grid "$GRID_DECODE" "${DEVICE_ARGS[@]}" --budget $((28 * SCALE)) \
     --out "$WORK/decode"
 run_stage train 45 "$PY" -m bench train --quick "${TRAIN_ARGS[@]}" --out "$WORK/train"
 if [ -f "$WORK/facts.txt" ] && [ -n "${TRITON_CACHE_DIR:-}" ]; then
