@@ -14,4 +14,5 @@ first two (by the module paths ``prefixattn serve`` hands it).
     connector.py        the vLLM KV connector that writes a prefix into the paged cache
     middleware.py       the ASGI middleware: model names, refusals (4xx), rendering, rewriting
     offline.py          the same for ``vllm.LLM`` in a Python program
+    versions.py         the vLLM versions it was tested with (others refused unless allowed)
 """

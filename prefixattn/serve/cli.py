@@ -11,6 +11,7 @@ import shutil
 import sys
 
 from .launch import prepare, run_server
+from .versions import installed_vllm, untested_reason
 
 SERVE_HELP = """Serve tuned prefixes on vLLM: one base model, every prefix its own model name.
 
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the server stops)")
     p.add_argument("--check", action="store_true",
                    help="check the model and the adapters, print what would be served, and exit")
+    p.add_argument("--allow-untested-vllm", action="store_true",
+                   help="start on a vLLM version prefix serving was not tested with")
     return p
 
 
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"vLLM is not installed in this Python ({sys.executable}). "
                              "`bash scripts/setup_vllm.sh` makes .venv-vllm with it: run "
                              "`.venv-vllm/bin/prefixattn serve ...` (or --check here to validate only)")
+        if not args.check and not args.allow_untested_vllm:
+            reason = untested_reason(installed_vllm())
+            if reason:
+                raise ValueError(reason)
         prepared = prepare(args.model_dir, args.prefix, args.served_model_name,
                            None if args.check else args.run_dir, _max_model_len(vllm_args))
     except ValueError as e:

@@ -80,6 +80,12 @@ def build(root: Path) -> Fixture:
     torch.manual_seed(4)
     prefixattn.save_prefix(patched(num_prefix_tokens=5, prefix_projection=True, projection_hidden_size=48),
                            root / "proj5.safetensors")
+    (root / "fixture.json").write_text(json.dumps({"built": True}))
+    return load(root)
+
+
+def load(root: Path) -> Fixture:
+    """The fixture ``build`` wrote under ``root``."""
     prefix_args = [f"peft37={root / 'peft37'}", f"file37={root / 'file37.safetensors'}",
                    f"same37={root / 'file37.safetensors'}", f"bank8={root / 'bank8.safetensors'}",
                    f"proj5={root / 'proj5.safetensors'}"]
@@ -92,8 +98,7 @@ def build(root: Path) -> Fixture:
         "proj5": ("file", root / "proj5.safetensors",
                   {"num_prefix_tokens": 5, "prefix_projection": True, "projection_hidden_size": 48}, None),
     }
-    (root / "fixture.json").write_text(json.dumps({"prefix_args": prefix_args}))
-    return Fixture(root, model_dir, prefix_args, loaders)
+    return Fixture(root, root / "model", prefix_args, loaders)
 
 
 class Reference:
