@@ -29,5 +29,5 @@ def untested_reason(found: str | None) -> str | None:
     if series in TESTED:
         return None
     tested = ", ".join(f"{a}.{b}.x" for a, b in TESTED)
-    return (f"vLLM {found} is not a version prefix serving was tested with ({tested}); its KV-connector API is "
-            "experimental. Install a tested one (scripts/setup_vllm.sh) or pass --allow-untested-vllm")
+    return (f"vLLM {found} is not a version prefix serving was tested with ({tested}); its KV-connector API "
+            "is experimental. Install a tested one (scripts/setup_vllm.sh) or pass --allow-untested-vllm")

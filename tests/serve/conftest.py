@@ -1,169 +1,22 @@
-"""The serving tests' shared server: one ``prefixattn serve`` started in the vLLM environment
-(``.venv-vllm``, made by ``scripts/setup_vllm.sh``) and shared by every test that needs it, also across
-pytest-xdist workers (a file lock in the run's shared temporary directory; the last worker stops it).
-
-The tests themselves run in the main environment and talk HTTP, so the main suite never imports vLLM.
-Where vLLM cannot be installed (``.venv-vllm.unavailable`` holds the reason) they skip, saying why; in CI
-(``CI`` set) a missing vLLM environment is an error, not a skip.
-"""
+"""The serving tests' fixtures: the tiny model and its adapters (built once per run, shared by the
+pytest-xdist workers), the reference, and one ``prefixattn serve`` in the vLLM environment shared by every
+test that needs it, also across workers (a file lock in the run's shared temporary directory; the last
+worker to finish stops it). See ``serve_env`` for how the vLLM environment is found."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import tiny_serving
-
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 420
-# A cache of 16 blocks of 32 tokens (1 KiB per token: 2 layers x K,V x 2 heads x 32 x fp32): a handful of
-# concurrent requests fill it, so mixed batches get preempted. 64 tokens per step: long prompts are
-# prefilled in chunks.
-SERVER_ARGS = ["--served-model-name", "base", "--enforce-eager", "--dtype", "float32", "--max-model-len", "256",
-               "--block-size", str(tiny_serving.BLOCK_SIZE), "--kv-cache-memory-bytes", str(16 * 32 * 1024),
-               "--max-num-batched-tokens", "64", "--max-num-seqs", "8", "--uvicorn-log-level", "warning"]
-
-
-def vllm_python() -> Path:
-    """The vLLM environment's Python, or a skip (fail in CI) saying why there is none."""
-    configured = os.environ.get("PREFIXATTN_VLLM_PYTHON")
-    python = Path(configured) if configured else ROOT / ".venv-vllm" / "bin" / "python"
-    if python.is_file():
-        return python
-    reason_file = ROOT / ".venv-vllm.unavailable"
-    if reason_file.is_file():
-        pytest.skip(f"vLLM cannot be installed here: {reason_file.read_text().strip()}")
-    message = f"no vLLM environment at {python}: run `bash scripts/setup_vllm.sh`"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    fixture: tiny_serving.Fixture
-
-    def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def stream(self, path: str, body: dict, timeout: float = 120) -> list[dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps({**body, "stream": True}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        events = []
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            assert r.status == 200
-            assert r.headers.get("content-type", "").startswith("text/event-stream")
-            for raw in r.read().decode().split("\n\n"):
-                raw = raw.strip()
-                if raw.startswith("data: ") and raw != "data: [DONE]":
-                    events.append(json.loads(raw[6:]))
-        return events
-
-    def get(self, path: str, timeout: float = 30) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def metric(self, name: str) -> float:
-        """Sum of a Prometheus counter over its labels."""
-        _, text = self.get("/metrics")
-        total = 0.0
-        for line in text.decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as r:
-            return r.status == 200
-    except Exception:
-        return False
-
-
-def _start(python: Path, fixture: tiny_serving.Fixture, shared: Path) -> dict:
-    port = _free_port()
-    log = shared / "server.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PREFIXATTN_POISON")}
-    cmd = [str(python), "-m", "prefixattn", "serve", str(fixture.model_dir),
-           *[a for p in fixture.prefix_args for a in ("--prefix", p)],
-           "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=shared,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _healthy(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc.pid)
-            tail = log.read_text()[-4000:]
-            pytest.fail(f"prefixattn serve did not start (exit {proc.poll()}); log tail:\n{tail}")
-        time.sleep(2)
-    return {"pid": proc.pid, "url": url, "started_s": round(time.monotonic() - deadline + START_TIMEOUT_S, 1)}
-
-
-def _stop(pid: int) -> None:
-    """Stop the server's process group (the command and vLLM's processes under it)."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+from serve_env import Server, healthy, locked, start, stop, vllm_python
 
 
 @pytest.fixture(scope="session")
 def serve_fixture(tmp_path_factory, worker_id) -> tiny_serving.Fixture:
     base = tmp_path_factory.getbasetemp()
     shared = (base.parent if worker_id != "master" else base) / "prefixattn-serve"
-    with _locked(shared / "lock"):
+    with locked(shared / "lock"):
         if (shared / "fixture" / "fixture.json").is_file():
             return tiny_serving.load(shared / "fixture")
         return tiny_serving.build(shared / "fixture")
@@ -174,19 +27,19 @@ def server(serve_fixture, worker_id) -> Server:
     python = vllm_python()
     shared = serve_fixture.root.parent
     users = shared / "users"
-    with _locked(shared / "lock"):
+    with locked(shared / "lock"):
         info_path = shared / "server.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else None
-        if info is None or not _healthy(info["url"]):
-            info = _start(python, serve_fixture, shared)
+        if info is None or not healthy(info["url"]):
+            info = start(python, serve_fixture, shared)
             info_path.write_text(json.dumps(info))
         users.mkdir(exist_ok=True)
         (users / worker_id).touch()
     yield Server(info["url"], serve_fixture)
-    with _locked(shared / "lock"):
+    with locked(shared / "lock"):
         (users / worker_id).unlink(missing_ok=True)
         if not any(users.iterdir()):
-            _stop(info["pid"])
+            stop(info["pid"])
             info_path.unlink(missing_ok=True)
 
 
