@@ -8,8 +8,8 @@ import json
 import shutil
 
 import pytest
-import torch
 import tiny_serving
+import torch
 
 import prefixattn
 from prefixattn.prefix import find_prefix
