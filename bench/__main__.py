@@ -5,6 +5,7 @@ with the project installed, e.g. after ``bash scripts/setup.sh``).
     python -m bench micro|train|bank ...   one suite: run_all with --suites NAME
     python -m bench tune [--json FILE]     the kernel tuning probe (bench/tune.py, needs a GPU)
     python -m bench layer_overhead ...     host time per patched layer (bench/layer_overhead.py)
+    python -m bench serve ...              prefixattn serve vs the base model on vLLM (bench/serve.py)
     python -m bench run_all ...            explicit form of the first line
 
 Options of the suites: ``python -m bench --help``; of the probe: ``python -m bench tune --help``.
@@ -18,7 +19,7 @@ import sys
 from . import run_all
 
 SUITE_COMMANDS = ("micro", "train", "bank")
-TOOLS = ("tune", "layer_overhead")  # modules with their own main(argv)
+TOOLS = ("tune", "layer_overhead", "serve")  # modules with their own main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
