@@ -101,6 +101,7 @@ def test_user_cache_salt_and_n(server, reference):
     status, body = complete(server, "bank8/1", prompt, cache_salt="tenant-a", n=2, temperature=1.0, top_k=1)
     assert status == 200, body
     assert [c["token_ids"] for c in body["choices"]] == [expected, expected]
+    assert body["usage"]["prompt_tokens"] == len(prompt) and body["usage"]["completion_tokens"] == 2 * MAX_TOKENS
 
 
 def test_text_prompt_and_streaming(server, reference):
