@@ -141,9 +141,10 @@ def start(python: Path, fixture: tiny_serving.Fixture, shared: Path) -> dict:
 
 
 def stop(pid: int) -> None:
-    """Stop the server's process group (the command and vLLM's processes under it)."""
+    """Stop the server: SIGTERM to the command (it stops vLLM, which stops its engine and workers), then
+    SIGKILL to whatever of its process group is left after 30 s."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 30

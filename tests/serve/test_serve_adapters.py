@@ -17,6 +17,8 @@ from prefixattn.serve.adapters import parse_prefix_arg, read_all, read_prefixes
 from prefixattn.serve.model_layout import layout_problems, served_model
 from prefixattn.serve.table import PrefixTable, digest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model(serve_fixture):

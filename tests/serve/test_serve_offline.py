@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from serve_env import child_env, vllm_python
 
-pytestmark = pytest.mark.xdist_group("vllm_offline")  # its own engine: runs beside the server's group
+pytestmark = [pytest.mark.xdist_group("vllm_offline"),  # its own engine: runs beside the server's group
+              pytest.mark.usefixtures("one_thread")]
 
 PROMPT = [7, 70, 170, 17, 77, 177, 27]  # offline_run.py's
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import tiny_serving
 
-pytestmark = pytest.mark.xdist_group("vllm_server")
+pytestmark = [pytest.mark.xdist_group("vllm_server"), pytest.mark.usefixtures("one_thread")]
 
 NAMES = [None, "peft37", "file37", "same37", "bank8/0", "bank8/1", "proj5"]
 MAX_TOKENS = 12

@@ -60,6 +60,16 @@ class Fixture:
 
 def build(root: Path) -> Fixture:
     """Write the model and the adapters under ``root`` (deterministic: seeded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # xdist workers share the cores: oversubscribed OpenMP threads spin
+    try:
+        _build(root)
+    finally:
+        torch.set_num_threads(threads)
+    return load(root)
+
+
+def _build(root: Path) -> None:
     from transformers import LlamaForCausalLM
 
     root.mkdir(parents=True, exist_ok=True)
@@ -81,7 +91,6 @@ def build(root: Path) -> Fixture:
     prefixattn.save_prefix(patched(num_prefix_tokens=5, prefix_projection=True, projection_hidden_size=48),
                            root / "proj5.safetensors")
     (root / "fixture.json").write_text(json.dumps({"built": True}))
-    return load(root)
 
 
 def load(root: Path) -> Fixture:
