@@ -149,6 +149,10 @@ def stop(pid: int) -> None:
         return
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        try:  # reap the command if this process started it: a zombie still counts as in the group
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
