@@ -182,3 +182,26 @@ def test_model_directory_problems(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="no weights"):
         served_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_adapters_peft_itself_wrote(serve_fixture, model, tmp_path, projection):
+    """PEFT's own save_pretrained (with its MLP reparameterization baked into the saved rows too) reads as
+    prefixattn.load_peft loads it."""
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    torch.manual_seed(5)
+    cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6, prefix_projection=projection,
+                             encoder_hidden_size=24)
+    peft_model = get_peft_model(tiny_serving.base_model(serve_fixture.model_dir), cfg)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder.parameters():
+            p.normal_()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    (served,) = read_prefixes("p", tmp_path / "adapter", model)
+    loaded = prefixattn.load_peft(tiny_serving.base_model(serve_fixture.model_dir), tmp_path / "adapter",
+                                  backend="torch")
+    with torch.no_grad():
+        expected = find_prefix(loaded).compute()[:, :, 0].float()
+    assert served.num_tokens == 6
+    torch.testing.assert_close(served.kv, expected, rtol=0, atol=1e-6)

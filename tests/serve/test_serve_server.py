@@ -118,6 +118,14 @@ def test_text_prompt_and_streaming(server, reference):
     assert all(e["model"] == "proj5" for e in events)
     assert "".join(c["text"] for e in events for c in e["choices"]) == body["choices"][0]["text"]
     assert events[-1]["usage"]["prompt_tokens"] == len(ids)
+    texts = ["first", "and a second prompt"]  # a batch of prompts in one request: each after the placeholders
+    status, body = complete(server, "bank8/0", texts)
+    assert status == 200, body
+    for choice in body["choices"]:
+        ids = tok(texts[choice["index"]]).input_ids
+        assert choice["prompt_token_ids"] == ids
+        assert choice["token_ids"] == reference.greedy("bank8/0", ids, MAX_TOKENS)[0]
+    assert body["usage"]["prompt_tokens"] == sum(len(tok(t).input_ids) for t in texts)
 
 
 def test_chat_equals_reference(server, reference):
