@@ -228,12 +228,12 @@ class PrefixKVConnector(KVConnectorBase_V1):
                 self._failed_blocks.update(load.block_ids)
 
     def _write(self, load: PrefixLoad, layers: list[tuple[int, Any]]) -> None:
+        device = layers[0][1].kv_cache.device
+        kv = self._placed(device)[load.name]
+        slots = torch.tensor(load.slots, dtype=torch.int64, device=device)
         for index, layer in layers:
-            cache = layer.kv_cache
-            kv = self._placed(cache.device)[load.name]
-            slots = torch.tensor(load.slots, dtype=torch.int64, device=cache.device)
-            layer.impl.do_kv_cache_update(layer, kv[index, 0, load.start:], kv[index, 1, load.start:], cache,
-                                          slots)
+            layer.impl.do_kv_cache_update(layer, kv[index, 0, load.start:], kv[index, 1, load.start:],
+                                          layer.kv_cache, slots)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
