@@ -16,9 +16,11 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from vllm import envs
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 from vllm.logger import init_logger
 from vllm.renderers.chat_utils import has_non_text_content
 
@@ -118,6 +120,22 @@ class PrefixMiddleware:
                                "writes)")
         self.table = PrefixTable.read(manifest)
         self._default_penalty: float | None | bool = False  # False: not read yet
+        self._entry: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._entry is None:
+            self._entry = self._guarded(scope.get("app"))
+        await self._entry(scope, receive, send)
+
+    def _guarded(self, app: Any) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+        """``_handle`` behind vLLM's own API-key check when the server has keys: vLLM adds its
+        authentication inside the user middlewares, and a client without a key must get its 401, not the
+        served names or a refusal."""
+        args = getattr(getattr(app, "state", None), "args", None)
+        tokens = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
+        if not tokens:
+            return self._handle
+        return AuthenticationMiddleware(self._handle, tokens=tokens)
 
     def _repetition_penalty_default(self, app: Any) -> float | None:
         if self._default_penalty is False:
@@ -129,7 +147,7 @@ class PrefixMiddleware:
                 self._default_penalty = None
         return self._default_penalty  # type: ignore[return-value]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -32,7 +32,9 @@ START_TIMEOUT_S = 420
 # prefilled in chunks.
 SERVER_ARGS = ["--served-model-name", "base", "--enforce-eager", "--dtype", "float32", "--max-model-len", "256",
                "--block-size", str(tiny_serving.BLOCK_SIZE), "--kv-cache-memory-bytes", str(16 * 32 * 1024),
-               "--max-num-batched-tokens", "64", "--max-num-seqs", "8", "--uvicorn-log-level", "warning"]
+               "--max-num-batched-tokens", "64", "--max-num-seqs", "8", "--uvicorn-log-level", "warning",
+               "--api-key", "test-key"]
+AUTH = {"Authorization": "Bearer test-key"}
 
 
 def vllm_python() -> Path:
@@ -55,9 +57,9 @@ class Server:
     url: str
     fixture: tiny_serving.Fixture
 
-    def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    def post(self, path: str, body: dict, timeout: float = 120, key: bool = True) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json", **(AUTH if key else {})}
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.loads(r.read())
@@ -66,7 +68,7 @@ class Server:
 
     def stream(self, path: str, body: dict, timeout: float = 120) -> list[dict]:
         req = urllib.request.Request(self.url + path, data=json.dumps({**body, "stream": True}).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **AUTH})
         events = []
         with urllib.request.urlopen(req, timeout=timeout) as r:
             assert r.status == 200
@@ -79,7 +81,8 @@ class Server:
 
     def get(self, path: str, timeout: float = 30) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=AUTH),
+                                        timeout=timeout) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()

@@ -172,6 +172,14 @@ BAD_REQUESTS = [
 ]
 
 
+def test_api_key_comes_first(server):
+    """With --api-key, a client without the key gets vLLM's 401, not the served names or a refusal."""
+    for body in ({"model": "nope", "prompt": "x"}, {"model": "peft37", "prompt": "x", "echo": True},
+                 {"model": "peft37", "prompt": [5, 6], "max_tokens": 2}):
+        assert server.post("/v1/completions", body, key=False)[0] == 401
+    assert server.post("/v1/completions", {"model": "peft37", "prompt": [5, 6], "max_tokens": 2})[0] == 200
+
+
 def test_bad_requests_are_refused_and_the_server_stays_up(server, reference):
     for path, body, status, fragment in BAD_REQUESTS:
         got, out = server.post(path, body)
