@@ -7,6 +7,7 @@ with the project installed, e.g. after ``bash scripts/setup.sh``).
     python -m bench layer_overhead ...     host time per patched layer (bench/layer_overhead.py)
     python -m bench compile [--set ...]    compile every kernel launch for sm_90 without a GPU, write
                                            the compile table (bench/compile.py)
+    python -m bench serve ...              prefixattn serve vs the base model on vLLM (bench/serve.py)
     python -m bench run_all ...            explicit form of the first line
 
 Options of the suites: ``python -m bench --help``; of the probe: ``python -m bench tune --help``.
@@ -20,7 +21,7 @@ import sys
 from . import run_all
 
 SUITE_COMMANDS = ("micro", "train", "bank")
-TOOLS = ("tune", "layer_overhead", "compile")  # modules with their own main(argv)
+TOOLS = ("tune", "layer_overhead", "compile", "serve")  # modules with their own main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
