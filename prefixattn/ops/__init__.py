@@ -22,7 +22,6 @@ from typing import Literal
 import torch
 
 from ..documents import Documents
-from ..reference import prefix_attention_torch
 from .autograd import PrefixAttentionFunction
 from .backend import resolve_backend, triton_available, triton_interpreting
 from .checks import BACKENDS, MAX_HEAD_DIM, SUPPORTED_DTYPES, autocast_inputs, check_inputs
@@ -105,15 +104,10 @@ def prefix_attention(
     # a window that covers every key changes nothing
     window = sliding_window if sliding_window is not None and sliding_window < k.shape[2] else None
 
-    if resolve_backend(backend, q, max(checked.dk, checked.dv)) == "torch":
-        return prefix_attention_torch(
-            q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal,
-            scale=scale, prefix_index=prefix_index, softcap=float(softcap), sliding_window=window,
-            doc_start=doc_start, doc_end=doc_end, sinks=sinks,
-        )
+    impl = resolve_backend(backend, q, max(checked.dk, checked.dv))
     out, _ = PrefixAttentionFunction.apply(
         q, k, v, prefix_k, prefix_v, sinks, key_padding_mask, prefix_index, doc_start, doc_end,
-        causal, scale, float(softcap), int(window or 0), bool(deterministic),
+        causal, scale, float(softcap), int(window or 0), bool(deterministic), impl,
     )
     return out
 
