@@ -422,13 +422,13 @@ def run_decode(spec: ModelSpec, B: int, prompt: int, P: int, device: torch.devic
     def peft_step() -> torch.Tensor:
         logits = base(input_ids=token, past_key_values=peft_cache, use_cache=True,
                       attention_mask=torch.ones(B, P + prompt + 1, dtype=torch.long, device=device)).logits
-        peft_cache.crop(P + prompt)
+        peft_cache.crop(-1)  # the new token out again (negative: tokens to drop, in every transformers)
         return logits
 
     def our_step() -> torch.Tensor:
         logits = patched(input_ids=token, past_key_values=our_cache, use_cache=True,
                          attention_mask=torch.ones(B, prompt + 1, dtype=torch.long, device=device)).logits
-        our_cache.crop(prompt)
+        our_cache.crop(-1)
         return logits
 
     providers = {"peft_sdpa": peft_step, "prefixattn": our_step}

@@ -25,6 +25,8 @@ from ..documents import Documents
 from .autograd import PrefixAttentionFunction
 from .backend import resolve_backend, triton_available, triton_interpreting
 from .checks import BACKENDS, MAX_HEAD_DIM, SUPPORTED_DTYPES, autocast_inputs, check_inputs
+from .engines import cpu_flash_usable
+from .sdpa_concat import sdpa_concat_applies, sdpa_concat_attention
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -77,8 +79,9 @@ def prefix_attention(
     outside it, mixed dtypes are a TypeError.
 
     backend: "triton" (the fused kernels; CPU tensors only under TRITON_INTERPRET=1), "torch"
-    (pure PyTorch, same semantics, any head dim), "auto" (triton on CUDA or when interpreting and for
-    head dims up to 256, else torch).
+    (PyTorch's own fused attention, same semantics, any head dim: see ops/torch_backend.py and
+    ops/sdpa_concat.py), "auto" (triton on CUDA or when interpreting and for head dims up to 256,
+    else torch).
     deterministic: True (default): two backward
     passes are bitwise equal. False: the triton backend adds dq and the prefix gradient with fp32
     atomics (faster; the rounding then varies from run to run) and lets the autotuner pick the
@@ -105,6 +108,13 @@ def prefix_attention(
     window = sliding_window if sliding_window is not None and sliding_window < k.shape[2] else None
 
     impl = resolve_backend(backend, q, max(checked.dk, checked.dv))
+    if impl == "torch" and not cpu_flash_usable(q, softcap) and sdpa_concat_applies(
+        q.shape[2], k.shape[2], prefix_k.shape[-2], causal=causal, window=int(window or 0),
+        documents=documents is not None, padded=key_padding_mask is not None, sinks=sinks is not None,
+        softcap=softcap,
+    ):  # away from the fused CPU kernel: the device's own SDPA kernels, through autograd
+        return sdpa_concat_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask,
+                                     causal=causal, scale=scale, prefix_index=prefix_index)
     out, _ = PrefixAttentionFunction.apply(
         q, k, v, prefix_k, prefix_v, sinks, key_padding_mask, prefix_index, doc_start, doc_end,
         causal, scale, float(softcap), int(window or 0), bool(deterministic), impl,

@@ -34,8 +34,6 @@ Two engines:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 # The fp32 score elements one chunk of the chunked engine may hold (x4 bytes, a few such buffers live).
@@ -89,8 +87,7 @@ def _op(name: str):
     return None if packet is None else getattr(packet, "default", None)
 
 
-@functools.cache
-def cpu_flash_problem() -> str | None:
+def find_cpu_flash_problem() -> str | None:
     """Why the fused CPU kernel cannot serve as an engine here (None when it can): a missing op, a schema
     other than the one this code was written against, or a probe call that disagrees with a plain
     computation (outputs, logsumexp, and gradients taken from a merged softmax)."""
@@ -105,6 +102,12 @@ def cpu_flash_problem() -> str | None:
         return _probe(fwd, bwd)
     except Exception as e:  # a kernel that throws on a valid call is as unusable as a missing one
         return f"probe call failed: {type(e).__name__}: {e}"
+
+
+def cpu_flash_problem() -> str | None:
+    """``find_cpu_flash_problem()`` as found when this module was imported (a few milliseconds, once:
+    torch.compile must see a constant here, not trace the probe)."""
+    return _CPU_FLASH_PROBLEM
 
 
 def _probe(fwd, bwd) -> str | None:
@@ -135,6 +138,9 @@ def _probe(fwd, bwd) -> str | None:
     if not all(torch.allclose(a, b, atol=1e-10) for a, b in zip((dq, dk, dv), ref, strict=True)):
         return "probe: backward given a merged softmax differs from autograd"
     return None
+
+
+_CPU_FLASH_PROBLEM = find_cpu_flash_problem()
 
 
 def _pad_last(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -275,5 +281,6 @@ def log_sum_exp(*terms: torch.Tensor) -> torch.Tensor:
     return torch.log(total) + finite
 
 
-__all__ = ["CpuFlashEngine", "ChunkedEngine", "cpu_flash_problem", "engine_for", "log_sum_exp",
+__all__ = ["CpuFlashEngine", "ChunkedEngine", "cpu_flash_problem", "find_cpu_flash_problem", "engine_for",
+           "log_sum_exp",
            "nonempty_rows", "compute_dtype"]

@@ -1,6 +1,7 @@
-"""The torch backend (prefixattn/ops/torch_backend.py over engines.py) against the independent float64
-reference: every feature at odd sizes, outputs and every gradient, fp32 and bf16, on both engines (the
-fused CPU kernel, and the chunked engine that runs where it cannot); gradients only where autograd asks
+"""The torch backend (prefixattn/ops/torch_backend.py over engines.py, and sdpa_concat.py) against the
+independent float64 reference: every feature at odd sizes, outputs and every gradient, fp32 and bf16, on
+each path (the fused CPU kernel; where it cannot run, public SDPA over [prefix; k] for the calls it covers
+and the chunked engine for the rest, or the chunked engine alone); gradients only where autograd asks
 (layer 0 runs the prefix block alone); exact zeros for unused bank entries; no (Sq, Sk)-sized tensor for
 causal / padded / decode / encoder calls and bounded tiles for windows and documents; a private op that
 does not look as expected disables the fused engine cleanly."""
@@ -28,12 +29,15 @@ MORE_CASES = [
 ALL_CASES = CASES + FEATURE_CASES + MORE_CASES
 
 
-@pytest.fixture(params=["cpu_flash", "chunked"])
+@pytest.fixture(params=["cpu_flash", "sdpa", "chunked"])
 def engine(request, monkeypatch):
-    """Which engine runs the sequence keys: the fused CPU kernel (when this torch has it) or the fallback."""
+    """Which path runs: the fused CPU kernel (when this torch has it); else (as on CUDA and MPS) SDPA over
+    [prefix; k] where it applies and the chunked engine elsewhere; or the chunked engine alone."""
+    if request.param in ("sdpa", "chunked"):
+        monkeypatch.setattr(engines, "_CPU_FLASH_PROBLEM", "forced off by the test")
     if request.param == "chunked":
-        monkeypatch.setattr(engines, "cpu_flash_problem", lambda: "forced off by the test")
-    elif engines.cpu_flash_problem() is not None:
+        monkeypatch.setattr(prefixattn.ops, "sdpa_concat_applies", lambda *a, **k: False)
+    elif request.param == "cpu_flash" and engines.cpu_flash_problem() is not None:
         pytest.skip(f"the fused CPU kernel is not usable here: {engines.cpu_flash_problem()}")
     return request.param
 
@@ -108,6 +112,8 @@ def test_unused_bank_entries_get_exact_zeros(engine):
 def test_layer0_runs_the_prefix_block_alone(engine, monkeypatch, case):
     """q, k, v need no gradient (the first layer of a frozen model): the backward attends nothing but the
     prefix, and the prefix gradient is still exact."""
+    if engine == "sdpa":
+        pytest.skip("autograd through SDPA computes every gradient (as PEFT's does)")
     keys = []
     cls = engines.CpuFlashEngine if engine == "cpu_flash" else engines.ChunkedEngine
     real = cls.backward
@@ -200,34 +206,30 @@ def test_windows_and_documents_work_in_tiles(engine, monkeypatch, case):
 
 def test_private_op_checks(monkeypatch):
     """The fused CPU kernel is a private aten op: a missing op, another schema or a probe that disagrees
-    each disable it with the reason, and the chunked engine gives the same results."""
-    engines.cpu_flash_problem.cache_clear()
-    try:
-        assert engines.cpu_flash_problem() is None  # torch 2.11 .. 2.13 have it as written
-        q = torch.randn(1, 1, 1, 8)
-        assert engines.engine_for(q, 0.0) is engines.CpuFlashEngine
-        assert engines.engine_for(q, 2.0) is engines.ChunkedEngine  # no softcap in the kernel
+    each give the reason; a reason found at import disables the engine, and the other paths give the
+    same results."""
+    assert engines.find_cpu_flash_problem() is None  # torch 2.11 .. 2.13 have it as written
+    assert engines.cpu_flash_problem() is None
+    q = torch.randn(1, 1, 1, 8)
+    assert engines.engine_for(q, 0.0) is engines.CpuFlashEngine
+    assert engines.engine_for(q, 2.0) is engines.ChunkedEngine  # no softcap in the kernel
 
-        for patch, reason in [
-            (lambda: monkeypatch.setattr(engines, "_FWD_SCHEMA", engines._FWD_SCHEMA.replace("scale", "s")),
-             "unexpected schema"),
-            (lambda: monkeypatch.setattr(engines, "_op", lambda name: None), "has no"),
-            (lambda: monkeypatch.setattr(engines, "_probe", lambda fwd, bwd: "probe: forward differs"), "probe"),
-        ]:
-            patch()
-            engines.cpu_flash_problem.cache_clear()
-            assert reason in engines.cpu_flash_problem()
-            assert engines.engine_for(q, 0.0) is engines.ChunkedEngine
-            monkeypatch.undo()
-        monkeypatch.setattr(engines, "_probe", lambda fwd, bwd: 1 / 0)
-        engines.cpu_flash_problem.cache_clear()
-        assert "probe call failed: ZeroDivisionError" in engines.cpu_flash_problem()
-        x = make_case(Case(Sq=9, Sk=9, padding="left"))
+    for name, value, reason in [
+        ("_FWD_SCHEMA", engines._FWD_SCHEMA.replace("scale", "s"), "unexpected schema"),
+        ("_BWD_SCHEMA", engines._BWD_SCHEMA.replace("grad_out", "g"), "unexpected schema"),
+        ("_op", lambda name: None, "has no"),
+        ("_probe", lambda fwd, bwd: "probe: forward differs", "probe: forward differs"),
+        ("_probe", lambda fwd, bwd: 1 / 0, "probe call failed: ZeroDivisionError"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setattr(engines, name, value)
+            assert reason in engines.find_cpu_flash_problem()
+    monkeypatch.setattr(engines, "_CPU_FLASH_PROBLEM", "unexpected schema ...")
+    assert engines.engine_for(q, 0.0) is engines.ChunkedEngine
+    for case in (Case(Sq=9, Sk=9, padding="left"), Case(Sq=9, Sk=9, window=3, sinks=True)):
+        x = make_case(case)
         out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="torch")
         assert_close_rel(out, concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs()), 1e-5, "out")
-    finally:
-        monkeypatch.undo()
-        engines.cpu_flash_problem.cache_clear()
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients(engine):
@@ -237,3 +239,47 @@ def test_fully_masked_rows_are_zero_with_finite_gradients(engine):
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     grads = torch.autograd.grad(out, x.grad_inputs, torch.randn_like(out))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("case", [Case(Sq=9, Sk=9, padding="left", prefix="bank"),
+                                  Case(Sq=9, Sk=9, D=16, Dv=8, docs=True, sinks=True, window=4)], ids=str)
+def test_torch_compile_fullgraph(engine, case):
+    """No graph breaks on any path: the engines run inside the torch.library ops (fake implementations
+    give shapes), SDPA is traced as it is."""
+    torch._dynamo.reset()
+    x = make_case(case)
+    kw = x.op_kwargs()
+    docs, sinks = kw.pop("documents"), kw.pop("sinks")
+
+    def step(q, k, v, pk, pv, sinks, docs):
+        out = prefixattn.prefix_attention(q, k, v, pk, pv, **kw, sinks=sinks, documents=docs, backend="torch")
+        return (out * out).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x.q, x.k, x.v, x.pk, x.pv, sinks, docs)
+    grads = torch.autograd.grad(loss, x.grad_inputs)
+    ref = concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs())
+    ref_loss = (ref * ref).sum()
+    assert_close_rel(loss.detach(), ref_loss.detach(), 1e-5, "loss")
+    for g, r in zip(grads, torch.autograd.grad(ref_loss, x.grad_inputs), strict=True):
+        assert_close_rel(g, r, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("case", CASES + FEATURE_CASES, ids=str)
+def test_reference_module_is_an_oracle(case):
+    """prefixattn/reference.py (plain torch, materialized scores) agrees in float64 with the loop-built
+    reference of tests/helpers.py, and the fast path agrees with it: two independent statements."""
+    from prefixattn.reference import prefix_attention_torch
+
+    x = make_case(case, dtype=torch.float64, requires_grad=False)
+    kw = x.op_kwargs()
+    docs = kw.pop("documents")
+    ref = prefix_attention_torch(
+        x.q, x.k, x.v, x.pk, x.pv, key_padding_mask=kw["key_padding_mask"], causal=case.causal,
+        scale=case.D ** -0.5, prefix_index=x.idx, softcap=case.softcap, sliding_window=case.window or None,
+        doc_start=None if docs is None else docs.start, doc_end=None if docs is None else docs.end,
+        sinks=x.sinks,
+    )
+    assert_close_rel(ref, concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs()), 1e-12, "reference")
+    out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="torch")
+    assert_close_rel(out, ref, 1e-10, "fast path")
