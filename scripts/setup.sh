@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # One-shot set-up on a fresh machine: a virtual environment in .venv with the CPU build of torch
 # installed first (a plain `torch` requirement resolved on its own would pull a multi-GB CUDA
-# build), then this project with its test/bench extras. Safe to run again: it only installs what
-# is missing.
+# build), then this project with its test/bench extras at the versions the suite was last green
+# with (scripts/constraints.txt), so the README's commands give the same result next month.
+# Safe to run again: it only installs what is missing or differs from the pins.
+#   CONSTRAINTS=path   another lock file (scripts/test_oldest.sh uses constraints-oldest.txt)
+#   VENV=dir           another environment directory (default .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
+VENV=${VENV:-.venv}
+CONSTRAINTS=${CONSTRAINTS:-scripts/constraints.txt}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        .venv/bin/python -m pip install -q torch
-    else
-        .venv/bin/python -m pip install -q torch==2.13.0
-    fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+torch_pin=$(grep -m1 '^torch==' "$CONSTRAINTS" | cut -d= -f3)
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_pin')" 2>/dev/null; then
+    # CPU build from this machine's disk where there is no GPU; on a GPU machine PyPI's CUDA build
+    "$VENV/bin/python" -m pip install -q "torch==$torch_pin"
 fi
-.venv/bin/python -m pip install -q -e ".[test,bench]"
+"$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e ".[test,bench]"

@@ -57,13 +57,17 @@ _GEMMA4 = {"global_head_dim": 32}  # full-attention layers: a larger head dim th
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     **{f: _MLA for f in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
                          "glm_moe_dsa", "minicpm3", "youtu", "longcat_flash", "bailing_hybrid", "kimi_linear",
-                         "dots3_note", "dots3_note_text", "hy_v4")},
+                         "dots3_note", "dots3_note_text", "hy_v4", "sarvam_mla")},
     "bamba": {**_MAMBA, "attn_layer_indices": [1]},
     "falcon_h1": _MAMBA,
     "granitemoehybrid": {**_MAMBA, "layer_types": ["linear_attention", "full_attention"]},
     "codegen": {"rotary_dim": 8},
     "gptj": {"rotary_dim": 8},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    # a looped model (input layers, recurrent layers run n_recurrent_loops times, output layers); its config
+    # interleaves "mlp" blocks and halves these counts: 3 attention layers
+    "dory": {"num_hidden_layers": 6, "n_input_layers": 2, "n_recurrent_layers": 2, "n_output_layers": 2,
+             "layer_types": ["sliding_attention", "mlp", "full_attention", "mlp", "sliding_attention", "mlp"]},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0}},
     "gemma3n_text": {"num_hidden_layers": 4, "num_kv_shared_layers": 2},
     "gemma4": _GEMMA4,

@@ -109,17 +109,35 @@ def build(model_type: str):
     return model
 
 
+def _cache_under_its_new_name(module, args, kwargs):
+    """PEFT (0.21.2) hands its prefix to the model as ``past_key_values``. transformers >= 5.24 calls it
+    ``cache``; most families rename the old keyword inside forward, but some new ones (dory) have no such
+    alias and drop it into ``**kwargs``: PEFT then runs without its prefix. The reference hands it over
+    under the name the model reads."""
+    if kwargs.get("past_key_values") is not None and kwargs.get("cache") is None:
+        kwargs["cache"] = kwargs.pop("past_key_values")
+    return args, kwargs
+
+
 def peft_twin(model):
-    """A PEFT PrefixTuning twin that runs the batch, or None where PEFT fails on this family."""
+    """A PEFT PrefixTuning twin that runs the batch forward and backward, or None where PEFT fails on
+    this family."""
+    import inspect
+
     from peft import PrefixTuningConfig, get_peft_model
 
     torch.manual_seed(1)
     try:
         peft_model = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS))
+        base = peft_model.get_base_model()
+        if "cache" in inspect.signature(base.forward).parameters:
+            base.register_forward_pre_hook(_cache_under_its_new_name, with_kwargs=True)
         ids, mask = right_padded_batch(_vocab(model))
-        with torch.no_grad():
-            peft_model(input_ids=ids, attention_mask=mask)
+        # with gradients, as the comparison trains a step: PEFT cannot train some families it can run
+        # (dory deep-copies its cache, which then holds PEFT's non-leaf prefix)
+        peft_model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        peft_model.zero_grad(set_to_none=True)
     except FamilyTimeout:
         raise
     except Exception:

@@ -6,7 +6,9 @@ Dropout is off everywhere so training-mode runs compare exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 
 import torch
 
@@ -75,6 +77,63 @@ def peft_twin(model, num_virtual_tokens: int = 4, prefix_projection: bool = Fals
     cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
                              prefix_projection=prefix_projection)
     return get_peft_model(copy.deepcopy(model), cfg)
+
+
+def cache_is_renamed(model) -> bool:
+    """transformers >= 5.24 names the forward argument ``cache`` (``past_key_values`` is a deprecated alias)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" in inspect.signature(base.forward).parameters
+
+
+@contextlib.contextmanager
+def peft_generate_fixed(peft_model):
+    """PEFT's prefix-tuning generate() as PEFT means it, on the installed transformers.
+
+    PEFT 0.21.2 reads and writes the cache in ``prepare_inputs_for_generation`` under the key
+    ``past_key_values``; transformers >= 5.24 passes it as ``cache`` and ignores the old key, so PEFT's own
+    generate() decodes without the prefix (the same tokens as the base model; see
+    ``test_peft_generate_as_shipped``). The fix, for the reference only: PEFT sees the base model's inputs
+    under the old name and hands its prompt cache back under the new one. Nothing else of PEFT's logic
+    changes. A no-op on transformers that still uses the old name."""
+    if not cache_is_renamed(peft_model):
+        yield peft_model
+        return
+    base_prepare = peft_model.base_model_prepare_inputs_for_generation
+    peft_prepare = peft_model.prepare_inputs_for_generation
+
+    def base_with_old_name(*args, **kwargs):
+        inputs = base_prepare(*args, **kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    def peft_with_new_name(*args, **kwargs):
+        inputs = peft_prepare(*args, **kwargs)
+        if "past_key_values" in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    peft_model.base_model_prepare_inputs_for_generation = base_with_old_name
+    peft_model.prepare_inputs_for_generation = peft_with_new_name
+    try:
+        yield peft_model
+    finally:
+        peft_model.base_model_prepare_inputs_for_generation = base_prepare
+        del peft_model.prepare_inputs_for_generation  # the class's method again
+
+
+def peft_generate(peft_model, **kwargs):
+    """``peft_model.generate(**kwargs)`` with PEFT's prompt handed over the way the installed transformers
+    reads it (``peft_generate_fixed``): the reference the tests compare generate() with."""
+    with peft_generate_fixed(peft_model):
+        return peft_model.generate(**kwargs)
+
+
+def generate(model, **kwargs):
+    """``model.generate(**kwargs)``; for a PEFT prompt-learning model, the fixed reference (``peft_generate``)."""
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return peft_generate(model, **kwargs)
+    return model.generate(**kwargs)
 
 
 def batch(batch_size: int = 3, length: int = 7, padding: str = "none", seed: int = 2):

@@ -1,7 +1,7 @@
 """The ``prefixattn`` command: ``info``, ``train``. (Benchmarks: ``python -m bench`` from a checkout.)
 
 prefixattn info                     versions, device, usable backends
-prefixattn train [--steps N] [--out DIR] [--model HF_DIR] [--data FILE.jsonl] [--resume]
+prefixattn train [--steps N] [--out DIR] [--model HF_DIR] [--data FILE.jsonl] [--resume]  (--help: all)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if f != "plot"},
                       plot=not args.no_plot)
     try:
-        train(cfg)
+        train(cfg, given=getattr(args, "given", None))
     except KeyboardInterrupt:
         return 130
     finally:
@@ -48,62 +48,100 @@ TRAIN_HELP = """Prefix-tune a causal LM on transformers' Trainer (frozen model, 
 
   prefixattn train                                   the embedded demo: no download, ~1 min on a CPU
   prefixattn train --model DIR --data train.jsonl --prefix-tokens 32 --steps 1000 --out runs/x
-  prefixattn train --out runs/x --steps 2000 --resume          continue after an interruption
+  prefixattn train --out runs/x --resume                       continue after an interruption
+  prefixattn train --out runs/x --resume --steps 2000          train longer (constant LR schedule)
   torchrun --nproc-per-node 4 $(which prefixattn) train ...    4 data-parallel processes
   accelerate launch $(which prefixattn) train ...              the same through accelerate
 
---batch-size is per process: N processes with batch b train like one with N * b."""
+--batch-size is per process: N processes with batch b train like one with N * b.
+
+--resume continues the latest complete checkpoint in OUT with the run's own settings: the options
+left out take the run's values, not the defaults below. Options given again must agree with the
+run, except those that only say how long and how to run: --steps (not with a linear or cosine LR
+schedule, which decays over --steps), --eval-every, --save-every, --keep-checkpoints, --report-to,
+--no-plot, --backend, --device, --gradient-checkpointing, and --batch-size / --grad-accum as long
+as the global batch (per process x processes x accumulation) stays the run's."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; each option's default after its help, unless it has none to show
+    (None: the help says what happens; False: an on/off flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default in (argparse.SUPPRESS, ""):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     pos_i, pos_f = _positive(int), _positive(float)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None,
-                   help="local Hugging Face model directory (default: embedded tiny Llama)")
-    g.add_argument("--data", default=None,
-                   help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...}')
-    g.add_argument("--seq-len", type=pos_i, default=32, help="length of the built-in task's sequences")
-    g.add_argument("--max-len", type=pos_i, default=256, help="truncate JSONL examples to this many tokens")
+    g.add_argument("--model", default=None, metavar="DIR",
+                   help="local Hugging Face model directory (default: the embedded tiny Llama, saved to "
+                        "OUT/base_model)")
+    g.add_argument("--data", default=None, metavar="FILE",
+                   help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} lines; the last '
+                        "10%% are held out for evaluation (default: the built-in successor task)")
+    g.add_argument("--seq-len", type=pos_i, metavar="N", default=32,
+                   help="length of the built-in task's sequences")
+    g.add_argument("--max-len", type=pos_i, metavar="N", default=256,
+                   help="truncate JSONL examples to this many tokens")
     g.add_argument("--packing", action="store_true",
                    help="padding-free batches: one flattened row per batch, position_ids restart per example")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="base model dtype (the prefix stays fp32)")
     g = p.add_argument_group("prefix")
-    g.add_argument("--prefix-tokens", type=pos_i, default=16, help="P, virtual tokens per layer (default 16)")
+    g.add_argument("--prefix-tokens", type=pos_i, metavar="P", default=16, help="P, virtual tokens per layer")
     g.add_argument("--prefix-projection", action="store_true", help="PEFT's MLP reparameterization")
-    g.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    g.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="attention backend: auto is triton on a CUDA GPU, else torch")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=pos_i, default=100, help="total optimizer steps (default 100)")
-    g.add_argument("--batch-size", type=pos_i, default=16, help="examples per process per micro-step")
-    g.add_argument("--grad-accum", type=pos_i, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--lr", type=pos_f, default=3e-2)
-    g.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant")
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--steps", type=pos_i, metavar="N", default=100, help="total optimizer steps")
+    g.add_argument("--batch-size", type=pos_i, metavar="N", default=16,
+                   help="examples per process per micro-step")
+    g.add_argument("--grad-accum", type=pos_i, metavar="N", default=1, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=pos_f, default=3e-2, help="peak learning rate (AdamW)")
+    g.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="learning rate after the warm-up: constant, or decaying to 0 at --steps")
+    g.add_argument("--warmup", type=int, metavar="N", default=0, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, metavar="W", default=0.0, help="AdamW weight decay")
     prec = g.add_mutually_exclusive_group()
-    prec.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
-    prec.add_argument("--fp16", action="store_true", help="fp16 mixed precision (autocast + loss scaling)")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
+    prec.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast; GPU or CPU)")
+    prec.add_argument("--fp16", action="store_true",
+                      help="fp16 mixed precision (autocast + loss scaling; GPU only)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each layer in the backward pass: less memory, more time")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the prefix, the data order and every random number generator")
     g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument("--out", default="runs/prefixattn-train", help="output directory")
-    g.add_argument("--eval-every", type=pos_i, default=25)
-    g.add_argument("--save-every", type=pos_i, default=50, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep-checkpoints", type=pos_i, default=2, help="complete checkpoints kept (default 2)")
+    g.add_argument("--out", metavar="DIR", default="runs/prefixattn-train", help="output directory")
+    g.add_argument("--eval-every", type=pos_i, metavar="N", default=25,
+                   help="evaluate every N steps (and at the start)")
+    g.add_argument("--save-every", type=pos_i, metavar="N", default=50,
+                   help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=pos_i, metavar="N", default=2, help="complete checkpoints kept")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in OUT")
+                   help="continue from the latest complete checkpoint in OUT, with the run's settings")
     g.add_argument("--overwrite", action="store_true", help="delete what a previous run wrote to OUT first")
-    g.add_argument("--report-to", default="auto",
+    g.add_argument("--report-to", metavar="NAMES", default="auto",
                    help="the Trainer's report_to: auto (tensorboard if installed), none, or a list of names")
     g.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
     g = p.add_argument_group("devices")
-    g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    g.add_argument("--fsdp", default="", help="the Trainer's fsdp option, e.g. 'full_shard auto_wrap'")
-    g.add_argument("--fsdp-config", default=None, help="the Trainer's fsdp_config (JSON file)")
-    g.add_argument("--deepspeed", default=None, help="a DeepSpeed config (JSON file), handed to the Trainer")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda if available, else cpu")
+    g.add_argument("--fsdp", metavar="OPTIONS", default="",
+                   help="the Trainer's fsdp option, e.g. 'full_shard auto_wrap'")
+    g.add_argument("--fsdp-config", metavar="FILE", default=None,
+                   help="the Trainer's fsdp_config (JSON file)")
+    g.add_argument("--deepspeed", metavar="FILE", default=None,
+                   help="a DeepSpeed config (JSON file), handed to the Trainer")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The command's parser; ``defaults=False`` leaves out every train option that was not given (so
+    ``--resume`` can tell an option given on the command line from a default)."""
     ap = argparse.ArgumentParser(prog="prefixattn", description="Fused prefix-tuning attention: tools.")
     sub = ap.add_subparsers(dest="command", metavar="{info,train}")
     sub.required = True
@@ -113,14 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="prefix-tune a causal LM on transformers' Trainer "
                        "(default: a built-in job that runs anywhere)", description=TRAIN_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_train_arguments(p)
+    if not defaults:  # (argparse has no public list of a parser's options; set_defaults would not do)
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
     p.set_defaults(func=cmd_train)
     return ap
 
 
+def given_train_options(argv: list[str] | None) -> set[str]:
+    """The TrainConfig fields the command line set (``--no-plot`` sets ``plot``)."""
+    given = vars(build_parser(defaults=False).parse_args(argv))
+    return {"plot" if name == "no_plot" else name for name in given if name not in ("command", "func")}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        args.given = given_train_options(argv)
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # bad input: a clear message, no traceback

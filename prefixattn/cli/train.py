@@ -37,9 +37,11 @@ import torch
 import prefixattn
 
 from . import data as D
-from .callbacks import ProgressCallback
+from .callbacks import CadenceFromArguments, ProgressCallback
 from .model import DTYPES, build_base_model, check_model_dir
+from .outputs import give_normal_modes, write_json_atomic
 from .plot import plot_losses
+from .resume import PATHS, absolute, settings_for_resume
 from .trainer import (
     PrefixTrainer,
     argmax_logits,
@@ -49,12 +51,8 @@ from .trainer import (
     remove_incomplete,
     save_peft_if_possible,
     token_accuracy,
-    write_json_atomic,
 )
 
-# settings a resumed run must share with its checkpoint
-RESUME_KEYS = ("model", "data", "prefix_tokens", "prefix_projection", "seed", "seq_len", "max_len", "lr",
-               "lr_schedule", "warmup", "weight_decay", "dtype", "packing", "global_batch")
 # what a run writes into OUT (and all that --overwrite deletes), besides checkpoint-N directories
 OUTPUTS = ("base_model", "adapter", "prefix.safetensors", "run.json", "loss.png", "loss.tmp.png", "runs")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -122,10 +120,22 @@ class TrainConfig:
                              f"chosen by torchrun / accelerate through LOCAL_RANK)")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is available")
+        if self.backend == "triton" and on_cpu(self) and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow "
+                             "interpreter); on a CPU use --backend torch, which --backend auto picks")
+        if self.fp16 and on_cpu(self):
+            raise ValueError("--fp16 needs a CUDA GPU: on a CPU the Trainer (accelerate) skips fp16 autocast "
+                             "and would train in fp32 while calling it fp16; use --bf16 for mixed precision "
+                             "on a CPU")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out}: a file, not a directory")
         if self.model is not None:
             check_model_dir(self.model)
+        if self.data is not None and Path(self.data).is_dir():
+            raise ValueError(f"--data {self.data}: a directory; --data takes a JSONL file")
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"--data {self.data}: no such file")
+        report_to(self.report_to)
         for name in ("fsdp_config", "deepspeed"):
             value = getattr(self, name)
             if value is not None and not value.lstrip().startswith("{") and not Path(value).is_file():
@@ -137,15 +147,27 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def report_to(choice: str) -> list[str] | str:
-    """``auto``: TensorBoard when it is installed, else nothing; otherwise what the Trainer accepts."""
+def report_to(choice: str) -> list[str]:
+    """``auto``: TensorBoard when it is installed, else nothing; ``none``; or a comma-separated list of the
+    Trainer's integrations, each checked to be installed (the Trainer would raise a bare RuntimeError from
+    its callback's constructor)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = set(get_available_reporting_integrations())
     if choice == "auto":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            return []
-        return ["tensorboard"]
-    return [] if choice == "none" else [s.strip() for s in choice.split(",") if s.strip()]
+        return ["tensorboard"] if "tensorboard" in installed else []
+    names = [] if choice == "none" else [s.strip() for s in choice.split(",") if s.strip()]
+    if names == ["all"]:
+        return sorted(installed)
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(f"--report-to {name}: not one of the Trainer's integrations (auto, none, all, "
+                             f"or {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+        # flyte is the one integration get_available_reporting_integrations does not list
+        if name not in installed and name != "flyte":
+            raise ValueError(f"--report-to {name}: its package is not installed here; install it, or pass "
+                             f"--report-to none")
+    return names
 
 
 def build_datasets(cfg: TrainConfig, tokenizer: Any, global_batch: int) -> tuple[Any, Any, str]:
@@ -167,16 +189,9 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
                          f"or --overwrite to start again")
     if cfg.resume and done is None:
         raise ValueError(f"--resume: no complete checkpoint in {out}")
-    if cfg.resume:
-        saved = read_marker(done)
-        now = run_settings(cfg)
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
-                for k in RESUME_KEYS if saved.get(k) != now[k]]
-        if diff:
-            raise ValueError("cannot resume with different settings:\n  " + "\n  ".join(diff))
-        if saved["step"] > cfg.steps:
-            raise ValueError(f"--resume: the checkpoint is already at step {saved['step']}, past --steps "
-                             f"{cfg.steps}; pass a larger --steps to train further")
+    if cfg.resume and read_marker(done)["step"] > cfg.steps:
+        raise ValueError(f"--resume: the checkpoint is already at step {read_marker(done)['step']}, past "
+                         f"--steps {cfg.steps}; pass a larger --steps to train further")
     if main:
         if cfg.overwrite and out.exists():
             # only what a run writes: OUT may be a directory holding other things
@@ -213,21 +228,55 @@ def check_packing(model: Any) -> None:
 
 
 def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint records of its run (and --resume takes back); paths absolute."""
     _, size = world()
-    return {**asdict(cfg), "world_size": size, "global_batch": cfg.batch_size * size * cfg.grad_accum}
+    paths = {name: absolute(getattr(cfg, name)) for name in PATHS}
+    global_batch = cfg.batch_size * size * cfg.grad_accum
+    return {**asdict(cfg), **paths, "world_size": size, "global_batch": global_batch}
+
+
+def on_cpu(cfg: TrainConfig) -> bool:
+    """--device, or its default: cuda if available, else cpu."""
+    return cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+
+
+def checked_training_arguments(**kwargs: Any) -> Any:
+    """TrainingArguments(**kwargs), after checking that this transformers has every field (a clear error
+    instead of the dataclass's TypeError when a release renames one)."""
+    import dataclasses
+
+    import transformers
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    missing = sorted(set(kwargs) - known)
+    if missing:
+        raise ValueError(f"transformers {transformers.__version__}: TrainingArguments has no "
+                         f"{', '.join(missing)}, which prefixattn train needs; install another transformers")
+    return TrainingArguments(**kwargs)
+
+
+def checkpointing_field() -> str:
+    """The TrainingArguments field that turns on activation (gradient) checkpointing: transformers 5.24
+    renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name a deprecated alias,
+    ``FutureWarning``), releases before have only the old name. Found by the fields, not the version."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
 
 
 def training_arguments(cfg: TrainConfig, out: Path, resuming: bool) -> Any:
-    from transformers import TrainingArguments
-
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {checkpointing_field(): cfg.gradient_checkpointing}
     if cfg.fsdp:
         kwargs["fsdp"] = cfg.fsdp
         if cfg.fsdp_config:
             kwargs["fsdp_config"] = cfg.fsdp_config
     if cfg.deepspeed:
         kwargs["deepspeed"] = cfg.deepspeed
-    return TrainingArguments(
+    return checked_training_arguments(
         output_dir=str(out),
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -240,7 +289,6 @@ def training_arguments(cfg: TrainConfig, out: Path, resuming: bool) -> Any:
         weight_decay=cfg.weight_decay,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        activation_checkpointing=cfg.gradient_checkpointing,
         logging_steps=1,
         eval_strategy="steps",
         eval_steps=cfg.eval_every,
@@ -250,12 +298,13 @@ def training_arguments(cfg: TrainConfig, out: Path, resuming: bool) -> Any:
         save_total_limit=None,  # PrefixTrainer rotates, after a newer checkpoint is complete
         seed=cfg.seed,
         data_seed=cfg.seed,
-        use_cpu=cfg.device == "cpu",
+        # the Trainer runs on a GPU unless told otherwise, and refuses --bf16 without one
+        use_cpu=on_cpu(cfg),
         report_to=report_to(cfg.report_to),
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        dataloader_pin_memory=cfg.device != "cpu" and torch.cuda.is_available(),
+        dataloader_pin_memory=not on_cpu(cfg),
         include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
         ddp_find_unused_parameters=False,
         label_names=["labels"],
@@ -273,15 +322,24 @@ def sharding(trainer: Any) -> str:
     return ""
 
 
-def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
+def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary. Raises ValueError on bad settings or data,
-    before any training step."""
-    from transformers import PrinterCallback
+    before any training step. ``given``: the options the command line set; with ``--resume`` the others
+    come from the run's checkpoint (None: the fields that differ from TrainConfig's defaults)."""
+    from transformers import PrinterCallback, set_seed
     from transformers import ProgressCallback as HFProgressCallback
     from transformers.utils import logging as hf_logging
 
-    cfg.check()
     rank, size = world()
+    if cfg.resume and not cfg.overwrite:
+        done = latest_complete(Path(cfg.out))
+        if done is None:
+            raise ValueError(f"--resume: no complete checkpoint in {cfg.out}")
+        cfg = settings_for_resume(cfg, read_marker(done), given, str(done), size)
+    cfg.check()
+    # everything random before the Trainer seeds (the prefix's initial values, a model's load) follows
+    # --seed too: without this, runs with --model differed from the first evaluation on
+    set_seed(cfg.seed)
     main = rank == 0
     say = log if main else (lambda *a, **k: None)
     hf_logging.set_verbosity_error()
@@ -296,6 +354,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
         # OUT is self-contained: PEFT can load OUT/adapter onto OUT/base_model
         base.save_pretrained(out / "base_model")
         tokenizer.save_pretrained(out / "base_model")
+        give_normal_modes(out / "base_model")
     model = prefixattn.patch(base, num_prefix_tokens=cfg.prefix_tokens,
                              prefix_projection=cfg.prefix_projection, backend=cfg.backend)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -319,17 +378,22 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     for cb in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(progress)
+    trainer.add_callback(CadenceFromArguments())
 
     say(f"{described}\nmodel: {type(base).__name__} ({cfg.model or 'embedded tiny Llama'}), {cfg.dtype}"
         f"{', bf16 autocast' if cfg.bf16 else ', fp16 autocast' if cfg.fp16 else ''}, on {args.device}"
         f"{f' x {size} processes' if size > 1 else ''}{sharding(trainer)}; prefix: P={cfg.prefix_tokens}, "
         f"{n_params} trainable parameters; batch {cfg.batch_size} per process x {size} x {cfg.grad_accum} "
-        f"accumulation = {global_batch}{', packed rows' if cfg.packing else ''}")
+        f"accumulation = {global_batch}{', packed rows' if cfg.packing else ''}"
+        f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")
     if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         say(f"note: the Trainer did not enable FSDP ({cfg.fsdp!r}) on {args.device}: it runs as plain data "
             f"parallelism (FSDP through the Trainer needs GPUs)")
     if resume_from is not None:
-        say(f"resuming from {resume_from} (step {read_marker(resume_from)['step']})")
+        at = read_marker(resume_from)["step"]
+        say(f"resuming from {resume_from} (step {at})" + (
+            f": the run is complete (--steps {cfg.steps}), nothing to train; its outputs are written again "
+            f"(a larger --steps trains further)" if at == cfg.steps else ""))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     history = trainer.state.log_history
@@ -341,7 +405,12 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "eval_accuracy_start": evals[0].get("eval_accuracy") if evals else None,
         "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
-        "tokens_per_s": progress.tokens_per_s,
+        "tokens_per_s": progress.run_tokens_per_s,
+        "train_tokens": progress.run_tokens,
+        "train_seconds": progress.run_seconds,
+        "tokens_per_s_is": "the whole run's (a resumed run's: since its checkpoint): train_tokens (real "
+                           "input tokens, every process) / train_seconds (wall time of the training loop, "
+                           "less evaluation and checkpoints)",
         "world_size": size,
     }
     if main:
@@ -352,10 +421,12 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
         summary["plot"] = str(plot) if plot else None
         write_json_atomic(out / "run.json", {"settings": run_settings(cfg), "summary": summary,
                                              "log_history": history})
+        give_normal_modes(out / "adapter", out / "prefix.safetensors")  # outputs.py
+        rate = summary["tokens_per_s"]
         if evals:
             say(f"done: eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss']:.4f}, accuracy "
                 f"{summary['eval_accuracy_start']:.1%} -> {summary['eval_accuracy']:.1%}"
-                + (f", {progress.tokens_per_s:.0f} tokens/s" if progress.tokens_per_s else ""))
+                + (f", {rate:.0f} tokens/s over the run" if rate else ""))
         adapter = (f"no PEFT adapter ({'; '.join(no_adapter)})" if no_adapter
                    else f"adapter (PEFT format): {out / 'adapter'}")
         say(f"{adapter}; prefix: {out / 'prefix.safetensors'}" + (f"; loss curve: {plot}" if plot else ""))

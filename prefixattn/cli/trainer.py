@@ -10,10 +10,10 @@ What it adds to the Trainer:
   after a newer one is complete;
 - datasets that say ``ordered = True`` (the built-in task) are read in index order (the examples are
   already random): global step s trains on the same examples whatever the number of processes;
-- next-token accuracy at evaluation (argmax taken per batch, so the logits are never gathered).
-
 - the optimizer, LR scheduler, gradient scaler and RNG states as safetensors + JSON, not the Trainer's
   pickles (``state_files.py``);
+- every file of a checkpoint gets the mode ``open()`` would give it (``outputs.py``);
+- next-token accuracy at evaluation (argmax taken per batch, so the logits are never gathered).
 
 The patched model's ``save_pretrained`` writes only the prefix (the patcher marks the frozen weights
 as not to be saved), so ``model.safetensors`` in a checkpoint is the prefix alone.
@@ -22,7 +22,6 @@ as not to be saved), so ``model.safetensors`` in a checkpoint is the prefix alon
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -36,6 +35,7 @@ import prefixattn
 from prefixattn.prefix import peft_format_problems
 
 from .data import IGNORE
+from .outputs import give_normal_modes, write_json_atomic
 from .state_files import (
     OPTIMIZER_FILE,
     SCALER_FILE,
@@ -51,15 +51,6 @@ from .state_files import (
 
 MARKER = "prefixattn.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path, bool]]:
@@ -195,6 +186,7 @@ class PrefixTrainer(Trainer):
         # every process has written its part (each saves its own RNG state) before the marker
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            give_normal_modes(folder)  # outputs.py: atomic writers leave 0600
             write_json_atomic(folder / MARKER, {**self.run_info, "step": self.state.global_step})
             done = [p for _, p, complete in checkpoints(run_dir) if complete]
             for old in done[: max(0, len(done) - self.keep_checkpoints)]:

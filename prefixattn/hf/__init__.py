@@ -15,12 +15,19 @@ the per-step plan) -> ``prefixattn.prefix_attention``. Each module has one job:
     adapters.py     the prefix module a step reads when PEFT wraps it; refusing a prefix PEFT froze
     peft_tuners.py  a prefix next to a PEFT LoRA (weight tuner) adapter on one model
     api.py          patch() / unpatch(): a transformers model or a PEFT model
+    saved.py        what save_pretrained writes for a patched model (a directory marked as prefixattn's)
+    checkpoint.py   AutoModelForCausalLM.from_pretrained of such a directory: the trained model back
+
+Importing this package registers ``model_type="prefixattn"`` with transformers' Auto classes.
 """
 
 from __future__ import annotations
 
 from .api import patch, unpatch
+from .checkpoint import load_prefix_into, register_auto_classes
 from .patcher import is_patched
 from .peft_models import load_peft
 
-__all__ = ["is_patched", "load_peft", "patch", "unpatch"]
+__all__ = ["is_patched", "load_peft", "load_prefix_into", "patch", "unpatch"]
+
+register_auto_classes()

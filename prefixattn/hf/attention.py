@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..documents import Documents
 from ..ops import prefix_attention
+from ..weights import attention_weights
 from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
 
 
@@ -30,7 +31,8 @@ def prefix_mask_function(batch_size: int, q_length: int, kv_length: int, q_offse
     It is handed out as a (B, 1, q_length, kv_length) view with stride 0 over the queries (no memory),
     because some models slice the mask's query dim (Gemma 4 before its KV-sharing layers); the attention
     function takes row 0 back. Runs once per step (per mask kind), not per layer: its one host read (any
-    padding?) lets unpadded batches skip the mask altogether."""
+    padding?) lets unpadded batches skip the mask altogether (not under torch.compile: no data-dependent
+    branch in a graph)."""
     if attention_mask is None:
         return None
     mask = attention_mask[:, -kv_length:]
@@ -41,7 +43,9 @@ def prefix_mask_function(batch_size: int, q_length: int, kv_length: int, q_offse
         )
     if mask.dtype != torch.bool:
         mask = mask.bool()
-    if bool(mask.all()):
+    # unpadded batches skip the mask (one host read per step); a compiled graph cannot branch on data, so
+    # under torch.compile the mask always goes to the op
+    if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask[:, None, None, :].expand(mask.shape[0], 1, q_length, kv_length)
 
@@ -61,14 +65,19 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     )
 
 
-def _state_of(module: nn.Module) -> PatchState:
-    state = module.__dict__.get(STATE_ATTR)
-    if state is None:
-        raise RuntimeError(
-            f"{type(module).__name__} runs with attn_implementation={IMPL_NAME!r} but was not patched by "
-            "prefixattn.patch (set the model's attention implementation back, or patch this model)"
-        )
-    return state
+def _unpatched_documents(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                         kwargs: dict[str, Any]) -> Documents | None:
+    """Packed rows of a model that was not patched (no per-step plan): from the layer's own inputs, the
+    way transformers' other attention functions read them."""
+    if query.shape[2] != key.shape[2] or attention_mask is not None:
+        return None  # a KV cache or a padding mask: not packed
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return Documents.from_cu_seqlens(cu.to(query.device), query.shape[0], query.shape[2])
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or query.shape[2] < 2:
+        return None
+    return Documents.from_position_ids(position_ids.expand(query.shape[0], -1).to(query.device))
 
 
 # Keywords a layer may hand the attention function that change the scores and that prefixattn does not
@@ -97,17 +106,21 @@ def unhandled_inputs(kwargs: dict[str, Any], query_length: int, key_length: int)
 def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """AttentionInterface entry: (B, Hq, Sq, D) q and (B, Hkv, Sk, D) k/v -> ((B, Sq, Hq, D), None)."""
-    state = _state_of(module)
+    """AttentionInterface entry: (B, Hq, Sq, D) q and (B, Hkv, Sk, D) k/v -> ((B, Sq, Hq, D), None).
+
+    A module of a model that was not patched (loaded with ``attn_implementation="prefixattn"``, as TRL
+    rebuilds the reference model of DPO / GRPO from a patched model's path) has no prefix: it runs the
+    model's own attention, the frozen base model."""
+    state: PatchState | None = module.__dict__.get(STATE_ATTR)
     layer_idx = getattr(module, "layer_idx", None)
-    if not isinstance(layer_idx, int):
+    if state is not None and not isinstance(layer_idx, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by "
                            "layer_idx")
     attention_mask = padding_mask(attention_mask)
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         raise ValueError(f"prefixattn: padding mask has {attention_mask.shape[-1]} keys, the layer has "
                          f"{key.shape[2]}")
-    if dropout and module.training and not state.ignore_attention_dropout:
+    if dropout and module.training and not (state is not None and state.ignore_attention_dropout):
         raise ValueError(
             f"{type(module).__name__} asks for attention dropout {dropout} in training, which "
             "prefixattn's fused attention does not implement. Set the config's attention dropout to 0, "
@@ -120,17 +133,16 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
                          "inputs prefixattn does not implement (a learned position bias, per-token sinks, "
                          "...); ignoring them would be silently wrong")
     plan = kwargs.get(STEP_KWARG)
-    if plan is not None:
-        state.seen_step_kwarg = True
-    else:
-        plan = state.plan
-    backend = state.backend
-    documents = None
-    if state.capture is not None:  # probing shapes / init from text: the frozen model, no prefix
+    backend = "auto" if state is None else state.backend
+    pk = pv = index = documents = None
+    if state is None:
+        documents = _unpatched_documents(query, key, attention_mask, kwargs)
+    elif state.capture is not None:  # probing shapes / init from text: the frozen model, no prefix
         state.capture[layer_idx] = (key.detach(), value.detach())
-        pk = pv = index = None
         backend = "torch"
     else:
+        if plan is None:  # a layer that does not pass its kwargs on: the step's plan from the state
+            plan = state.plan
         if plan is None or plan.capture:
             raise RuntimeError("prefixattn: no prefix for this forward pass; call the patched model (or its "
                                "base model), not a layer directly")
@@ -147,15 +159,24 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             documents = Documents(documents.start.to(query.device), documents.end.to(query.device))
 
     window = kwargs.get("sliding_window")
+    causal = bool(getattr(module, "is_causal", True))
+    softcap = float(kwargs.get("softcap") or 0.0)
+    window = int(window) if window else None
     # learned attention sinks (gpt-oss, granite_swa, flint): transformers passes them as ``s_aux``
     out = prefix_attention(
-        query, key, value, pk, pv, key_padding_mask=attention_mask,
-        causal=bool(getattr(module, "is_causal", True)), scale=scaling, prefix_index=index,
-        softcap=float(kwargs.get("softcap") or 0.0), sliding_window=int(window) if window else None,
-        documents=documents, sinks=kwargs.get("s_aux"), check_index=False, backend=backend,
+        query, key, value, pk, pv, key_padding_mask=attention_mask, causal=causal, scale=scaling,
+        prefix_index=index, softcap=softcap, sliding_window=window, documents=documents,
+        sinks=kwargs.get("s_aux"), check_index=False, backend=backend,
     )
+    weights = None
+    if plan is not None and plan.output_attentions:  # (unpatched: transformers refuses output_attentions)
+        weights = attention_weights(
+            query, key, pk, scale=query.shape[-1] ** -0.5 if scaling is None else scaling, causal=causal,
+            key_padding_mask=attention_mask, prefix_index=index, softcap=softcap, sliding_window=window,
+            doc_start=None if documents is None else documents.start,
+            doc_end=None if documents is None else documents.end, sinks=kwargs.get("s_aux"))
     # the triton backend's output is (B, Sq, Hq, D) in memory: the transpose is then free
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def register() -> None:

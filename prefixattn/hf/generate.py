@@ -7,6 +7,7 @@ expands the ids with the batch (beams, num_return_sequences) and forwards them a
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -21,6 +22,14 @@ class PrepareInputsWithPrefixIds:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # generate() reads this signature (which inputs the model forwards: inputs_embeds, ...): the
+        # model's own, plus prefix_ids
+        own = inspect.signature(type(model).prepare_inputs_for_generation)
+        params = [p for name, p in own.parameters.items() if name != "self"]
+        extra = inspect.Parameter("prefix_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        where = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
+                     len(params))
+        self.__signature__ = own.replace(parameters=[*params[:where], extra, *params[where:]])
 
     def __call__(self, *args: Any, prefix_ids: torch.Tensor | None = None, **kwargs: Any) -> dict:
         inputs = type(self.model).prepare_inputs_for_generation(self.model, *args, **kwargs)

@@ -41,10 +41,23 @@ def _bind_to_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     return out
 
 
+# transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache`` (the old names stay
+# deprecated aliases until 5.40, renamed inside forward, i.e. after this hook): read every name
+CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
+
+
+def cache_argument(kwargs: dict):
+    """The KV cache a call passes, under whichever name the caller used (None without one)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
 def _positions(state: PatchState, kwargs: dict, batch: int, length: int,
                device: torch.device) -> torch.Tensor:
     P = state.position_offset
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     past = 0
     if cache is not None and hasattr(cache, "get_seq_length"):
         past = int(cache.get_seq_length())
@@ -77,7 +90,7 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     kwargs = _bind_to_kwargs(module, args, kwargs)
     prefix_ids = kwargs.pop("prefix_ids", None)
     kwargs.pop(STEP_KWARG, None)
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     if cache is not None and getattr(cache, "is_compileable", False):
         raise ValueError("prefixattn does not support static (compileable) KV caches; use the default "
                          "DynamicCache")
@@ -114,7 +127,8 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     inputs = StepInputs(batch=batch, length=length, device=device, prefix_ids=prefix_ids,
                         position_ids=position_ids, attention_mask=kwargs.get("attention_mask"),
                         has_cache=cache is not None, cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
-                        cu_seq_lens_k=kwargs.get("cu_seq_lens_k"))
+                        cu_seq_lens_k=kwargs.get("cu_seq_lens_k"),
+                        output_attentions=bool(kwargs.get("output_attentions")))
     if position_ids is not None:
         # as PEFT does for prefix tuning; packed rows: every document's positions start at P
         kwargs["position_ids"] = position_ids + state.position_offset

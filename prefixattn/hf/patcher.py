@@ -30,6 +30,7 @@ from .families import resolve_family
 from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
 from .hooks import add_pre_hook, remove_pre_hooks
 from .probe import capture, init_from_text, input_device, probe_token
+from .saved import SavePretrainedWithPrefix
 from .state import IMPL_NAME, STATE_ATTR, PatchState, get_state
 
 InitKind = Literal["random", "zeros", "text"]
@@ -308,6 +309,9 @@ def _save_only_the_prefix(model: nn.Module, state: PatchState) -> None:
                                              model.__dict__.get("_keys_to_ignore_on_save"))
     frozen = {k for k in model.state_dict() if not k.startswith(MODULE_NAME + ".")}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | frozen
+    # ... and marks the directory, so that from_pretrained loads the trained model, never the base model
+    # with random weights (checkpoint.py)
+    model.__dict__["save_pretrained"] = SavePretrainedWithPrefix(model, state.backend)
 
 
 def detach(model: nn.Module, state: PatchState) -> None:
@@ -322,6 +326,8 @@ def detach(model: nn.Module, state: PatchState) -> None:
         del model._modules[MODULE_NAME]
     if state.wrapped_prepare:
         unwrap_prepare_inputs(model)
+    if isinstance(model.__dict__.get("save_pretrained"), SavePretrainedWithPrefix):
+        del model.__dict__["save_pretrained"]
     if state.previous_keys_to_ignore_on_save is not None:
         had, value = state.previous_keys_to_ignore_on_save
         if had:

@@ -34,7 +34,8 @@ class StepPlan:
     pk/pv are (Hkv, P, Dk) / (Hkv, P, Dv) views for a single prefix, (N, Hkv, P, D*) bank views with
     ``index`` (B,) long for a bank. ``documents`` describes packed rows (None when the rows are not
     packed). ``autocast``: the step runs under torch.autocast (the op casts q/k/v itself). ``capture``
-    marks a probing / init-from-text pass (the frozen model, no prefix).
+    marks a probing / init-from-text pass (the frozen model, no prefix). ``output_attentions``: the caller
+    asked for the attention weights (computed beside the output, ``prefixattn.weights``).
     """
 
     layers: dict[int, LayerPrefix] = field(default_factory=dict)
@@ -42,6 +43,7 @@ class StepPlan:
     documents: Documents | None = None
     autocast: bool = False
     capture: bool = False
+    output_attentions: bool = False
 
     def layer(self, layer_idx: int) -> LayerPrefix:
         return self.layers.get(layer_idx, _NO_PREFIX)
@@ -89,6 +91,7 @@ class StepInputs:
     has_cache: bool = False  # a KV cache was passed in
     cu_seq_lens_q: torch.Tensor | None = None
     cu_seq_lens_k: torch.Tensor | None = None
+    output_attentions: bool = False
 
     def documents(self, config: PrefixConfig) -> Documents | None:
         """Validate the ids' range and find packed rows, with one host read; the step's Documents."""
@@ -152,4 +155,5 @@ def build_plan(prefix: PrefixKV, inputs: StepInputs, dtype: torch.dtype | None,
         if source in layers:
             layers[layer_idx] = layers[source]
     return StepPlan(layers=layers, dtype=kv.dtype, documents=documents,
-                    autocast=torch.is_autocast_enabled(inputs.device.type))
+                    autocast=torch.is_autocast_enabled(inputs.device.type),
+                    output_attentions=inputs.output_attentions)

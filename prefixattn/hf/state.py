@@ -34,7 +34,6 @@ class PatchState:
     plan: StepPlan | None = None  # the last step's plan (fallback when a layer does not pass kwargs on)
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # probing / init-from-text
     layer_modules: list[nn.Module] = field(default_factory=list)
-    seen_step_kwarg: bool = False
     # layer -> the layer whose keys and values it attends over (KV sharing), found by the shape probe
     shared_kv: dict[int, int] = field(default_factory=dict)
     wrapped_prepare: bool = False

@@ -12,9 +12,29 @@ import torch
 from safetensors import safe_open
 
 
+def process_umask() -> int:
+    """The process's umask. Read from /proc where there is one: ``os.umask`` can only be read by setting it,
+    which for a moment changes it for every thread."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask (0644 under the usual 022)."""
+    return 0o666 & ~process_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call ``write(tmp_path)`` on a temporary file in the same directory, fsync it, then rename it over
-    ``path``. On any error the temporary file is removed and ``path`` is untouched."""
+    ``path`` with the mode a plain ``open`` would give (0666 less the umask). On any error the temporary
+    file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -23,6 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, normal_file_mode())  # mkstemp's 0600 is for the temporary file, not the output
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -42,3 +42,38 @@ def test_argparse_errors(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_help_shows_every_default(capsys):
+    """Every option with a default says it in --help (an option whose default is "not given" or "off"
+    describes itself), and the help tells how --resume treats left-out options."""
+    import argparse
+
+    from prefixattn.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    shown = 0
+    for action in train._actions:
+        default = action.default
+        if default is None or default is False or default in ("", argparse.SUPPRESS):
+            continue
+        assert f"(default: {default})" in text, (action.option_strings, default)
+        shown += 1
+    assert shown >= 15
+    for expected in ("--steps N total optimizer steps (default: 100)", "(default: 0.03)", "(default: constant)",
+                     "--seed SEED", "(default: runs/prefixattn-train)", "the options left out take the run's values"):
+        assert expected in text, expected
+
+
+def test_train_options_given_on_the_command_line():
+    """--resume tells an option given on the command line (even at its default value) from a default."""
+    from prefixattn.cli import given_train_options
+
+    assert given_train_options(["train", "--out", "x", "--resume"]) == {"out", "resume"}
+    assert given_train_options(["train", "--lr", "0.03", "--no-plot", "--no-gradient-checkpointing"]) == {
+        "lr", "plot", "gradient_checkpointing"}

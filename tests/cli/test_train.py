@@ -5,6 +5,9 @@ checkpoints and a loss plot; JSONL data, the LR schedule, gradient accumulation 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,7 +38,14 @@ def run_json(out: Path) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
-def test_demo_learns_and_writes_peft_adapter_checkpoints_and_plot(tmp_path, capsys):
+@pytest.fixture
+def umask_022():
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def test_demo_learns_and_writes_peft_adapter_checkpoints_and_plot(tmp_path, capsys, umask_022):
     out = tmp_path / "run"
     rc, printed, err = run_cli(["train", "--out", out, "--steps", 40, "--eval-every", 20, "--save-every", 20,
                                 "--batch-size", 16, "--seq-len", 16, "--prefix-tokens", 8, *FAST], capsys)
@@ -49,7 +59,12 @@ def test_demo_learns_and_writes_peft_adapter_checkpoints_and_plot(tmp_path, caps
     train = [(r["step"], r["loss"]) for r in doc["log_history"] if "loss" in r]
     assert [s for s, _ in train] == list(range(1, 41))
     assert sum(x for _, x in train[-5:]) < 0.7 * sum(x for _, x in train[:5])
-    assert doc["summary"]["tokens_per_s"] > 0
+    # tokens/s is the run's: every token trained (40 steps x 16 rows x 16 real tokens) over the training time
+    summary = doc["summary"]
+    assert summary["train_tokens"] == 40 * 16 * 16
+    assert 0 < summary["train_seconds"] and summary["tokens_per_s"] == summary["train_tokens"] / summary["train_seconds"]
+    assert "whole run" in summary["tokens_per_s_is"]
+    assert f"{summary['tokens_per_s']:.0f} tokens/s over the run" in printed
     assert "done: eval loss" in printed and "accuracy" in printed
     assert "tok/s=" in err  # the progress bar (plain lines when stderr is not a terminal)
 
@@ -100,6 +115,14 @@ def test_demo_learns_and_writes_peft_adapter_checkpoints_and_plot(tmp_path, caps
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert (a - untrained).abs().max() > 1e-2  # the trained prefix matters
 
+    # every output has the mode a plain open() / mkdir gives under umask 022 (atomic writers made them 0600)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o755 if (out / name).is_dir() else 0o644)}
+    assert not wrong, wrong
+    assert {"prefix.safetensors", "adapter/adapter_model.safetensors", "base_model/model.safetensors",
+            "checkpoint-40/model.safetensors", "checkpoint-40/optimizer.safetensors", "run.json"} <= set(modes)
+
 
 def test_jsonl_data_lr_schedule_and_warmup(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
@@ -144,16 +167,24 @@ def _op_supports_autocast() -> bool:
 
 
 def test_bf16_mixed_precision_runs_and_learns(tmp_path, capsys):
+    """--bf16 on the default device: on a CPU-only machine too (the Trainer needs use_cpu there, which the
+    command sets); autocast really runs (the first evaluation differs from fp32's) and the prefix learns."""
     if not _op_supports_autocast():
         pytest.skip("pending in main: prefix_attention under torch.autocast (the op contract's mixed precision)")
+    default_device = [a for a in TINY if a not in ("--device", "cpu")]
     out = tmp_path / "run"
-    rc, _, err = run_cli(["train", "--out", out, "--steps", 12, "--eval-every", 12, "--batch-size", 16,
-                          "--bf16", *TINY], capsys)
+    rc, printed, err = run_cli(["train", "--out", out, "--steps", 12, "--eval-every", 12, "--batch-size", 16,
+                                "--bf16", *default_device], capsys)
     assert rc == 0, err
+    assert "bf16 autocast, on " + ("cuda" if torch.cuda.is_available() else "cpu") in printed
     evals = [r for r in run_json(out)["log_history"] if "eval_loss" in r]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.1, evals
     # the prefix stays an fp32 master copy
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "prefix.safetensors")).values())
+    fp32 = tmp_path / "fp32"
+    assert run_cli(["train", "--out", fp32, "--steps", 1, "--batch-size", 16, *default_device], capsys)[0] == 0
+    start32 = next(r["eval_loss"] for r in run_json(fp32)["log_history"] if "eval_loss" in r)
+    assert start32 != evals[0]["eval_loss"] and abs(start32 - evals[0]["eval_loss"]) < 0.05, (start32, evals[0])
 
 
 def test_packing_trains_like_padded_batches(tmp_path, capsys):
@@ -187,7 +218,12 @@ def test_gradient_checkpointing_trains_the_same_prefix(tmp_path, capsys):
     backward and must give the same prefix."""
     common = ["--steps", 2, "--batch-size", 8, "--eval-every", 100, "--save-every", 1, "--lr", 0.05, *TINY]
     assert run_cli(["train", "--out", tmp_path / "a", *common], capsys)[0] == 0
-    assert run_cli(["train", "--out", tmp_path / "b", "--gradient-checkpointing", *common], capsys)[0] == 0
+    rc, printed, err = run_cli(["train", "--out", tmp_path / "b", "--gradient-checkpointing", *common], capsys)
+    assert rc == 0, err
+    assert "gradient checkpointing" in printed
+    # the Trainer was told, under the field name this transformers has (activation_checkpointing from 5.24)
+    args = json.loads((tmp_path / "b" / "checkpoint-2" / "training_args.json").read_text())
+    assert args.get("activation_checkpointing", args.get("gradient_checkpointing")) is True
     (a,) = load_file(str(tmp_path / "a" / "prefix.safetensors")).values()
     (b,) = load_file(str(tmp_path / "b" / "prefix.safetensors")).values()
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -223,3 +259,76 @@ def test_latent_attention_model_trains_without_a_peft_adapter(tmp_path, capsys):
                                backend="torch")
     prefixattn.load_prefix(patched, out / "prefix.safetensors")  # the shapes check passes
     assert torch.equal(patched.prefixattn_prefix.kv.detach(), trained)
+
+
+def _tiny_model_dir(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+                                 pad_token_id=0, eos_token_id=1, bos_token_id=None)).save_pretrained(path)
+    return path
+
+
+def test_runs_with_a_model_dir_are_reproducible_under_one_seed(tmp_path, capsys):
+    """--model DIR and --data FILE: two runs with one --seed give the same losses from the first evaluation
+    on (the prefix's initial values follow --seed, not whatever the process drew before); another seed
+    gives others."""
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"item {i} is {i * 7 % 13}"}) for i in range(24)) + "\n")
+    common = ["--model", model_dir, "--data", data, "--steps", 2, "--batch-size", 4, "--eval-every", 1, *TINY]
+    histories = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        torch.manual_seed(100 + len(histories))  # whatever the process drew before must not matter
+        assert run_cli(["train", "--out", tmp_path / name, "--seed", seed, *common], capsys)[0] == 0
+        histories.append([(r["step"], r.get("loss"), r.get("eval_loss")) for r in run_json(tmp_path / name)["log_history"]
+                          if "loss" in r or "eval_loss" in r])
+    assert histories[0] == histories[1]
+    assert [s for s, _, _ in histories[0]] == [0, 1, 1, 2, 2]
+    assert histories[2][0][2] != histories[0][0][2]  # the seed decides the initial prefix
+
+
+def test_resume_takes_the_runs_settings_and_may_train_longer(tmp_path, capsys):
+    """`--out DIR --resume` alone continues a run with its own settings (not the defaults); --steps may grow
+    (constant LR); the result equals an uninterrupted run, and tokens/s counts the resumed part alone."""
+    settings = ["--batch-size", 8, "--lr", 0.05, "--warmup", 1, "--seed", 2, "--save-every", 2, "--eval-every", 2,
+                *TINY]
+    a = tmp_path / "resumed"
+    assert run_cli(["train", "--out", a, "--steps", 2, *settings], capsys)[0] == 0
+    # --eval-every and --save-every may change too (the Trainer would keep the checkpoint's intervals)
+    rc, printed, err = run_cli(["train", "--out", a, "--resume", "--steps", 4, "--eval-every", 1, "--save-every", 1],
+                               capsys)
+    assert rc == 0, err
+    assert "resuming from" in printed and "(step 2)" in printed
+    assert sorted(p.name for p in a.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    b = tmp_path / "straight"
+    assert run_cli(["train", "--out", b, "--steps", 4, *settings], capsys)[0] == 0
+    ra, rb = run_json(a), run_json(b)
+    for key in ("lr", "warmup", "seed", "batch_size", "prefix_tokens", "seq_len", "backend", "device", "plot"):
+        assert ra["settings"][key] == rb["settings"][key], key
+    assert not (a / "loss.png").exists()  # --no-plot came from the run too
+    assert [r["step"] for r in ra["log_history"] if "eval_loss" in r] == [0, 2, 3, 4]
+    losses = [[(r["step"], r["loss"]) for r in doc["log_history"] if "loss" in r] for doc in (ra, rb)]
+    assert [s for s, _ in losses[0]] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(load_file(str(a / "prefix.safetensors")), load_file(str(b / "prefix.safetensors")),
+                               rtol=1e-6, atol=1e-7)
+    assert ra["summary"]["train_tokens"] == 2 * 8 * 12 and rb["summary"]["train_tokens"] == 4 * 8 * 12
+
+
+def test_training_arguments_build_on_this_transformers(tmp_path):
+    """The TrainingArguments the command builds exist in the installed transformers (5.17 has no
+    activation_checkpointing, 5.24 deprecates gradient_checkpointing): no TypeError, no FutureWarning,
+    and checkpointing is on when asked for."""
+    from prefixattn.cli.train import TrainConfig, training_arguments
+
+    for on in (False, True):
+        cfg = TrainConfig(out=str(tmp_path), gradient_checkpointing=on, device="cpu", report_to="none")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = training_arguments(cfg, tmp_path, resuming=False)
+        assert bool(getattr(args, "activation_checkpointing", args.gradient_checkpointing)) is on
+        assert args.gradient_checkpointing is on  # 5.24 mirrors the new name into the old one
+        assert args.use_cpu

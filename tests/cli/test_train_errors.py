@@ -67,14 +67,23 @@ def test_bad_settings_and_resume_rules(tmp_path, capsys):
     if not torch.cuda.is_available():
         fails(["train", "--out", out, "--device", "cuda", "--backend", "torch"], "no CUDA device", capsys)
     fails(["train", "--out", out, "--deepspeed", tmp_path / "ds.json", *FAST], "ds.json: no such file", capsys)
+    if not torch.cuda.is_available():  # accelerate would silently train in fp32 and call it fp16
+        fails(["train", "--out", out, "--fp16", *[a for a in FAST if a not in ("--device", "cpu")]],
+              "--fp16 needs a CUDA GPU", capsys)
+        fails(["train", "--out", out, "--fp16", *FAST], "use --bf16 for mixed precision on a CPU", capsys)
     assert main([str(a) for a in ["train", "--out", out, "--steps", 2, "--save-every", 1, *TINY]]) == 0
     capsys.readouterr()
     fails(["train", "--out", out, "--steps", 4, *TINY], "already holds a checkpoint", capsys)
     fails(["train", "--out", out, "--steps", 4, "--resume", "--overwrite", *TINY], "contradict", capsys)
     fails(["train", "--out", out, "--steps", 1, "--resume", *TINY], "already at step 2, past --steps 1", capsys)
-    err = fails(["train", "--out", out, "--steps", 4, "--resume", "--lr", 0.5, *TINY],
-                "cannot resume with different settings", capsys)
-    assert "lr: checkpoint 0.03, now 0.5" in err
+    # options given again that disagree with the run are named with both values; those that may change are not
+    err = fails(["train", "--out", out, "--steps", 4, "--resume", *TINY, "--lr", 0.5, "--prefix-tokens", 3,
+                 "--eval-every", 7, "--report-to", "none"], f"--resume: these options disagree with the run in {out}",
+                capsys)
+    assert "--lr 0.5 (the run has 0.03)" in err and "--prefix-tokens 3 (the run has 2)" in err, err
+    assert "eval-every" not in err and "report-to" not in err and "--steps" not in err, err
+    err = fails(["train", "--out", out, "--resume", "--batch-size", 4], "--resume: these options disagree", capsys)
+    assert "global batch 4 per process x 1 process x 1 accumulation = 4 (the run has 2)" in err, err
     assert json.loads((out / "checkpoint-2" / "prefixattn.json").read_text())["step"] == 2  # left alone
 
     # --overwrite starts again and deletes only what a run writes
@@ -82,3 +91,23 @@ def test_bad_settings_and_resume_rules(tmp_path, capsys):
     assert main([str(a) for a in ["train", "--out", out, "--steps", 1, "--overwrite", *TINY]]) == 0
     assert sorted(p.name for p in Path(out).glob("checkpoint-*")) == ["checkpoint-1"]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_bad_paths_backends_and_loggers_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    fails(["train", "--out", a_file, *FAST], "--out " + str(a_file) + ": a file, not a directory", capsys)
+    out = tmp_path / "run"
+    fails(["train", "--out", out, "--data", tmp_path, *FAST], "a directory; --data takes a JSONL file", capsys)
+    fails(["train", "--out", out, *FAST, "--report-to", "frobnicate"],
+          "--report-to frobnicate: not one of the Trainer's integrations", capsys)
+    missing = sorted(set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()) - {"flyte"})
+    if missing:  # the Trainer would raise a bare RuntimeError
+        fails(["train", "--out", out, *FAST, "--report-to", missing[0]],
+              f"--report-to {missing[0]}: its package is not installed here", capsys)
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        fails(["train", "--out", out, *FAST, "--backend", "triton"], "--backend triton needs a CUDA GPU", capsys)
+    assert not out.exists()

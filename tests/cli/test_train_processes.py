@@ -1,6 +1,6 @@
 """``prefixattn train`` as separate processes: 2 data-parallel gloo processes under torchrun train the
-prefix of 1 process with twice the batch; a run killed with SIGKILL and resumed ends with exactly the
-prefix of an uninterrupted run (a half-written checkpoint is ignored)."""
+prefix of 1 process with twice the batch; a run killed with SIGKILL and resumed (``--out DIR --resume``,
+nothing else) ends with exactly the prefix of an uninterrupted run (a half-written checkpoint is ignored)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, capsys):
         (half / "prefixattn.json").unlink()
         (half / "model.safetensors").write_bytes(b"\0" * 16)  # torn write
 
-    resumed = subprocess.run(cli("train", "--out", a, "--resume", *common), capture_output=True, text=True,
+    # as the README says: the run's settings come from its checkpoint, not from repeating every option
+    resumed = subprocess.run(cli("train", "--out", a, "--resume"), capture_output=True, text=True,
                              timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"(step {done[-1]})" in resumed.stdout

@@ -19,7 +19,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel, rel_err
-from tiny_models import FAMILIES, batch, labels_for, patched_twin, peft_prefix_as_kv, peft_twin, tiny_model
+from tiny_models import (
+    FAMILIES,
+    batch,
+    generate,
+    labels_for,
+    patched_twin,
+    peft_prefix_as_kv,
+    peft_twin,
+    tiny_model,
+)
 
 import prefixattn
 from prefixattn.tasks import SuccessorTask
@@ -62,7 +71,7 @@ def _sum_loss(logits, labels):
 
 
 def _gen(model, ids, mask, **kw):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, **kw)
+    return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +291,19 @@ def test_sampled_generate_of_a_mixed_batch_equals_peft_per_row():
         expected = _gen(peft_models[i], ids, mask, **kw)
         for b in (prefix_ids == i).nonzero().flatten().tolist():
             assert torch.equal(got[2 * b : 2 * b + 2], expected[2 * b : 2 * b + 2]), (b, i)
+
+
+def test_generate_from_inputs_embeds_with_prefix_ids_equals_from_input_ids():
+    """generate() checks which inputs prepare_inputs_for_generation forwards by its signature: the bank's
+    wrapper shows the model's own (inputs_embeds included) plus prefix_ids."""
+    bank, _, _ = _bank_and_twins("llama")
+    ids, mask = batch(batch_size=3, length=6, padding="left", seed=29)
+    prefix_ids = torch.tensor([2, 0, 1])
+    embeds = bank.get_input_embeddings()(ids)
+    kw = dict(attention_mask=mask, prefix_ids=prefix_ids, max_new_tokens=4, pad_token_id=0, do_sample=False)
+    from_embeds = bank.generate(inputs_embeds=embeds, **kw)  # the new tokens only
+    from_ids = bank.generate(input_ids=ids, **kw)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
 
 
 def test_generate_needs_prefix_ids_on_a_bank_and_refuses_them_on_a_single_prefix():

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from helpers import assert_close_rel
-from tiny_models import batch, labels_for, peft_prefix_as_kv, peft_twin, tiny_model
+from tiny_models import batch, generate, labels_for, peft_prefix_as_kv, peft_twin, tiny_model
 
 import prefixattn
 from prefixattn.prefix import find_prefix
@@ -105,7 +105,7 @@ def test_matches_merged_lora_plus_peft_prefix_tuning(padding):
     assert_close_rel(got[real], expected[real], 1e-5, "logits")
     if padding == "left":  # generate(): positions from the mask (+P), decode steps with LoRA and prefix
         kw = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=0, do_sample=False)
-        assert torch.equal(ours.generate(input_ids=ids, **kw), reference.generate(input_ids=ids, **kw))
+        assert torch.equal(ours.generate(input_ids=ids, **kw), generate(reference, input_ids=ids, **kw))
     # the base logits differ with the LoRA: the comparison can fail
     plain = prefixattn.patch(copy.deepcopy(base), num_prefix_tokens=P, backend="torch")
     _set_prefix(plain, peft_prefix_as_kv(reference).clone())

@@ -13,6 +13,7 @@ from helpers import assert_close_rel
 from tiny_models import (
     FAMILIES,
     batch,
+    generate,
     labels_for,
     patched_twin,
     peft_prefix_as_kv,
@@ -99,7 +100,7 @@ def test_one_optimizer_step_matches_peft(family):
 
 
 def _generate(model, ids, mask, **kw):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **kw)
+    return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **kw)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from helpers import assert_close_rel
-from tiny_models import batch, patched_twin, peft_twin, tiny_model
+from tiny_models import batch, generate, patched_twin, peft_twin, tiny_model
 
 import prefixattn
 
@@ -18,7 +18,8 @@ TOL = 1e-4
 
 
 def _gen(model, ids, mask):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                    pad_token_id=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])

@@ -134,6 +134,22 @@ def test_failed_save_leaves_the_previous_file_and_no_temp_files(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["p.safetensors"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    """The atomic write goes through a private temporary file (0600); the output must not stay private
+    where the user's umask shares files."""
+    model = _patched()
+    old = os.umask(umask)
+    try:
+        prefixattn.save_prefix(model, tmp_path / "p.safetensors")
+        prefixattn.save_peft(model, tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    for path in (tmp_path / "p.safetensors", *(tmp_path / "adapter").iterdir()):
+        assert path.stat().st_mode & 0o777 == expected, path
+
+
 def test_unpatched_model_is_refused(tmp_path):
     with pytest.raises(TypeError, match="not patched"):
         prefixattn.save_prefix(tiny_model("llama"), tmp_path / "x.safetensors")

@@ -1,0 +1,91 @@
+"""What ``save_pretrained`` writes for a patched model (loading it back: ``checkpoint.py``).
+
+A patched model saves only its prefix into ``model.safetensors`` (the frozen weights are in
+``_keys_to_ignore_on_save``): the HF Trainer's checkpoints stay small, and its resume loads that file into
+the patched model. Read as the base model by ``AutoModelForCausalLM.from_pretrained(dir)``, the same file
+would give a randomly initialised model without an error. So the directory says what it is:
+
+    config.json                model_type "prefixattn": the base model's config and path, the backend
+    prefix.safetensors         the prefix (``prefixattn.save_prefix``: shapes in its metadata)
+    prefixattn_checkpoint.py   imports the loader (checkpoint.py): transformers' custom-code hook
+    model.safetensors          the prefix again, under the model's parameter names (the Trainer's resume)
+
+``AutoModelForCausalLM.from_pretrained(dir)`` then loads the trained model: the base from its recorded path
+(or ``base_model=``), patched, with the prefix. In a process that has not imported ``prefixattn.hf``,
+transformers refuses the unknown model type and asks for ``trust_remote_code=True``, which runs the two
+lines and loads the same way. Never the base model alone, silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from transformers import PreTrainedConfig
+
+from ..prefix import save_prefix
+from ..prefix.files import atomic_write
+
+MODEL_TYPE = "prefixattn"
+PREFIX_FILE = "prefix.safetensors"
+LOADER_MODULE = "prefixattn_checkpoint"
+
+_LOADER_SOURCE = '''"""A prefixattn-patched model saved with save_pretrained(): the base model's path and
+config, and the trained prefix. Load it with AutoModelForCausalLM.from_pretrained(this_dir) (prefixattn
+installed; pass trust_remote_code=True unless prefixattn.hf is imported), or base_model="path" where
+the base model moved."""
+from prefixattn.hf.checkpoint import (  # noqa: F401
+    PrefixattnCheckpointConfig,
+    PrefixattnCheckpointModel,
+)
+'''
+
+
+class PrefixattnCheckpointConfig(PreTrainedConfig):
+    """config.json of a patched model's save_pretrained directory (see the module docstring)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, base_config: dict | None = None, base_model_name_or_path: str | None = None,
+                 prefix_file: str = PREFIX_FILE, backend: str = "auto", **kwargs: Any) -> None:
+        self.base_config = dict(base_config or {})
+        self.base_model_name_or_path = base_model_name_or_path or None
+        self.prefix_file = prefix_file
+        self.backend = backend
+        super().__init__(**kwargs)
+
+
+def mark_directory(model: nn.Module, directory: str | os.PathLike, backend: str) -> None:
+    """After transformers' save_pretrained: the prefix file, the loader hook, and config.json rewritten as
+    a ``prefixattn`` checkpoint config (written last, atomically)."""
+    directory = Path(directory)
+    save_prefix(model, directory / PREFIX_FILE)
+    atomic_write(directory / f"{LOADER_MODULE}.py", lambda tmp: Path(tmp).write_text(_LOADER_SOURCE))
+    base_config = model.config.to_dict()
+    config = PrefixattnCheckpointConfig(
+        base_config=base_config, base_model_name_or_path=getattr(model.config, "_name_or_path", None),
+        backend=backend,
+        auto_map={"AutoConfig": f"{LOADER_MODULE}.PrefixattnCheckpointConfig",
+                  "AutoModelForCausalLM": f"{LOADER_MODULE}.PrefixattnCheckpointModel"},
+    )
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
+
+
+class SavePretrainedWithPrefix:
+    """``model.save_pretrained`` of a patched model: transformers' own, then ``mark_directory``. It holds the
+    model (not a bound method) so that deep copies of the model get their own."""
+
+    def __init__(self, model: nn.Module, backend: str) -> None:
+        self.model = model
+        self.backend = backend
+
+    def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        out = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        is_main = kwargs.get("is_main_process", args[0] if args else True)
+        if is_main:
+            mark_directory(self.model, save_directory, self.backend)
+        return out
