@@ -244,20 +244,22 @@ def attention_backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padd
                                                True)
                 grads.add(slice(None), None, dq, None, None)
                 grads.add_prefix(dpk, dpv)
-        empty = q.new_empty((0,))
-        dsinks = empty
+        def empty():  # one per missing gradient: outputs of a custom op may not alias each other
+            return q.new_empty((0,))
+
+        dsinks = empty()
         if need_dsinks and sinks is not None:
             ct = compute_dtype(q.dtype)
             delta = (do.to(ct) * out.to(ct)).sum(-1)
             dsinks = -(torch.exp(sinks.to(L.dtype).view(1, -1, 1) - L) * delta).sum((0, 2)).to(sinks.dtype)
-        dq = grads.dq.to(q.dtype) if need_dq else empty
-        dk = grads.dk.to(k.dtype) if need_dkv else empty
-        dv = grads.dv.to(v.dtype) if need_dkv else empty
+        dq = grads.dq.to(q.dtype) if need_dq else empty()
+        dk = grads.dk.to(k.dtype) if need_dkv else empty()
+        dv = grads.dv.to(v.dtype) if need_dkv else empty()
         if need_dprefix:
             dpk = reduce_prefix_grad(grads.dpk, prefix_k, prefix_index)
             dpv = reduce_prefix_grad(grads.dpv, prefix_v, prefix_index)
         else:
-            dpk = dpv = empty
+            dpk, dpv = empty(), empty()
         return dq, dk, dv, dpk, dpv, dsinks
 
 

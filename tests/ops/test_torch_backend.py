@@ -265,6 +265,24 @@ def test_torch_compile_fullgraph(engine, case):
         assert_close_rel(g, r, 1e-5, "grad")
 
 
+def test_torch_compile_prefix_gradient_only(engine):
+    """Only the prefix needs a gradient (layer 0 of a frozen model): the backward op returns empty
+    tensors for the rest, each its own (custom op outputs may not alias)."""
+    torch._dynamo.reset()
+    x = make_case(Case(Sq=9, Sk=9, padding="left", sinks=True))
+    q, k, v, sinks = (t.detach() for t in (x.q, x.k, x.v, x.sinks))
+
+    def step(pk, pv):
+        out = prefixattn.prefix_attention(q, k, v, pk, pv, key_padding_mask=x.mask, sinks=sinks, backend="torch")
+        return (out * out).sum()
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x.pk, x.pv)
+    grads = torch.autograd.grad(loss, (x.pk, x.pv))
+    ref = concat_reference(q, k, v, x.pk, x.pv, key_padding_mask=x.mask, sinks=sinks)
+    for g, r in zip(grads, torch.autograd.grad((ref * ref).sum(), (x.pk, x.pv)), strict=True):
+        assert_close_rel(g, r, 1e-5, "grad")
+
+
 @pytest.mark.parametrize("case", CASES + FEATURE_CASES, ids=str)
 def test_reference_module_is_an_oracle(case):
     """prefixattn/reference.py (plain torch, materialized scores) agrees in float64 with the loop-built
