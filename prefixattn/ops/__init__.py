@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from ..documents import Documents
+from . import torch_backend
 from .autograd import PrefixAttentionFunction
 from .backend import resolve_backend, triton_available, triton_interpreting
 from .checks import BACKENDS, MAX_HEAD_DIM, SUPPORTED_DTYPES, autocast_inputs, check_inputs
@@ -115,11 +116,22 @@ def prefix_attention(
     ):  # away from the fused CPU kernel: the device's own SDPA kernels, through autograd
         return sdpa_concat_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask,
                                      causal=causal, scale=scale, prefix_index=prefix_index)
+    inference = not torch.compiler.is_compiling() and not _needs_grad(q, k, v, prefix_k, prefix_v, sinks)
+    if impl == "torch" and inference:  # generate(): no autograd node to build, nothing to save
+        out, _ = torch_backend.attention_forward(
+            q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
+            causal, scale, float(softcap), int(window or 0), bool(deterministic),
+        )
+        return out
     out, _ = PrefixAttentionFunction.apply(
         q, k, v, prefix_k, prefix_v, sinks, key_padding_mask, prefix_index, doc_start, doc_end,
         causal, scale, float(softcap), int(window or 0), bool(deterministic), impl,
     )
     return out
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 __all__ = [

@@ -269,18 +269,5 @@ def engine_for(q: torch.Tensor, softcap: float):
     return CpuFlashEngine if cpu_flash_usable(q, softcap) else ChunkedEngine
 
 
-def log_sum_exp(*terms: torch.Tensor) -> torch.Tensor:
-    """Elementwise log(sum exp(terms)), -inf where every term is -inf (never NaN)."""
-    if len(terms) == 1:
-        return terms[0]
-    m = terms[0]
-    for t in terms[1:]:
-        m = torch.maximum(m, t)
-    finite = m.masked_fill(torch.isneginf(m), 0.0)
-    total = sum(torch.exp(t - finite) for t in terms)
-    return torch.log(total) + finite
-
-
 __all__ = ["CpuFlashEngine", "ChunkedEngine", "cpu_flash_problem", "find_cpu_flash_problem", "engine_for",
-           "log_sum_exp",
            "nonempty_rows", "compute_dtype"]

@@ -19,19 +19,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .torch_backend import concat_applies, prefix_rows
+from .torch_backend import autocast_off, prefix_rows
 
 
 def sdpa_concat_applies(sq: int, sk: int, prefix_len: int, *, causal: bool, window: int, documents: bool,
                         padded: bool, sinks: bool, softcap: float) -> bool:
     if sinks or softcap or (prefix_len == 0 and padded) or prefix_len + sk == 0:
         return False
-    return concat_applies(sq, sk, causal, window, documents)
+    return not window and not documents and (not causal or sq == sk or sq == 1)
 
 
 def sdpa_concat_attention(q, k, v, prefix_k, prefix_v, *, key_padding_mask, causal, scale, prefix_index):
     """Differentiable (B, Hq, Sq, Dv) in q's dtype; inputs checked and cast by ``prefix_attention``."""
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q):
         B, Hq, Sq, Dk = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         G = Hq // Hkv

@@ -7,14 +7,17 @@ ops serve both backends.
 
 How a call is split (``engines.py`` attends one block of keys and returns its logsumexp):
 
-- concat (causal with Sq == Sk, a decode step, or causal=False; no window, no documents): one kernel call
+- concat (causal with Sq == Sk, causal=False, or a decode step over a short cache; no window, no
+  documents): one kernel call
   over K = [prefix; k], V = [prefix_v; v]. For causal rows the queries get P zero rows in front:
   top-left causal over (P + Sq, P + Sk) is then exactly our rule (query i sees every prefix slot and
   sequence keys j <= i), so the kernel's causal block skipping does the masking and nothing (Sq, Sk)
   is built. Padding is a (B, 1, 1, P + Sk) additive key mask.
-- blocks (sliding windows, packed documents, chunked prefill with Sq < Sk): the prefix as one block,
-  the sequence keys as blocks of rows, each over the key range its rows can see, with a mask of that
-  (rows, keys) tile only; the blocks are merged by their log-sum-exp:
+- blocks (decode steps over a long cache, sliding windows, packed documents, chunked prefill with
+  Sq < Sk): the prefix as one block,
+  the sequence keys in tiles of rows, each over the key range its rows can see, with a mask of that
+  (rows, keys) tile only (a decode step: one tile, the KV cache read in place); the blocks are merged by
+  their log-sum-exp:
 
       L = log(sum_blocks exp(lse_block) + exp(sink)),   out = sum_blocks exp(lse_block - L) out_block
 
@@ -27,14 +30,17 @@ Sinks: dsink_h = -sum_{b,i} exp(sink_h - L_bhi) Delta_bhi, Delta = rowsum(dO * O
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from .engines import compute_dtype, engine_for, log_sum_exp
+from .engines import compute_dtype, engine_for
 
 # Rows per tile when the sequence keys are split (windows, documents): bounds each tile's mask.
 ROWS_PER_TILE = 256
+# Decode steps over at most this many cached keys copy them behind the prefix (one kernel call).
+DECODE_CONCAT_KEYS = 256
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,13 @@ class Tile:
     k1: int
     causal: bool
     mask: torch.Tensor | None
+
+
+def autocast_off(q: torch.Tensor):
+    """A context without autocast for q's device (a no-op context when autocast is off anyway)."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.autocast(q.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def prefix_rows(prefix: torch.Tensor, batch: int, prefix_index: torch.Tensor | None) -> torch.Tensor:
@@ -102,14 +115,26 @@ def rule_mask(r0: int, r1: int, k0: int, k1: int, sq: int, sk: int, *, causal: b
 
 
 def concat_applies(sq: int, sk: int, causal: bool, window: int, documents: bool) -> bool:
-    return not window and not documents and (not causal or sq == sk or sq == 1)
+    """[prefix; k] in one call: prefill / training rows, encoders, and decode steps over a short cache.
+    A decode step over a longer cache attends the prefix on its own instead: copying the whole cache
+    into [prefix; k] costs more than the second call and the merge (crossover near 256 keys, measured
+    on a CPU: bench/results/cpu-train-*.md)."""
+    if window or documents:
+        return False
+    if sq == 1:
+        return sk <= DECODE_CONCAT_KEYS
+    return not causal or sq == sk
 
 
 def sequence_tiles(sq: int, sk: int, *, causal: bool, window: int, pad, doc_start, doc_end, dtype,
                    device) -> list[list[Tile]]:
     """The sequence keys of the blocks strategy: groups of tiles; the tiles of a group cover every row once
     (one group per key range for chunked prefill; one group of row tiles for windows and documents)."""
-    if not window and doc_start is None:  # chunked prefill: keys before the chunk, and the chunk itself
+    if not window and doc_start is None:
+        if not causal or sq == 1 or sq == sk:  # every key, or the causal square
+            square = causal and sq > 1
+            return [[Tile(0, sq, 0, sk, square, key_mask(pad, dtype))]]
+        # chunked prefill: the keys before the chunk (all visible), and the chunk itself (causal)
         past = sk - sq
         return [
             [Tile(0, sq, 0, past, False, key_mask(pad[:, :past] if pad is not None else None, dtype))],
@@ -134,7 +159,7 @@ def sequence_tiles(sq: int, sk: int, *, causal: bool, window: int, pad, doc_star
 def attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
                       causal, scale, softcap, window, deterministic):
     """(out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) fp32 (fp64 for fp64 inputs), sinks included)."""
-    with torch.autocast(q.device.type, enabled=False):  # the inputs carry the compute dtype already
+    with autocast_off(q):  # the inputs carry the compute dtype already
         engine = engine_for(q, softcap)
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         pk, pv = prefix_rows(prefix_k, B, prefix_index), prefix_rows(prefix_v, B, prefix_index)
@@ -145,7 +170,7 @@ def attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
             for tiles in sequence_tiles(Sq, Sk, causal=causal, window=window, pad=key_padding_mask,
                                         doc_start=doc_start, doc_end=doc_end, dtype=q.dtype, device=q.device):
                 groups.append(_tiles_forward(engine, q, k, v, tiles, scale, softcap))
-        return _merge(groups, sinks, q)
+        return _merge(groups, sinks, q, may_be_empty=pk.shape[2] == 0 and sinks is None)
 
 
 def _concat_forward(engine, q, k, v, pk, pv, pad, causal, scale, softcap):
@@ -184,24 +209,24 @@ def _nothing(q, v):
     return out, torch.full((B, Hq, R), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
 
 
-def _merge(groups, sinks, q):
+def _merge(groups, sinks, q, may_be_empty):
     """One softmax from its blocks (and the sinks): L = log-sum-exp of the parts, each block's out
-    weighted by exp(lse - L)."""
-    ct = compute_dtype(q.dtype)
+    weighted by exp(lse - L). ``may_be_empty``: some row may see nothing at all (L = -inf)."""
     if len(groups) == 1 and sinks is None:
         out, lse = groups[0]
         return out.to(q.dtype), lse
-    terms = [lse for _, lse in groups]
+    L = groups[0][1]
+    for _, lse in groups[1:]:
+        L = torch.logaddexp(L, lse)
     if sinks is not None:
-        terms.append(sinks.to(terms[0].dtype).view(1, -1, 1))
-    L = log_sum_exp(*terms)
-    L = L.expand(groups[0][1].shape) if L.shape != groups[0][1].shape else L
-    finite = L.masked_fill(torch.isneginf(L), 0.0)  # rows that see nothing: every weight exp(-inf) = 0
+        L = torch.logaddexp(L, sinks.to(L.dtype).view(1, -1, 1))
+    finite = L.masked_fill(torch.isneginf(L), 0.0) if may_be_empty else L  # empty rows: weights exp(-inf)
+    ct = compute_dtype(q.dtype)
     out = None
     for o, lse in groups:
-        part = o.to(ct) * torch.exp(lse - finite).unsqueeze(-1).to(ct)
-        out = part if out is None else out + part
-    return out.to(q.dtype), L.contiguous()
+        w = torch.exp(lse - finite).unsqueeze(-1)
+        out = o.to(ct) * w if out is None else torch.addcmul(out, o.to(ct), w)
+    return out.to(q.dtype), L
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +238,7 @@ def attention_backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padd
                        doc_start, doc_end, sinks, causal, scale, softcap, window,
                        need_dq, need_dkv, need_dprefix, need_dsinks, deterministic):
     """(dq, dk, dv, dprefix_k, dprefix_v, dsinks); an empty tensor for each gradient not asked for."""
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q):
         engine = engine_for(q, softcap)
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         P = prefix_k.shape[-2]

@@ -80,6 +80,26 @@ def test_bf16_matches_reference(engine, case):
 
 
 @pytest.mark.parametrize("case", [
+    Case(Sq=1, Sk=300, P=3, D=80, padding="left", sinks=True),  # past DECODE_CONCAT_KEYS: the cache in place
+    Case(Sq=1, Sk=300, P=0, padding="empty_row"),
+    Case(Sq=1, Sk=300, prefix="bank", window=7, Hq=8, Hkv=2),
+], ids=str)
+def test_decode_over_a_long_cache(engine, case):
+    assert case.Sk > torch_backend.DECODE_CONCAT_KEYS
+    _check_against_reference(case, torch.float32)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], FEATURE_CASES[6], FEATURE_CASES[10], MORE_CASES[2]], ids=str)
+def test_inference_equals_training_forward(engine, case):
+    """Without autograd (generate()) the op skips the autograd Function: same output, bit for bit."""
+    x = make_case(case)
+    out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="torch")
+    with torch.no_grad():
+        again = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="torch")
+    assert out.grad_fn is not None and again.grad_fn is None
+    assert torch.equal(out, again)
+
+@pytest.mark.parametrize("case", [
     Case(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, P=3, D=8, padding="left", window=3),
     Case(B=2, Hq=2, Hkv=1, Sq=6, Sk=6, P=2, D=4, Dv=6, docs=True, sinks=True),
     Case(B=2, Hq=2, Hkv=2, Sq=4, Sk=9, P=2, D=4, prefix="bank", padding="right"),
