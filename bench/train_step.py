@@ -20,6 +20,9 @@ times one step of each), so load from other processes hits all of them alike; ``
 is what one step allocates through the CPU allocator at its peak beyond what was allocated before it
 (torch.profiler's allocation events: every tensor, kernel scratch included).
 
+``speedup_paired`` (interleaved runs): the median over rounds of the first provider's step time over
+this one's in the same round.
+
 ``run_decode`` (CPU full runs, and ``python -m bench train_step --decode``): one greedy decode step
 of ``generate()`` (one new token per row over a KV cache of a prompt), PEFT (its prefix in the cache,
 positions from P, as its generate() does) against the patched model; logits compared, steps
@@ -352,14 +355,23 @@ def _measure_interleaved(live: dict[str, tuple[dict[str, Any], Any]], batch: dic
         for name in steps:
             if name not in failed:
                 run(name, timed=True)
+    first = next((n for n in steps if n not in failed), None)
     for name, (rec, _) in live.items():
         if name in failed:
             rec["ms"] = None
             continue
         rec["ms"] = statistics.median(times[name])
         rec["ms_all"] = [round(t, 2) for t in times[name]]
+        rec["speedup_paired"] = paired_speedup(times[first], times[name])
+        rec["speedup_paired_vs"] = first
         if device.type == "cpu":
             rec["cpu_peak_alloc_mb"] = cpu_step_peak_mb(steps[name])
+
+
+def paired_speedup(ref_ms: list[float], ms: list[float]) -> float:
+    """Median over rounds of ref / this in the same round: a round's load hits both of its steps, so the
+    per-round ratio is steadier than the ratio of medians on a shared machine."""
+    return statistics.median(r / t for r, t in zip(ref_ms, ms, strict=True))
 
 
 def run_train_bench(
@@ -456,6 +468,8 @@ def run_decode(spec: ModelSpec, B: int, prompt: int, P: int, device: torch.devic
             "ms": statistics.median(times[name]), "ms_all": [round(t, 3) for t in times[name]],
             "tflops": None, "peak_mem_mb": None, "tokens_per_s": B / (statistics.median(times[name]) * 1e-3),
             "logits_rel_err": err, "ref": "peft_sdpa", "agree": bool(err <= AGREE_TOL.get(dtype, 5e-2)),
+            "speedup_paired": paired_speedup(times["peft_sdpa"], times[name]),
+            "speedup_paired_vs": "peft_sdpa",
             "status": "ok", "reason": None,
         }
         records.append(rec)

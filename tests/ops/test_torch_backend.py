@@ -228,7 +228,7 @@ def test_private_op_checks(monkeypatch):
     """The fused CPU kernel is a private aten op: a missing op, another schema or a probe that disagrees
     each give the reason; a reason found at import disables the engine, and the other paths give the
     same results."""
-    assert engines.find_cpu_flash_problem() is None  # torch 2.11 .. 2.13 have it as written
+    assert engines.find_cpu_flash_problem() is None  # as on the pinned torch; on another, this says what changed
     assert engines.cpu_flash_problem() is None
     q = torch.randn(1, 1, 1, 8)
     assert engines.engine_for(q, 0.0) is engines.CpuFlashEngine
