@@ -3,8 +3,8 @@ float64), not a path ``prefix_attention`` runs (its torch backend is ops/torch_b
 
 Same semantics as the Triton kernels (see ``prefixattn.ops.prefix_attention``), written with plain
 differentiable torch ops so that autograd gives every gradient (sinks included). It materializes the
-(Sq, P + Sk) scores. It never repeats
-K/V over the GQA group (the query heads are grouped and broadcast against their KV head) and never
+(Sq, P + Sk) scores. It never repeats K/V over the GQA group (the query heads are grouped and broadcast
+against their KV head) and never
 expands a shared prefix over the batch: the prefix scores come from a broadcast matmul, so
 autograd's reduction of that broadcast is the prefix gradient summed over the batch.
 
