@@ -9,6 +9,8 @@
 #   decode   decode steps over 4k and 16k caches
 #   train    one training step against PEFT (bench train --quick: PEFT sdpa/eager vs prefixattn,
 #            and the packed batch)
+#   wide512  a training step of a Llama with head dim 512 (Gemma 4's global layers: the torch backend,
+#            beyond the kernels' 256) against PEFT (bench train_step --model wide512)
 #   report   results.json, results.md and plots from what the stages wrote (bench/gpu_report.py)
 #
 # Every stage runs under `timeout` with its own budget, cut to what is left of the whole budget
@@ -51,11 +53,13 @@ if [ "$DRY" = 1 ]; then
     DEVICE_ARGS=(--device cpu --backend triton)
     TRAIN_ARGS=(--device cpu --backend torch)  # a training step through the interpreter takes minutes
     GRID_MICRO=dry GRID_DECODE=dry_decode
+    WIDE_ARGS=(--batch 1 --seq 16 --prefix 4 --warmup 0 --steps 1)
     TEST_ARGS=(-p no:cacheprovider)
 else
     DEVICE_ARGS=()
     TRAIN_ARGS=()
     GRID_MICRO=headline GRID_DECODE=decode
+    WIDE_ARGS=(--steps 3)
     TEST_ARGS=(-p no:cacheprovider -n "${GPU_CHECK_TEST_WORKERS:-8}")
 fi
 if [ -d .gpu/triton-cache ]; then
@@ -146,11 +150,14 @@ export DRY PY WORK LOG START
 run_stage setup 40 setup
 : > "$OUT/tests.log"
 run_stage tests 100 "$PY" -m pytest tests/kernels tests/ops -m gpu -q "${TEST_ARGS[@]}"
-run_stage micro 110 "$PY" -m bench micro --grid "$GRID_MICRO" "${DEVICE_ARGS[@]}" --budget $((100 * SCALE)) \
+run_stage micro 95 "$PY" -m bench micro --grid "$GRID_MICRO" "${DEVICE_ARGS[@]}" --budget $((100 * SCALE)) \
     --out "$WORK/micro"
 run_stage decode 35 "$PY" -m bench micro --grid "$GRID_DECODE" "${DEVICE_ARGS[@]}" --budget $((28 * SCALE)) \
     --out "$WORK/decode"
 run_stage train 45 "$PY" -m bench train --quick "${TRAIN_ARGS[@]}" --out "$WORK/train"
+mkdir -p "$WORK/wide512"
+run_stage wide512 15 "$PY" -m bench train_step --model wide512 "${WIDE_ARGS[@]}" \
+    --json "$WORK/wide512/train_step.json"
 if [ -f "$WORK/facts.txt" ] && [ -n "${TRITON_CACHE_DIR:-}" ]; then
     echo "triton cache after the stages: $(ls "$TRITON_CACHE_DIR" | wc -l) kernels" >> "$WORK/facts.txt"
 fi
