@@ -62,6 +62,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="seconds for the microbenchmark grid; shapes left when it runs out are recorded as"
                          " skipped (default: 330 on GPU, none on CPU)")
     ap.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time per measurement")
+    ap.add_argument("--grid", default=None, choices=sorted(G.GRIDS),
+                    help="the microbenchmark's shapes (default: full on GPU, cpu on CPU; quick with --quick)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,7 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for suite in [s for s in SUITES if s in suites]:
         try:
             if suite == "micro":
-                if gpu:
+                if args.grid:
+                    shapes = G.GRIDS[args.grid]()
+                elif gpu:
                     shapes = G.quick_grid() if args.quick else G.full_grid()
                 else:
                     shapes = G.smoke_grid() if args.quick else G.cpu_grid()

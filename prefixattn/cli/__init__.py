@@ -1,7 +1,9 @@
-"""The ``prefixattn`` command: ``info``, ``train``. (Benchmarks: ``python -m bench`` from a checkout.)
+"""The ``prefixattn`` command: ``info``, ``train``, ``serve``. (Benchmarks: ``python -m bench``, from a
+checkout.)
 
 prefixattn info                     versions, device, usable backends
 prefixattn train [--steps N] [--out DIR] [--model HF_DIR] [--data FILE.jsonl] [--resume]  (--help: all)
+prefixattn serve MODEL_DIR --prefix NAME=ADAPTER [...] [vLLM options]     (prefixattn.serve)
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The command's parser; ``defaults=False`` leaves out every train option that was not given (so
     ``--resume`` can tell an option given on the command line from a default)."""
     ap = argparse.ArgumentParser(prog="prefixattn", description="Fused prefix-tuning attention: tools.")
-    sub = ap.add_subparsers(dest="command", metavar="{info,train}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,train,serve}")
     sub.required = True
 
     p = sub.add_parser("info", help="versions, device, usable backends")
@@ -172,6 +174,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         for action in p._actions:
             action.default = argparse.SUPPRESS
     p.set_defaults(func=cmd_train)
+    sub.add_parser("serve", help="serve tuned prefixes on vLLM (prefixattn serve --help)", add_help=False)
     return ap
 
 
@@ -182,6 +185,11 @@ def given_train_options(argv: list[str] | None) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # parses its own options (vLLM's pass through); loads no vLLM for `train`
+        from ..serve.cli import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
         args.given = given_train_options(argv)
