@@ -3,6 +3,7 @@ with the project installed, e.g. after ``bash scripts/setup.sh``).
 
     python -m bench [OPTIONS]              every suite (bench/run_all.py; same as ``run_all``)
     python -m bench micro|train|bank ...   one suite: run_all with --suites NAME
+    python -m bench cartridge [--quick]    long prefixes (bench/cartridge.py; not part of the default run)
     python -m bench tune [--json FILE]     the kernel tuning probe (bench/tune.py, needs a GPU)
     python -m bench layer_overhead ...     host time per patched layer (bench/layer_overhead.py)
     python -m bench compile [--set ...]    compile every kernel launch for sm_90 without a GPU, write
@@ -22,7 +23,7 @@ import sys
 
 from . import run_all
 
-SUITE_COMMANDS = ("micro", "train", "bank")
+SUITE_COMMANDS = ("micro", "train", "bank", "cartridge")
 TOOLS = ("tune", "layer_overhead", "compile", "serve", "train_step")  # modules with their own main(argv)
 
 

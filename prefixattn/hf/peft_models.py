@@ -21,7 +21,11 @@ from ..prefix import (
     peft_rows_to_kv,
     read_peft_adapter,
 )
+from .cartridges import kind_of_peft
 from .patcher import is_patched, patch_model, unpatch
+
+# PEFT's KV-prefix methods, which patch(peft_model) converts
+PEFT_PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 
 
 def is_peft_prefix_model(model: Any) -> bool:
@@ -41,26 +45,28 @@ def _peft_type_name(value: Any) -> str:
 
 def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
                      ignore_attention_dropout: bool = False) -> nn.Module:
-    """Patch the base model of a PEFT PrefixTuning model with the same prefix; returns the base model.
+    """Patch the base model of a PEFT PrefixTuning or Cartridge model with the same prefix; returns the base
+    model.
 
     A trainable PEFT model with ``prefix_projection`` keeps its embedding + MLP (copied, trainable); any
-    other carries over the prefix values themselves.
+    other carries over the prefix values themselves (a cartridge's frozen tokens into its frozen part).
     """
     config = peft_model.active_peft_config
-    if _peft_type_name(config.peft_type) != "PREFIX_TUNING":
-        raise ValueError(f"prefixattn.patch takes PEFT prefix-tuning models; this one is "
+    if _peft_type_name(config.peft_type) not in PEFT_PREFIX_TYPES:
+        raise ValueError(f"prefixattn.patch takes PEFT prefix-tuning and cartridge models; this one is "
                          f"{_peft_type_name(config.peft_type)}")
     if (config.num_transformer_submodules or 1) != 1:
         raise ValueError("PEFT prefix tuning with num_transformer_submodules != 1 (encoder-decoder) is "
                          "not supported")
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     base = peft_model.get_base_model()
-    projection = bool(config.prefix_projection and not config.inference_mode)
+    projection = bool(getattr(config, "prefix_projection", False) and not config.inference_mode)
     heads = config.num_attention_heads
     model = patch_model(base, num_prefix_tokens=config.num_virtual_tokens, prefix_projection=projection,
                         projection_hidden_size=config.encoder_hidden_size if projection else None,
                         dtype=dtype, backend=backend, ignore_attention_dropout=ignore_attention_dropout,
-                        init="zeros", adapter_shape=(heads, config.token_dim // heads))
+                        init="zeros", adapter_shape=(heads, config.token_dim // heads),
+                        **kind_of_peft(config.peft_type, config))
     module = find_prefix(model)
     try:
         check_against_peft_config(module.config, config, "the PEFT model")
@@ -80,22 +86,23 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
             module.embedding.weight.copy_(encoder.embedding.weight)
             module.transform.load_state_dict(encoder.transform.state_dict())
         else:
-            rows = encoder.embedding.weight[: config.num_virtual_tokens]
+            rows = encoder.embedding.weight[: config.num_virtual_tokens]  # a cartridge's: frozen rows first
             module.set_values(peft_rows_to_kv(rows.detach().to(module.kv.dtype), module.config))
     return model
 
 
 # patch() arguments that fix the prefix's shape or values: load_peft takes those from the adapter
 _SHAPE_KWARGS = frozenset({"num_prefix_tokens", "num_prefixes", "prefix_projection", "projection_hidden_size",
-                           "layers", "init", "init_text", "tokenizer"})
+                           "layers", "init", "init_text", "tokenizer", "cartridge", "num_frozen_tokens"})
 
 
 def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_id: int | None = None,
               **patch_kwargs: Any) -> nn.Module:
-    """Load a PEFT prefix-tuning adapter (from PEFT or ``save_peft``) into ``model``; returns the model
-    to use.
+    """Load a PEFT prefix-tuning or cartridge adapter (from PEFT or ``save_peft``) into ``model``; returns
+    the model to use.
 
-    An unpatched model is patched with the adapter's shape (``patch_kwargs`` such as ``backend`` or
+    An unpatched model is patched with the adapter's shape (a CARTRIDGE adapter as a cartridge with its
+    ``num_frozen_tokens``) (``patch_kwargs`` such as ``backend`` or
     ``dtype`` pass through); a patched one must match it (for a bank, ``prefix_id`` picks the entry to
     fill). The adapter is validated against the model before anything changes.
     """
@@ -121,7 +128,8 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
         _precheck_unpatched(model, cfg, str(adapter_directory))
         heads = cfg["num_attention_heads"]
         model = patch_model(model, num_prefix_tokens=cfg["num_virtual_tokens"], init="zeros",
-                            adapter_shape=(heads, cfg["token_dim"] // heads), **patch_kwargs)
+                            adapter_shape=(heads, cfg["token_dim"] // heads),
+                            **kind_of_peft(cfg["peft_type"], cfg), **patch_kwargs)
         module = find_prefix(model)
         try:
             check_adapter_for(module, cfg, str(adapter_directory))

@@ -9,11 +9,13 @@ It knows nothing about transformers: the patcher (``prefixattn.hf``) builds on i
     peft_rows.py    PEFT's flat (P, L*2*Hkv*D) row layout <-> ours (L, 2, N, Hkv, P, D)
     files.py        atomic writes, safetensors reading with clear errors
     native.py       save_prefix / load_prefix
-    peft_format.py  save_peft, read_peft_adapter, adapter shape checks
+    peft_format.py  save_peft, read_peft_adapter, adapter shape checks (PREFIX_TUNING and CARTRIDGE)
+    cartridge_format.py  compose_cartridges (concatenating PEFT CARTRIDGE adapters or prefix files)
 """
 
 from __future__ import annotations
 
+from .cartridge_format import compose_cartridges
 from .config import PeftLayout, PrefixConfig, check_prefix_id
 from .module import MODULE_NAME, PrefixKV, active_copy, find_prefix
 from .native import load_prefix, save_prefix
@@ -36,6 +38,7 @@ __all__ = [
     "check_adapter_for",
     "check_against_peft_config",
     "check_prefix_id",
+    "compose_cartridges",
     "find_prefix",
     "kv_to_peft_rows",
     "load_prefix",

@@ -1,5 +1,7 @@
 """PEFT's prefix-tuning adapter FORMAT: writing one (``save_peft``), reading and validating one
-(``read_peft_adapter``), and checking an adapter's shape against a prefix.
+(``read_peft_adapter``), and checking an adapter's shape against a prefix. PEFT's CARTRIDGE adapters
+(``peft.CartridgeConfig``) use the same files: peft_type "CARTRIDGE", ``num_frozen_tokens`` in the config
+(no ``prefix_projection`` / ``encoder_hidden_size``), the same ``prompt_embeddings`` tensor and layout.
 
 PEFT's saved prefix-tuning adapter is a directory with
 
@@ -32,6 +34,7 @@ from .files import atomic_write, read_tensors
 from .module import PrefixKV, find_prefix
 from .peft_rows import kv_to_peft_rows
 
+PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")  # the adapters holding a KV prefix, in PEFT's one layout
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -59,8 +62,25 @@ def _peft_version() -> str | None:
         return None
 
 
-def _peft_config_dict(config: PrefixConfig, base_model: nn.Module) -> dict[str, Any]:
+def _peft_config_dict(config: PrefixConfig, base_model: nn.Module, peft_type: str) -> dict[str, Any]:
     name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
+    if peft_type == "CARTRIDGE":  # the fields peft.CartridgeConfig writes
+        return {
+            "task_type": "CAUSAL_LM",
+            "peft_type": "CARTRIDGE",
+            "auto_mapping": None,
+            "peft_version": _peft_version(),
+            "base_model_name_or_path": name,
+            "revision": None,
+            "inference_mode": True,
+            "num_virtual_tokens": config.num_tokens,
+            "token_dim": config.token_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": config.num_kv_heads,
+            "num_layers": config.num_layers,
+            "modules_to_save": None,
+            "num_frozen_tokens": config.num_frozen_tokens,
+        }
     return {
         "task_type": "CAUSAL_LM",
         "peft_type": "PREFIX_TUNING",
@@ -92,8 +112,16 @@ def peft_format_problems(model: nn.Module) -> list[str]:
     return peft_layout(module).problems(module.config)
 
 
-def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id: int | None = None) -> None:
-    """Write the prefix as a PEFT prefix-tuning adapter (loadable with ``peft.PeftModel.from_pretrained``).
+def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id: int | None = None,
+              peft_type: str | None = None) -> None:
+    """Write the prefix as a PEFT adapter (loadable with ``peft.PeftModel.from_pretrained``).
+
+    ``peft_type``: "PREFIX_TUNING" or "CARTRIDGE"; by default the prefix's own kind: a cartridge
+    (``patch(..., cartridge=True)``, ``load_peft`` of a CARTRIDGE adapter, ``patch(peft_cartridge_model)``)
+    is written as CARTRIDGE with its ``num_frozen_tokens``, any other prefix as PREFIX_TUNING. Either kind
+    can be written as the other: the values are the same; a cartridge written as PREFIX_TUNING loses its
+    frozen count (PEFT then trains every token), a prefix written as CARTRIDGE has the frozen count it was
+    patched with (0 unless set). An MLP-reparameterized prefix is written with its MLP applied.
 
     For a bank, ``prefix_id`` picks the entry to export (required). The prefix must be the one PEFT puts
     on the model: every layer (PEFT has no per-layer opt-out), or for Gemma 4 the layers that fit its
@@ -103,6 +131,10 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     module = find_prefix(model)
     c = module.config
     check_prefix_id(prefix_id, c)
+    if peft_type is None:
+        peft_type = "CARTRIDGE" if c.cartridge else "PREFIX_TUNING"
+    if peft_type not in PEFT_TYPES:
+        raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {peft_type!r}")
     if c.bank and prefix_id is None:
         raise ValueError(f"the model has a bank of {c.num_prefixes} prefixes: pass prefix_id to choose the "
                          "entry to export as a PEFT adapter")
@@ -114,7 +146,7 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
         kv = module.compute()[:, :, prefix_id or 0].float()  # (L, 2, Hkv, P, D)
     rows = kv_to_peft_rows(kv, c).cpu()
     base = getattr(model, "module", model)
-    cfg = _peft_config_dict(c, base)
+    cfg = _peft_config_dict(c, base, peft_type)
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Stage both files, then rename them into place: an error leaves no partial adapter behind.
@@ -152,9 +184,9 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
         raise ValueError(f"{str(cfg_path)!r} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(cfg_path)!r} is not a JSON object")
-    if cfg.get("peft_type") != "PREFIX_TUNING":
+    if cfg.get("peft_type") not in PEFT_TYPES:
         raise ValueError(f"{str(directory)!r} is a {cfg.get('peft_type')!r} adapter; load_peft reads "
-                         "PREFIX_TUNING")
+                         "PREFIX_TUNING and CARTRIDGE")
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
         raise ValueError(f"{str(directory)!r} is a {cfg.get('task_type')} adapter; load_peft reads CAUSAL_LM")
     if (cfg.get("num_transformer_submodules") or 1) != 1:
@@ -163,6 +195,13 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
     for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ValueError(f"{str(cfg_path)!r}: {key} must be a positive int, got {cfg.get(key)!r}")
+    if cfg["peft_type"] == "CARTRIDGE":
+        frozen = cfg.get("num_frozen_tokens", 1)  # CartridgeConfig's default
+        valid = isinstance(frozen, int) and not isinstance(frozen, bool)
+        if not valid or not 0 <= frozen <= cfg["num_virtual_tokens"]:
+            raise ValueError(f"{str(cfg_path)!r}: num_frozen_tokens must be an int in [0, num_virtual_tokens="
+                             f"{cfg['num_virtual_tokens']}], got {frozen!r}")
+        cfg["num_frozen_tokens"] = frozen
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         if (directory / PICKLE_WEIGHTS_NAME).is_file():
@@ -184,7 +223,6 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
     return cfg, emb
 
 
-
 def check_adapter_for(module: PrefixKV, cfg: dict[str, Any], where: str) -> None:
     """An adapter config (from ``read_peft_adapter``) fits the prefix of ``module`` exactly."""
     ours = module.config
@@ -197,5 +235,10 @@ def check_adapter_for(module: PrefixKV, cfg: dict[str, Any], where: str) -> None
                        ("token_dim", ours.token_dim), ("num_attention_heads", ours.num_kv_heads)):
         if cfg[key] != value:
             problems.append(f"{key}: adapter has {cfg[key]}, model has {value}")
+    # a CARTRIDGE adapter's frozen tokens stay frozen; a PREFIX_TUNING adapter's values fill any prefix
+    if cfg["peft_type"] == "CARTRIDGE" and cfg["num_frozen_tokens"] != ours.num_frozen_tokens:
+        problems.append(f"num_frozen_tokens: adapter has {cfg['num_frozen_tokens']}, model has "
+                        f"{ours.num_frozen_tokens} (patch with cartridge=True, num_frozen_tokens="
+                        f"{cfg['num_frozen_tokens']}, or let load_peft patch an unpatched model)")
     if problems:
         raise ValueError(f"PEFT adapter {where!r} does not match the model: " + "; ".join(problems))
