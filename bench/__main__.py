@@ -3,8 +3,14 @@ with the project installed, e.g. after ``bash scripts/setup.sh``).
 
     python -m bench [OPTIONS]              every suite (bench/run_all.py; same as ``run_all``)
     python -m bench micro|train|bank ...   one suite: run_all with --suites NAME
+    python -m bench cartridge [--quick]    long prefixes (bench/cartridge.py; not part of the default run)
     python -m bench tune [--json FILE]     the kernel tuning probe (bench/tune.py, needs a GPU)
     python -m bench layer_overhead ...     host time per patched layer (bench/layer_overhead.py)
+    python -m bench compile [--set ...]    compile every kernel launch for sm_90 without a GPU, write
+                                           the compile table (bench/compile.py)
+    python -m bench serve ...              prefixattn serve vs the base model on vLLM (bench/serve.py)
+    python -m bench train_step ...         one training-step configuration (bench/train_step.py), e.g.
+                                           --model wide512 (head dim 512 vs PEFT, GPU)
     python -m bench run_all ...            explicit form of the first line
 
 Options of the suites: ``python -m bench --help``; of the probe: ``python -m bench tune --help``.
@@ -17,8 +23,8 @@ import sys
 
 from . import run_all
 
-SUITE_COMMANDS = ("micro", "train", "bank")
-TOOLS = ("tune", "layer_overhead")  # modules with their own main(argv)
+SUITE_COMMANDS = ("micro", "train", "bank", "cartridge")
+TOOLS = ("tune", "layer_overhead", "compile", "serve", "train_step")  # modules with their own main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

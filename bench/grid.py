@@ -84,3 +84,39 @@ def smoke_grid() -> list[Shape]:
     tiny = Shape(B=2, H=4, Hkv=2, S=32, P=4, D=16, dtype="float32",
                  modes=("fwd", "fwd_bwd", "layer0_fwd_bwd"), tag="cpu")
     return [tiny, replace(tiny, S=48, Sq=1, modes=("infer",), tag="cpu decode")]
+
+
+HEADLINE_PROVIDERS = ("prefixattn", "concat_sdpa_mask", "concat_sdpa_causal", "concat_flex")
+DECODE_PROVIDERS = ("prefixattn", "concat_sdpa_mask", "concat_sdpa_causal")
+
+
+def headline_grid() -> list[Shape]:
+    """The GPU check's grid (scripts/gpu_check.sh, about 2 minutes): fwd and fwd_bwd at D=128 bf16
+    against the concat baselines; S = 1k-8k at P=64, P = 16 and 256 at S=4096 (GQA 32/8), and MHA."""
+    base = replace(BASE, modes=("fwd", "fwd_bwd"), providers=HEADLINE_PROVIDERS, tag="headline")
+    grid = [replace(base, S=s, tag="S sweep") for s in (1024, 2048, 4096, 8192)]
+    grid += [replace(base, S=4096, P=p, tag="P sweep") for p in (16, 256)]
+    grid += [replace(base, Hkv=32, S=s, tag="MHA") for s in (2048, 4096)]
+    return grid
+
+
+def decode_grid() -> list[Shape]:
+    """Decode steps for the GPU check: Sq=1 over a 4k and a 16k cache, B=16, GQA 32/8, D=128."""
+    return [replace(BASE, B=16, S=s, Sq=1, modes=("infer",), tag="decode", providers=DECODE_PROVIDERS)
+            for s in (4096, 16384)]
+
+
+def dry_grid() -> list[Shape]:
+    """The GPU check's grid at CPU size (``scripts/gpu_check.sh --dry-run``: the kernels run in the
+    Triton interpreter)."""
+    return [Shape(B=1, H=4, Hkv=2, S=32, P=4, D=16, dtype="float32", modes=("fwd", "fwd_bwd"),
+                  providers=HEADLINE_PROVIDERS, tag="dry")]
+
+
+def dry_decode_grid() -> list[Shape]:
+    return [replace(s, S=32, P=4, D=16, dtype="float32", B=1, H=4, Hkv=2, tag="dry decode")
+            for s in decode_grid()[:1]]
+
+
+GRIDS = {"full": full_grid, "quick": quick_grid, "headline": headline_grid, "decode": decode_grid,
+         "cpu": cpu_grid, "smoke": smoke_grid, "dry": dry_grid, "dry_decode": dry_decode_grid}

@@ -14,6 +14,8 @@ every layer (expanding and concatenating the prefix, repeating K/V for GQA) is i
   memory-efficient attention (cuDNN has no lower-right causal); the one used is recorded.
 - ``concat_flex``: concatenate, FlexAttention (torch.compile'd on GPU) with a block mask where the
   prefix is visible and the sequence causal.
+- ``concat_flex_compiled``: the same, compiled on every device (on a CPU by inductor's C++ backend,
+  forward only: torch has no FlexAttention backward on a CPU). Cartridges' own trainer's path.
 - ``eager``: transformers' eager attention: repeat K/V, matmul, additive mask, fp32 softmax, matmul.
 """
 
@@ -247,7 +249,7 @@ def _flex():
     return _FLEX_COMPILED
 
 
-def concat_flex(x: AttnInputs) -> tuple[Fn, str]:
+def concat_flex(x: AttnInputs, compile_on_cpu: bool = False) -> tuple[Fn, str]:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:  # pragma: no cover - torch too old
@@ -262,14 +264,21 @@ def concat_flex(x: AttnInputs) -> tuple[Fn, str]:
         raise Unsupported("FlexAttention has no backward on CPU")
     block_mask = create_block_mask(mask_mod, None, None, x.Sq, P + x.Sk, device=str(dev))
     gqa = x.H != x.Hkv
-    # compiled on GPU; on CPU the uncompiled path (a correctness check of the harness only)
-    attn = _flex() if dev.type == "cuda" else flex_attention
+    # compiled on GPU; on CPU the uncompiled path (a correctness check of the harness only) unless asked
+    compiled = dev.type == "cuda" or compile_on_cpu
+    attn = _flex() if compiled else flex_attention
 
     def fn() -> torch.Tensor:
         K, V = concat_kv(x)
         return attn(x.q, K, V, block_mask=block_mask, scale=x.scale, enable_gqa=gqa)
 
-    return fn, "compiled" if dev.type == "cuda" else "eager (cpu)"
+    if dev.type == "cuda":
+        return fn, "compiled"
+    return fn, "compiled (cpu, inductor)" if compiled else "eager (cpu)"
+
+
+def concat_flex_compiled(x: AttnInputs) -> tuple[Fn, str]:
+    return concat_flex(x, compile_on_cpu=True)
 
 
 def eager(x: AttnInputs) -> tuple[Fn, str]:
@@ -293,6 +302,7 @@ PROVIDERS: dict[str, Callable[..., tuple[Fn, str]]] = {
     "concat_sdpa_mask": concat_sdpa_mask,
     "concat_sdpa_causal": concat_sdpa_causal,
     "concat_flex": concat_flex,
+    "concat_flex_compiled": concat_flex_compiled,
     "eager": eager,
 }
 

@@ -6,7 +6,7 @@ JSON schema::
      "cpu_only": bool, ... other environment fields ...,
      "suite_errors": {suite: "Error: message"}   (only when a whole suite failed),
      "conventions": {...how FLOPs and memory are counted...},
-     "records": [{"suite": "micro" | "train" | "bank", "provider": str, "mode": str,
+     "records": [{"suite": "micro" | "train" | "bank" | "cartridge", "provider": str, "mode": str,
                   "B": int, "H": int, "Hkv": int, "S": int, "P": int, "D": int, "dtype": str,
                   "ms": float | None, "tflops": float | None, "peak_mem_mb": float | None,
                   "status": "ok" | "skipped" | "error" | "oom", "reason": str | None, ...}]}
@@ -39,10 +39,12 @@ CONVENTIONS = {
                  " prefixattn's output in the same run",
 }
 PROVIDER_ORDER = ("prefixattn", "prefixattn_atomic", "concat_sdpa_mask", "concat_sdpa_causal", "concat_flex",
-                  "eager", "prefixattn_bank", "sequential", "concat_gather", "peft_sdpa", "peft_eager")
+                  "concat_flex_compiled", "eager", "prefixattn_bank", "sequential", "concat_gather",
+                  "peft_sdpa", "peft_eager")
 SHORT = {"prefixattn": "ours", "prefixattn_atomic": "ours_atomic", "concat_sdpa_mask": "sdpa_mask",
          "concat_sdpa_causal": "sdpa_causal",
-         "concat_flex": "flex", "eager": "eager", "prefixattn_bank": "bank", "sequential": "sequential",
+         "concat_flex": "flex", "concat_flex_compiled": "flex_c", "eager": "eager", "prefixattn_bank": "bank",
+         "sequential": "sequential",
          "concat_gather": "gather", "peft_sdpa": "peft_sdpa", "peft_eager": "peft_eager",
          "prefixattn_patch": "ours"}
 
@@ -265,6 +267,13 @@ def markdown(doc: dict[str, Any]) -> str:
     if packed:
         parts += ["\n## Packed training step (a mixed-length batch: padding-free vs padded)\n",
                   packed_table(packed)]
+    cartridge = [r for r in recs if r.get("suite") == "cartridge"]
+    if cartridge:
+        parts += ["\n## Cartridges: long prefixes (P >> S)\n",
+                  "prefixattn against the concatenated cache + masked SDPA (PEFT's CARTRIDGE path) and the"
+                  " concatenated cache + FlexAttention block mask (Cartridges' trainer), same inputs.",
+                  micro_tables(cartridge), memory_table(cartridge, "fwd_bwd"),
+                  "\n### agreement with prefixattn\n", accuracy(cartridge)]
     bank = [r for r in recs if r.get("suite") == "bank"]
     if bank:
         parts += ["\n## Mixed-task batch: a bank of prefixes\n",
@@ -282,7 +291,8 @@ def compact(doc: dict[str, Any]) -> str:
     recs = doc["records"]
     out = [f"== {doc['device']} {doc['date']} torch {doc['torch']} triton {doc['triton']}"
            + ("  [CPU: NOT KERNEL SPEED]" if doc.get("cpu_only") else "")]
-    suites = (("micro", "prefixattn", "concat_sdpa_mask"), ("bank", "prefixattn_bank", "concat_gather"))
+    suites = (("micro", "prefixattn", "concat_sdpa_mask"), ("cartridge", "prefixattn", "concat_sdpa_mask"),
+              ("bank", "prefixattn_bank", "concat_gather"))
     for suite, ours, peft in suites:
         rs = [r for r in recs if r.get("suite", "micro") == suite]
         if not rs:

@@ -7,7 +7,8 @@
 Suites: ``micro`` (attention microbenchmarks, bench/micro.py; ``--budget`` seconds, 330 by default on
 a GPU, the shapes left are recorded as skipped), ``train`` (one prefix-tuning training step three
 ways, bench/train_step.py; a packed mixed-length batch, bench/train_packed.py) and ``bank`` (a
-mixed-task batch over a bank of prefixes, bench/bank.py).
+mixed-task batch over a bank of prefixes, bench/bank.py). ``cartridge`` (long prefixes, bench/cartridge.py)
+runs only when named: ``python -m bench cartridge`` (``--quick``: P = 2048, the GPU script's entry).
 The JSON and markdown are rewritten after every suite; a suite that fails is recorded in
 ``suite_errors`` and the exit status is 1. Runs that write to the same directory on the same device
 and day overwrite each other (one file per device and date): give split runs separate ``--out``.
@@ -32,7 +33,8 @@ from . import grid as G
 from .env import environment
 from .report import compact, write_all
 
-SUITES = ("micro", "train", "bank")
+SUITES = ("micro", "train", "bank", "cartridge")
+DEFAULT_SUITES = ("micro", "train", "bank")  # the cartridge grid runs when asked for
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m bench") -> argparse.Namespace:
@@ -47,8 +49,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="output directory (default: bench/results on a GPU, ./bench-cpu on a CPU)")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    ap.add_argument("--suites", default=",".join(SUITES),
-                    help=f"comma-separated subset of {','.join(SUITES)} (default: all)")
+    ap.add_argument("--suites", default=",".join(DEFAULT_SUITES),
+                    help=f"comma-separated subset of {','.join(SUITES)} "
+                         f"(default: {','.join(DEFAULT_SUITES)})")
     ap.add_argument("--providers", default=None,
                     help="comma-separated microbenchmark providers (default: all)")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
@@ -59,6 +62,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="seconds for the microbenchmark grid; shapes left when it runs out are recorded as"
                          " skipped (default: 330 on GPU, none on CPU)")
     ap.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time per measurement")
+    ap.add_argument("--grid", default=None, choices=sorted(G.GRIDS),
+                    help="the microbenchmark's shapes (default: full on GPU, cpu on CPU; quick with --quick)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,10 +78,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
         raise ValueError(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+    from .cartridge import PROVIDERS as CARTRIDGE_PROVIDERS
+
     providers = G.ALL_PROVIDERS if args.providers is None else tuple(args.providers.split(","))
-    unknown = [p for p in providers if p not in G.ALL_PROVIDERS]
+    known = G.ALL_PROVIDERS + tuple(p for p in CARTRIDGE_PROVIDERS if p not in G.ALL_PROVIDERS)
+    unknown = [p for p in providers if p not in known]
     if unknown:
-        raise ValueError(f"unknown provider(s) {unknown}; choose from {', '.join(G.ALL_PROVIDERS)}")
+        raise ValueError(f"unknown provider(s) {unknown}; choose from {', '.join(known)}")
     if args.rep_ms is not None and not args.rep_ms >= 0:
         raise ValueError(f"--rep-ms must be >= 0, got {args.rep_ms}")
     if args.budget is not None and not args.budget > 0:
@@ -105,13 +113,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for suite in [s for s in SUITES if s in suites]:
         try:
             if suite == "micro":
-                if gpu:
+                if args.grid:
+                    shapes = G.GRIDS[args.grid]()
+                elif gpu:
                     shapes = G.quick_grid() if args.quick else G.full_grid()
                 else:
                     shapes = G.smoke_grid() if args.quick else G.cpu_grid()
                 budget = args.budget if args.budget is not None else (330.0 if gpu else None)
                 deadline = None if budget is None else time.monotonic() + budget
                 new = _run_micro(shapes, device, providers, args.backend, deadline, rep_ms)
+            elif suite == "cartridge":
+                from .cartridge import run_cartridge_bench
+
+                budget = args.budget if args.budget is not None else (330.0 if gpu else None)
+                deadline = None if budget is None else time.monotonic() + budget
+                chosen = CARTRIDGE_PROVIDERS if args.providers is None else providers
+                new = run_cartridge_bench(device, quick=args.quick, backend=args.backend, rep_ms=rep_ms,
+                                          deadline=deadline, providers=chosen)
             elif suite == "train":
                 from .train_packed import run_packed_bench
                 from .train_step import run_train_bench

@@ -1,7 +1,8 @@
 """Timing and peak memory of one benchmark callable.
 
 CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, warm-up first, median of
-the repeats). CPU: wall clock, median of a few repeats; only a check that the harness runs.
+the repeats). CPU: wall clock, median of at least three repeats (more until ``rep_ms`` has passed);
+only a check that the harness runs.
 
 Peak memory is the extra memory one call needs on top of what was allocated before it
 (``torch.cuda.max_memory_allocated`` after a reset, minus ``memory_allocated`` at the start): the
@@ -33,8 +34,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none or []),
                               return_mode="median"))
     fn()  # warm-up
-    times = []
-    for _ in range(cpu_reps):
+    times: list[float] = []
+    start = time.perf_counter()
+    # at least cpu_reps calls, and more until rep_ms of wall time has passed (a median over more calls
+    # on a shared, noisy CPU); at most 1000
+    while len(times) < cpu_reps or ((time.perf_counter() - start) * 1e3 < rep_ms and len(times) < 1000):
         for t in grad_to_none or []:
             t.grad = None
         t0 = time.perf_counter()

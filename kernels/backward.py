@@ -42,14 +42,16 @@ from .common import (
     configs_from,
     dot_precision,
     fixed_config,
+    group_ptr,
+    head_dim_range,
     interpreting,
     load_tile,
     num_sms,
-    packed_row_offsets,
-    pick,
+    packed_rows,
     prefix_strides,
-    smem_estimate,
-    smem_limit,
+    row_ptrs,
+    smem_fits,
+    smem_prune,
 )
 from .forward import softcap_args
 from .masks import key_block_rows, row_block_keys, row_interval, scores
@@ -87,6 +89,41 @@ def _delta_kernel(
 
 
 @triton.jit
+def _dq_block(
+    dq, q, do, lse2, delta, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n, n_limit,
+    qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok,
+    MASK: tl.constexpr, LIMIT: tl.constexpr, HAS_KPM: tl.constexpr,
+    SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq += dS k over one block of keys [start_n, start_n + BLOCK_N)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_limit
+    k = load_tile(k_ptrs, n_ok, dk_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DK)
+    v = load_tile(v_ptrs, n_ok, dv_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DV)
+    if INTERPRET:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if HAS_KPM:
+        kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
+    else:
+        kp = n_ok
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s, t = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
+                  SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
+    if LIMIT:
+        if not MASK:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _dq_walk(
     dq, q, do, lse2, delta, lo_row, hi_row,
     K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd, KPM_ptr, stride_mn,
@@ -98,32 +135,22 @@ def _dq_walk(
     offs_n0 = tl.arange(0, BLOCK_N)
     k_ptrs = K_ptr + as_i64(lo) * stride_kn + offs_n0[:, None] * stride_kn + offs_dk[None, :] * stride_kd
     v_ptrs = V_ptr + as_i64(lo) * stride_vn + offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < n_limit
-        k = load_tile(k_ptrs, n_ok, dk_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DK)
-        v = load_tile(v_ptrs, n_ok, dv_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DV)
-        if INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if HAS_KPM:
-            kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
-        else:
-            kp = n_ok
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, t = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
-                      SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
-        if LIMIT:
-            if not MASK:
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+    if INTERPRET:  # a while loop: see common.py, "Loops under the interpreter"
+        start_n = lo
+        while start_n < hi:
+            dq = _dq_block(dq, q, do, lse2, delta, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n,
+                           n_limit, qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, MASK, LIMIT, HAS_KPM,
+                           SOFTCAP, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_N)
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+            start_n += BLOCK_N
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n,
+                           n_limit, qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, MASK, LIMIT, HAS_KPM,
+                           SOFTCAP, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_N)
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
     return dq
 
 
@@ -137,24 +164,30 @@ DKDV_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages): BLOCK_N keys resident, BL
 ]
 
 
-def _fits(resident_is_m: bool, es: int, width: int, limit: int):
-    """dq keeps q, do and dq (BLOCK_M rows) resident and streams k, v; dk/dv the reverse."""
-    def fits(bm, bn, stages):
-        a, b = (bm, bn) if resident_is_m else (bn, bm)
-        return smem_estimate(es, a, b, width, stages, 2) <= limit
-    return fits
+# Pinned configs by BLOCK_DK + BLOCK_DV, in order of preference (the first that fits the device is
+# launched), chosen by `python -m bench compile` on sm_90 (bench/TUNING.md, v5):
+# dq    128 (D=64): 128x64 w8 s2 (183 registers); 256 (D=80..128): 128x32 w8 s3 (220-240 registers,
+#       no spills; 128x64 w8 s2 spilled 56-80 B); 384/512: 64x32 w8 s2 (64x32 w4 spilled 752 B).
+# dk/dv 128: 64x128 w8 s2 (238 registers); 256: 32x128 w8 s2 (242-251 registers, no spills;
+#       64x128 w8 s2 spilled 8-416 B); 384/512: 32x64 w8 s2 (100-236 B of spills, wgmma not
+#       serialized; 32x64 w4 spilled 6440 B with wgmma serialized; 32x32 w4 spills 0-48 B but on mma.sync).
+DQ_PINNED = {
+    128: DQ_CONFIGS,
+    256: [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    384: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+    512: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+}
+DKDV_PINNED = {
+    128: DKDV_CONFIGS,
+    256: [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+    384: [(32, 64, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+    512: [(32, 64, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+}
 
 
-def _prune(resident_is_m: bool):
-    def prune(configs, named_args, **kwargs):
-        if interpreting():
-            return configs
-        width = (kwargs.get("BLOCK_DK", named_args.get("BLOCK_DK", 128))
-                 + kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 128))) // 2
-        q = named_args["Q"]
-        fits = _fits(resident_is_m, q.element_size(), width, smem_limit(q.device))
-        return pick(configs, lambda c: fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))
-    return prune
+def pinned_tables(width: int) -> tuple[list, list]:
+    """The pinned dq and dk/dv configs' candidates for BLOCK_DK + BLOCK_DV = width."""
+    return DQ_PINNED.get(width, DQ_CONFIGS), DKDV_PINNED.get(width, DKDV_CONFIGS)
 
 
 @triton.jit
@@ -184,20 +217,14 @@ def _dq_kernel_jit(
     hkv = pid_bh % Hkv
     causal_off = Sk - Sq
 
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = offs_r < R
-    i_row = offs_r // G
-    g_row = offs_r % G
-    offs_dk = tl.arange(0, BLOCK_DK)
-    dk_ok = offs_dk < DK
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
+    offs_r, r_ok, i_row, g_row = packed_rows(pid_m * BLOCK_M, G, R, BLOCK_M)
+    offs_dk, dk_ok = head_dim_range(BLOCK_DK, DK)
+    offs_dv, dv_ok = head_dim_range(BLOCK_DV, DV)
     flat = (as_i64(b) * Hkv * G + hkv * G + g_row) * Sq + i_row
-    row_q = packed_row_offsets(b, hkv, G, offs_r, stride_qb, stride_qh, stride_qm)
-    row_do = packed_row_offsets(b, hkv, G, offs_r, stride_dob, stride_doh, stride_dom)
-    q = load_tile(Q + row_q[:, None] + offs_dk[None, :] * stride_qd, r_ok, dk_ok, MASK_ROWS=True, EVEN_D=EVEN_DK)
-    do = load_tile(DO + row_do[:, None] + offs_dv[None, :] * stride_dod, r_ok, dv_ok, MASK_ROWS=True,
-                   EVEN_D=EVEN_DV)
+    q = load_tile(row_ptrs(group_ptr(Q, b, hkv, G, stride_qb, stride_qh), i_row, g_row, offs_dk,
+                           stride_qh, stride_qm, stride_qd), r_ok, dk_ok, MASK_ROWS=True, EVEN_D=EVEN_DK)
+    do = load_tile(row_ptrs(group_ptr(DO, b, hkv, G, stride_dob, stride_doh), i_row, g_row, offs_dv,
+                            stride_doh, stride_dom, stride_dod), r_ok, dv_ok, MASK_ROWS=True, EVEN_D=EVEN_DV)
     if INTERPRET:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -205,19 +232,22 @@ def _dq_kernel_jit(
     delta = tl.load(DELTA + flat, mask=r_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
 
-    # prefix
+    # prefix: the full blocks unmasked, then the partial last block
     if HAS_INDEX:
         prow = tl.load(PIDX + b).to(tl.int64)
     else:
         prow = as_i64(b)
-    dq = _dq_walk(
-        dq, q, do, lse2, delta, i_row, i_row,
-        PK + prow * stride_pkb + hkv * stride_pkh, PV + prow * stride_pvb + hkv * stride_pvh,
-        stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, stride_mn,
-        0, P, P, qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok,
-        MASK=False, LIMIT=True, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-        DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_P,
-    )
+    prefix_full = (P // BLOCK_P) * BLOCK_P
+    for part in tl.static_range(2):
+        dq = _dq_walk(
+            dq, q, do, lse2, delta, i_row, i_row,
+            PK + prow * stride_pkb + hkv * stride_pkh, PV + prow * stride_pvb + hkv * stride_pvh,
+            stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, stride_mn,
+            0 if part == 0 else prefix_full, prefix_full if part == 0 else P, P,
+            qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok,
+            MASK=False, LIMIT=part == 1, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
+            DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_P,
+        )
     # sequence: the same key blocks as the forward
     K_ptr = K + as_i64(b) * stride_kb + hkv * stride_kh
     V_ptr = V + as_i64(b) * stride_vb + hkv * stride_vh
@@ -245,22 +275,70 @@ def _dq_kernel_jit(
             DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N,
         )
     dq = dq * scale
-    row_dq = packed_row_offsets(b, hkv, G, offs_r, stride_dqb, stride_dqh, stride_dqm)
-    tl.store(DQ + row_dq[:, None] + offs_dk[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
-             mask=r_ok[:, None] & dk_ok[None, :])
+    dq_ptrs = row_ptrs(group_ptr(DQ, b, hkv, G, stride_dqb, stride_dqh), i_row, g_row, offs_dk,
+                       stride_dqh, stride_dqm, stride_dqd)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=r_ok[:, None] & dk_ok[None, :])
 
 
 _dq_kernel = triton.autotune(
     configs=configs_from(DQ_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "SOFTCAP",
          "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune(resident_is_m=True)},
+    prune_configs_by={"early_config_prune": smem_prune("dq")},
 )(_dq_kernel_jit)
 
 
 # ---------------------------------------------------------------------------------------------
 # dk, dv (sequence) and the prefix partials: one program per key block, walking the packed rows
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, kp, offs_n, start_r,
+    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
+    stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+    Sq, Sk, G, R, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
+    offs_dk, dk_ok, offs_dv, dv_ok,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, DK: tl.constexpr,
+):
+    """dk, dv of one key block from packed rows [start_r, start_r + BLOCK_M) (transposed scores)."""
+    offs_r, r_ok, i_row, g_row = packed_rows(start_r, G, R, BLOCK_M)
+    q = load_tile(row_ptrs(Q_ptr, i_row, g_row, offs_dk, stride_qh, stride_qm, stride_qd), r_ok, dk_ok,
+                  MASK_ROWS=True, EVEN_D=EVEN_DK)
+    do = load_tile(row_ptrs(DO_ptr, i_row, g_row, offs_dv, stride_doh, stride_dom, stride_dod), r_ok, dv_ok,
+                   MASK_ROWS=True, EVEN_D=EVEN_DV)
+    if INTERPRET:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    # rows past R read lse = +inf, so their p is exactly 0
+    lse2 = tl.load(LSE_ptr + g_row * Sq + i_row, mask=r_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA_ptr + g_row * Sq + i_row, mask=r_ok, other=0.0)
+    if MASK:
+        lo_row, hi_row = row_interval(i_row, r_ok, DocS, DocE, causal_off, Sk, window,
+                                      CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW)
+    else:
+        lo_row = i_row
+        hi_row = i_row
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    sT, tT = scores(qkT, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
+                    SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=True)
+    pT = tl.math.exp2(sT - lse2[None, :])
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
+        flat = g_row.to(tl.int64) * Sq + i_row
+        tl.atomic_add(DQ_ptr + (flat * DK)[:, None] + offs_dk[None, :], dq,
+                      mask=r_ok[:, None] & dk_ok[None, :])
+    return dk, dv
 
 
 @triton.jit
@@ -279,45 +357,24 @@ def _dkdv_walk(
     MASK: the rows' key intervals. With ATOMIC_DQ the same dS tile also gives this key block's share
     of dq (dS k), added with fp32 atomics: 5 matmuls per tile pair instead of 7 with the separate dq
     kernel, in varying order."""
-    offs_m0 = tl.arange(0, BLOCK_M)
-    for start_r in range(lo, hi, BLOCK_M):
-        offs_r = start_r + offs_m0
-        r_ok = offs_r < R
-        i_row = offs_r // G
-        g_row = offs_r % G
-        row_q = g_row.to(tl.int64) * stride_qh + i_row.to(tl.int64) * stride_qm
-        row_do = g_row.to(tl.int64) * stride_doh + i_row.to(tl.int64) * stride_dom
-        q = load_tile(Q_ptr + row_q[:, None] + offs_dk[None, :] * stride_qd, r_ok, dk_ok, MASK_ROWS=True,
-                      EVEN_D=EVEN_DK)
-        do = load_tile(DO_ptr + row_do[:, None] + offs_dv[None, :] * stride_dod, r_ok, dv_ok, MASK_ROWS=True,
-                       EVEN_D=EVEN_DV)
-        if INTERPRET:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        # rows past R read lse = +inf, so their p is exactly 0
-        lse2 = tl.load(LSE_ptr + g_row * Sq + i_row, mask=r_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA_ptr + g_row * Sq + i_row, mask=r_ok, other=0.0)
-        if MASK:
-            lo_row, hi_row = row_interval(i_row, r_ok, DocS, DocE, causal_off, Sk, window,
-                                          CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW)
-        else:
-            lo_row = i_row
-            hi_row = i_row
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        sT, tT = scores(qkT, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
-                        SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=True)
-        pT = tl.math.exp2(sT - lse2[None, :])
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        if SOFTCAP:
-            dsT = dsT * (1.0 - tT * tT)
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
-            flat = g_row.to(tl.int64) * Sq + i_row
-            tl.atomic_add(DQ_ptr + (flat * DK)[:, None] + offs_dk[None, :], dq,
-                          mask=r_ok[:, None] & dk_ok[None, :])
+    if INTERPRET:  # a while loop: see common.py, "Loops under the interpreter"
+        start_r = lo
+        while start_r < hi:
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, kp, offs_n, start_r, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
+                stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                Sq, Sk, G, R, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
+                offs_dk, dk_ok, offs_dv, dv_ok, MASK, CAUSAL, HAS_DOCS, HAS_WINDOW, HAS_KPM, SOFTCAP,
+                ATOMIC_DQ, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_M, DK)
+            start_r += BLOCK_M
+    else:
+        for start_r in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, kp, offs_n, start_r, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
+                stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                Sq, Sk, G, R, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
+                offs_dk, dk_ok, offs_dv, dv_ok, MASK, CAUSAL, HAS_DOCS, HAS_WINDOW, HAS_KPM, SOFTCAP,
+                ATOMIC_DQ, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_M, DK)
     return dk, dv
 
 
@@ -351,13 +408,11 @@ def _dkdv_kernel_jit(
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
     causal_off = Sk - Sq
-    offs_dk = tl.arange(0, BLOCK_DK)
-    dk_ok = offs_dk < DK
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
+    offs_dk, dk_ok = head_dim_range(BLOCK_DK, DK)
+    offs_dv, dv_ok = head_dim_range(BLOCK_DV, DV)
     bh_rows = (as_i64(b) * Hkv + hkv) * G * Sq  # first flat (b, h, i) row of this KV head's group
-    Q_ptr = Q + as_i64(b) * stride_qb + as_i64(hkv) * G * stride_qh
-    DO_ptr = DO + as_i64(b) * stride_dob + as_i64(hkv) * G * stride_doh
+    Q_ptr = group_ptr(Q, b, hkv, G, stride_qb, stride_qh)
+    DO_ptr = group_ptr(DO, b, hkv, G, stride_dob, stride_doh)
     LSE_ptr = LSE + bh_rows
     DELTA_ptr = DELTA + bh_rows
     DQ_ptr = DQ_ACC + bh_rows * DK  # fp32, contiguous (B, Hq, Sq, DK)
@@ -469,7 +524,7 @@ _dkdv_kernel = triton.autotune(
     configs=configs_from(DKDV_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "SOFTCAP",
          "DOT_PRECISION", "NUM_PREFIX_PROGRAMS", "DO_SEQUENCE", "DO_PREFIX_GRAD", "ATOMIC_DQ"],
-    prune_configs_by={"early_config_prune": _prune(resident_is_m=False)},
+    prune_configs_by={"early_config_prune": smem_prune("dkdv")},
     reset_to_zero=["DP_ACC_K", "DP_ACC_V", "DQ_ACC"],
 )(_dkdv_kernel_jit)
 
@@ -483,25 +538,40 @@ _dkdv_kernel = triton.autotune(
 def _reduce_prefix_kernel(
     PART, PIDX, OUT, B, SPLITS, X,
     MODE: tl.constexpr,  # 0: shared (every row), 1: per row (row n), 2: bank (rows with index n)
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     n = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < X
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # rows [r0, r1) of the partials (batch row b, split s at row b * SPLITS + s) that add into entry n
     if MODE == 1:
-        for s in range(SPLITS):
-            acc += tl.load(PART + (as_i64(n) * SPLITS + s) * X + offs, mask=mask, other=0.0)
+        r0 = as_i64(n) * SPLITS
+        r1 = r0 + SPLITS
     else:
-        for b in range(B):
-            if MODE == 0:
-                use = True
-            else:
-                use = tl.load(PIDX + b) == n
-            if use:
-                for s in range(SPLITS):
-                    acc += tl.load(PART + (as_i64(b) * SPLITS + s) * X + offs, mask=mask, other=0.0)
+        r0 = as_i64(0)
+        r1 = as_i64(B) * SPLITS
+    if INTERPRET:  # a while loop: see common.py, "Loops under the interpreter"
+        r = r0
+        while r < r1:
+            acc = _add_partial(acc, PART, PIDX, r, n, SPLITS, X, offs, mask, MODE)
+            r += 1
+    else:
+        for r in range(r0, r1):
+            acc = _add_partial(acc, PART, PIDX, r, n, SPLITS, X, offs, mask, MODE)
     tl.store(OUT + as_i64(n) * X + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_partial(acc, PART, PIDX, r, n, SPLITS, X, offs, mask, MODE: tl.constexpr):
+    """Add partial row r (batch row r // SPLITS) when it belongs to entry n (a bank: the rows whose
+    prefix_index is n; otherwise every row of the range)."""
+    if MODE == 2:
+        if tl.load(PIDX + r // SPLITS) == n:
+            acc += tl.load(PART + r * X + offs, mask=mask, other=0.0)
+    else:
+        acc += tl.load(PART + r * X + offs, mask=mask, other=0.0)
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,7 +651,7 @@ def attention_backward(
         return dq, dk, dv, dpk, dpv, dsinks
 
     BLOCK_DK, BLOCK_DV = block_d(Dk), block_d(Dv)
-    BLOCK_P = block_p(P, 64)
+    BLOCK_P = block_p(P, BLOCK_DK, BLOCK_DV)
     precision = dot_precision(q.dtype)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     kpm_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
@@ -590,8 +660,8 @@ def attention_backward(
     doce = doc_end.contiguous() if has_docs else q
     pidx = prefix_index if prefix_index is not None else q
     a, c = softcap_args(scale, softcap)
-    width = (BLOCK_DK + BLOCK_DV) // 2
-    es, limit = q.element_size(), smem_limit(q.device)
+    es = q.element_size()
+    dq_table, dkdv_table = pinned_tables(BLOCK_DK + BLOCK_DV)
     flags = dict(
         DK=Dk, DV=Dv, EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
@@ -616,7 +686,7 @@ def attention_backward(
     # deterministic=False with dk/dv wanted: dq comes from the dk/dv kernel's dS tiles via fp32 atomics
     atomic_dq = need_dq and need_dkv and not deterministic
     if need_dq and not atomic_dq:
-        pinned = fixed_config(DQ_CONFIGS, _fits(True, es, width, limit)) if deterministic else None
+        pinned = fixed_config(dq_table, smem_fits("dq", flags, es, q.device)) if deterministic else None
         _launch(
             _dq_kernel, _dq_kernel_jit, lambda m: (triton.cdiv(R, m["BLOCK_M"]), B * Hkv),
             (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, dq,
@@ -653,7 +723,9 @@ def attention_backward(
             seq_programs = triton.cdiv(Sk, meta["BLOCK_N"]) if need_dkv else 0
             return (n_prefix_programs + seq_programs, B * Hkv)
 
-        pinned = fixed_config(DKDV_CONFIGS, _fits(False, es, width, limit)) if deterministic else None
+        dkdv_meta = dict(flags, ATOMIC=atomic, SHARED_PREFIX=prefix_k.dim() == 3,
+                         DO_SEQUENCE=need_dkv, DO_PREFIX_GRAD=need_dprefix, ATOMIC_DQ=atomic_dq)
+        pinned = fixed_config(dkdv_table, smem_fits("dkdv", dkdv_meta, es, q.device)) if deterministic else None
         _launch(
             _dkdv_kernel, _dkdv_kernel_jit, grid,
             (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, dk_arg, dv_arg,
@@ -663,9 +735,7 @@ def attention_backward(
              scale, scale * LOG2E, a, c,
              n_prefix_programs, splits, rows_per_split,
              bucket(R), bucket(Sk)),
-            dict(flags, ATOMIC=atomic, SHARED_PREFIX=prefix_k.dim() == 3,
-                 DO_SEQUENCE=need_dkv, DO_PREFIX_GRAD=need_dprefix, ATOMIC_DQ=atomic_dq),
-            pinned,
+            dkdv_meta, pinned,
         )
         if atomic_dq:
             dq.copy_(dq_acc)
@@ -681,7 +751,7 @@ def attention_backward(
                 dpv_c = dpv if dpv.is_contiguous() else torch.empty_like(dpv, memory_format=torch.contiguous_format)
                 for part, dst, X in ((part_k, dpk_c, Hkv * P * Dk), (part_v, dpv_c, Hkv * P * Dv)):
                     _reduce_prefix_kernel[(n_entries, triton.cdiv(X, RB))](
-                        part, pidx, dst, B, splits, X, MODE=mode, BLOCK=RB,
+                        part, pidx, dst, B, splits, X, MODE=mode, BLOCK=RB, INTERPRET=interpreting(),
                     )
                 dpk, dpv = dpk_c, dpv_c
     return dq, dk, dv, dpk, dpv, dsinks

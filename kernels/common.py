@@ -7,21 +7,29 @@ Sq = 1 still fill a block of rows), and dk/dv come out already summed over the g
 
 Offsets: every pointer offset that scales with B, H or S is computed in int64 (a row index times
 a row stride wraps int32 at long sequences); only the offsets inside one tile stay int32.
+
+Loops under the interpreter: a loop whose bound is a tensor is written twice, ``for ... in
+range(lo, hi, step)`` compiled and a ``while`` loop when INTERPRET, with the body in one @triton.jit
+helper that both call (the compiled code is the same for-loop as ever; the software pipeliner only
+works on for-loops). Triton 3.6's interpreter holds every scalar as a 1-element array and turns a
+range bound into a Python int with int(array), which NumPy 2 refuses ("only 0-dimensional arrays
+can be converted to Python scalars"; triton 3.7+ squeezes first); a while condition only needs
+bool(array), which NumPy allows for one element.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .config import settings
+from .device import CPU, device_facts
+from .smem import smem_bytes
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-DEFAULT_SMEM = 160 * 1024  # bytes a config may plan for when the device cannot say (CPU, interpreter)
+DEFAULT_SMEM = CPU.smem_per_block  # bytes a config may plan for when the device cannot say (CPU, interpreter)
 
 
 def interpreting() -> bool:
@@ -42,44 +50,33 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def block_p(num_prefix: int, block_n: int) -> int:
-    """Key block for the prefix: no wider than the prefix (P = 16 should not pay for 64 columns)."""
-    return max(16, min(block_n, triton.next_power_of_2(max(num_prefix, 1))))
+def block_p(num_prefix: int, block_dk: int, block_dv: int) -> int:
+    """Key block for the prefix: no wider than the prefix (P = 16 should not pay for 64 columns);
+    64 slots, or 32 at head dims over 128 (a 64-slot prefix tile of D = 256 needs as much shared
+    memory and registers as the rest of the kernel)."""
+    widest = 64 if block_dk + block_dv <= 256 else 32
+    return max(16, min(widest, triton.next_power_of_2(max(num_prefix, 1))))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (users ask for fp32 to match a reference to 1e-4);
-    # half inputs ignore this and use the tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.cache
-def _device_props(index: int):
-    return torch.cuda.get_device_properties(index)
+    """How tl.dot multiplies. Half inputs: on the tensor cores (the setting does not apply). fp32
+    inputs: as torch multiplies fp32 matrices on CUDA, on the TF32 tensor cores when torch allows it
+    (``torch.backends.cuda.matmul.allow_tf32 = True``, or ``torch.set_float32_matmul_precision("high")``
+    which sets it), else exact fp32 products ("ieee": FMA units, no tensor cores, several times slower;
+    torch's default, and what matches a float64 reference to 1e-4)."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _device_props(device.index if device.index is not None else torch.cuda.current_device()
-                             ).multi_processor_count
-    return 4
-
-
-# smem_estimate is rough (the compiler adds its own buffers and layout conversions), so a config
-# plans for this share of the device's limit: 0.7 x 227 KiB on an H100 is the ~160 KiB the
-# kernels' tables were tuned with, and smaller devices scale down instead of failing to launch.
-SMEM_SHARE = 0.7
+    return device_facts(device).sms
 
 
 def smem_limit(device: torch.device) -> int:
-    """Shared memory a config may plan for: a share of the device's opt-in limit per block when it
-    reports one, else DEFAULT_SMEM."""
-    if device.type == "cuda":
-        props = _device_props(device.index if device.index is not None else torch.cuda.current_device())
-        optin = getattr(props, "shared_memory_per_block_optin", 0)
-        if optin:
-            return int(optin * SMEM_SHARE)
-    return DEFAULT_SMEM
+    """Shared memory one program may use on the device (smem_bytes counts every tile, so the
+    whole opt-in limit is usable)."""
+    return device_facts(device).smem_per_block
 
 
 def bucket(n: int) -> int:
@@ -98,12 +95,6 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def smem_estimate(elsize: int, a_rows: int, b_rows: int, width: int, stages: int, resident: int) -> int:
-    """Rough shared memory of a config: `resident` tiles of a_rows x width kept for the whole
-    program plus two streamed b_rows x width tiles per pipeline stage."""
-    return elsize * width * (resident * a_rows + 2 * stages * b_rows)
-
-
 INTERPRET_CONFIG = (16, 16, 4, 1)
 
 
@@ -114,14 +105,29 @@ def configs_from(table):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
 
 
-def pick(configs, fits):
-    """Autotune on: every config (the autotuner measures); off: the first (in preference order) that fits."""
-    if settings().autotune:
-        return configs
-    for c in configs:
-        if fits(c):
-            return [c]
-    return configs[-1:]
+def smem_fits(kernel: str, meta: dict, elsize: int, device: torch.device):
+    """fits(bm, bn, warps, stages): whether a config of `kernel` with these constexprs fits the device."""
+    limit, precision = smem_limit(device), meta["DOT_PRECISION"]
+
+    def fits(bm: int, bn: int, warps: int, stages: int) -> bool:
+        return smem_bytes(kernel, {**meta, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages, elsize, precision) <= limit
+    return fits
+
+
+def smem_prune(kernel: str):
+    """An ``early_config_prune`` for triton.autotune: drop the candidates that do not fit the device's
+    shared memory before the autotuner compiles them (each would cost a compile and then fail to
+    launch). Autotune off: the first candidate that fits."""
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            return configs
+        q = named_args["Q"]
+        fits = smem_fits(kernel, {**named_args, **kwargs}, q.element_size(), q.device)
+        keep = [c for c in configs if fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
+        if not settings().autotune:
+            keep = keep[:1]
+        return keep or configs[-1:]
+    return prune
 
 
 def fixed_config(table, fits) -> dict:
@@ -130,7 +136,7 @@ def fixed_config(table, fits) -> dict:
     same kind of GPU launch the same config (deterministic gradients; no tuning on decode steps)."""
     if interpreting():
         table = [INTERPRET_CONFIG]
-    row = next((r for r in table if fits(r[0], r[1], r[3])), table[-1])
+    row = next((r for r in table if fits(*r)), table[-1])
     return dict(BLOCK_M=row[0], BLOCK_N=row[1], num_warps=row[2], num_stages=row[3])
 
 
@@ -174,8 +180,28 @@ def store_tile(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def packed_row_offsets(b, hkv, G, offs_r, stride_b, stride_h, stride_m):
-    """int64 offsets of packed rows r (head hkv*G + r % G, position r // G) of batch row b."""
-    i_row = offs_r // G
-    g_row = offs_r % G
-    return (as_i64(b) * stride_b + (as_i64(hkv) * G + g_row) * stride_h + i_row.to(tl.int64) * stride_m)
+def packed_rows(start, G, R, BLOCK_M: tl.constexpr):
+    """Packed rows [start, start + BLOCK_M) of one KV head: (offs_r, r_ok, i_row, g_row), row r being
+    query position i = r // G of the group's head g = r % G."""
+    offs_r = start + tl.arange(0, BLOCK_M)
+    return offs_r, offs_r < R, offs_r // G, offs_r % G
+
+
+@triton.jit
+def group_ptr(ptr, b, hkv, G, stride_b, stride_h):
+    """Pointer of batch row b, head hkv * G: the first query head of KV head hkv's group (int64)."""
+    return ptr + as_i64(b) * stride_b + as_i64(hkv) * G * stride_h
+
+
+@triton.jit
+def row_ptrs(base, i_row, g_row, offs_d, stride_h, stride_m, stride_d):
+    """Pointers of a (rows, D) tile of packed rows from their group's pointer (``group_ptr``); the
+    row offsets in int64."""
+    rows = g_row.to(tl.int64) * stride_h + i_row.to(tl.int64) * stride_m
+    return base + rows[:, None] + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def head_dim_range(BLOCK_D: tl.constexpr, D: tl.constexpr):
+    offs = tl.arange(0, BLOCK_D)
+    return offs, offs < D

@@ -18,11 +18,22 @@ from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
+class DeviceFacts:
+    """What the launchers need to know about a GPU (kernels/device.py asks the device for them)."""
+
+    name: str
+    sms: int
+    smem_per_block: int  # bytes, opt-in maximum per block
+    capability: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
 class KernelSettings:
     interpret: bool = False
     autotune: bool = True
     poison: bool = False
     splits: int = 0  # 0: the heuristic decides
+    device: DeviceFacts | None = None  # plan launches for this GPU instead of asking (bench compile)
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> KernelSettings:

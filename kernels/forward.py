@@ -42,18 +42,61 @@ from .common import (
     configs_from,
     dot_precision,
     fixed_config,
+    group_ptr,
+    head_dim_range,
     interpreting,
     load_tile,
     num_sms,
-    packed_row_offsets,
-    pick,
+    packed_rows,
     prefix_strides,
-    smem_estimate,
-    smem_limit,
+    row_ptrs,
+    smem_fits,
+    smem_prune,
     store_tile,
 )
 from .config import settings
 from .masks import row_block_keys, row_interval, scores
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n, n_limit,
+    qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok,
+    MASK: tl.constexpr, LIMIT: tl.constexpr, HAS_KPM: tl.constexpr,
+    MAYBE_EMPTY: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
+    SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Fold one block of keys [start_n, start_n + BLOCK_N) into the running (acc, l, m)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_limit
+    k = load_tile(k_ptrs, n_ok, dk_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DK)
+    v = load_tile(v_ptrs, n_ok, dv_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DV)
+    if INTERPRET:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if HAS_KPM:
+        kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
+    else:
+        kp = n_ok
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s, _ = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
+                  SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
+    if LIMIT:
+        if not MASK:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MAYBE_EMPTY:  # a row may have seen nothing yet (m = -inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -72,38 +115,24 @@ def _attend(
     offs_n0 = tl.arange(0, BLOCK_N)
     k_ptrs = K_ptr + as_i64(lo) * stride_kn + offs_n0[:, None] * stride_kn + offs_dk[None, :] * stride_kd
     v_ptrs = V_ptr + as_i64(lo) * stride_vn + offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < n_limit
-        k = load_tile(k_ptrs, n_ok, dk_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DK)
-        v = load_tile(v_ptrs, n_ok, dv_ok, MASK_ROWS=LIMIT, EVEN_D=EVEN_DV)
-        if INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if HAS_KPM:
-            kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
-        else:
-            kp = n_ok
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _ = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
-                      SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
-        if LIMIT:
-            if not MASK:
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MAYBE_EMPTY:  # a row may have seen nothing yet (m = -inf)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_safe = m_new
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+    if INTERPRET:  # a while loop: see common.py, "Loops under the interpreter"
+        start_n = lo
+        while start_n < hi:
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n, n_limit,
+                qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, MASK, LIMIT, HAS_KPM, MAYBE_EMPTY,
+                EVEN_DK, EVEN_DV, SOFTCAP, INTERPRET, DOT_PRECISION, BLOCK_N)
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+            start_n += BLOCK_N
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n, n_limit,
+                qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, MASK, LIMIT, HAS_KPM, MAYBE_EMPTY,
+                EVEN_DK, EVEN_DV, SOFTCAP, INTERPRET, DOT_PRECISION, BLOCK_N)
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -115,18 +144,21 @@ SPLIT_GRANULE = 128  # keys per split are a multiple of every BLOCK_N
 DECODE_ROWS = 64  # R <= this: a fixed config (no autotuning every time the cache grows)
 
 
-def _fits(es: int, width: int, limit: int):
-    return lambda bm, bn, stages: smem_estimate(es, bm, bn, width, stages, 1) <= limit
+# Pinned configs by BLOCK_DK + BLOCK_DV, in order of preference (the first that fits the device is
+# launched). Chosen by `python -m bench compile` on sm_90 (bench/TUNING.md, v5): no spills in bf16/fp16.
+# 256 (D = 80..128): 128x64 w8 s3 (253 registers). 512 (D = 192, 256): 64x32 w8 s2, no spills (the
+# old 64x32 w4 spilled 556 B at 255 registers).
+FWD_PINNED = {
+    128: FWD_CONFIGS,
+    256: FWD_CONFIGS,
+    384: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+    512: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+}
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    if interpreting():
-        return configs
-    width = (kwargs.get("BLOCK_DK", named_args.get("BLOCK_DK", 128))
-             + kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 128))) // 2
-    q = named_args["Q"]
-    fits = _fits(q.element_size(), width, smem_limit(q.device))
-    return pick(configs, lambda c: fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))
+def pinned_table(width: int) -> list[tuple[int, int, int, int]]:
+    """The pinned config's candidates for BLOCK_DK + BLOCK_DV = width."""
+    return FWD_PINNED.get(width, FWD_CONFIGS)
 
 
 @triton.jit
@@ -166,16 +198,12 @@ def _fwd_kernel_jit(
         prefix_hi = P
 
     # ---- the block of packed rows: (query head hkv*G + g, position i) ----
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = offs_r < R
-    i_row = offs_r // G
-    g_row = offs_r % G
-    offs_dk = tl.arange(0, BLOCK_DK)
-    dk_ok = offs_dk < DK
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
-    row_q = packed_row_offsets(b, hkv, G, offs_r, stride_qb, stride_qh, stride_qm)
-    q = load_tile(Q + row_q[:, None] + offs_dk[None, :] * stride_qd, r_ok, dk_ok, MASK_ROWS=True, EVEN_D=EVEN_DK)
+    offs_r, r_ok, i_row, g_row = packed_rows(pid_m * BLOCK_M, G, R, BLOCK_M)
+    offs_dk, dk_ok = head_dim_range(BLOCK_DK, DK)
+    offs_dv, dv_ok = head_dim_range(BLOCK_DV, DV)
+    q_ptrs = row_ptrs(group_ptr(Q, b, hkv, G, stride_qb, stride_qh), i_row, g_row, offs_dk,
+                      stride_qh, stride_qm, stride_qd)
+    q = load_tile(q_ptrs, r_ok, dk_ok, MASK_ROWS=True, EVEN_D=EVEN_DK)
     if INTERPRET:
         q = q.to(tl.float32)
 
@@ -193,20 +221,23 @@ def _fwd_kernel_jit(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # ---- stage 1: the prefix (shared, per row, or this row's bank entry), always visible ----
+    # ---- stage 1: the prefix (shared, per row, or this row's bank entry), always visible: ----
+    # ---- the full blocks with no mask at all, then the partial last block                ----
     if HAS_INDEX:
         prow = tl.load(PIDX + b).to(tl.int64)
     else:
         prow = as_i64(b)
     PK_ptr = PK + prow * stride_pkb + hkv * stride_pkh
     PV_ptr = PV + prow * stride_pvb + hkv * stride_pvh
-    acc, l_i, m_i = _attend(
-        acc, l_i, m_i, q, i_row, i_row, PK_ptr, PV_ptr, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-        KPM, stride_mn, 0, prefix_hi, P, qk_scale, softcap_scale, softcap_mul,
-        offs_dk, dk_ok, offs_dv, dv_ok,
-        MASK=False, LIMIT=True, HAS_KPM=False, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV,
-        SOFTCAP=SOFTCAP, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
-    )
+    prefix_full = (prefix_hi // BLOCK_P) * BLOCK_P
+    for part in tl.static_range(2):
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, q, i_row, i_row, PK_ptr, PV_ptr, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+            KPM, stride_mn, 0 if part == 0 else prefix_full, prefix_full if part == 0 else prefix_hi, P,
+            qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok,
+            MASK=False, LIMIT=part == 1, HAS_KPM=False, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_DK=EVEN_DK,
+            EVEN_DV=EVEN_DV, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
+        )
 
     # ---- stage 2: the sequence keys some row of the block sees ----
     K_ptr = K + as_i64(b) * stride_kb + hkv * stride_kh
@@ -256,9 +287,9 @@ def _fwd_kernel_jit(
         tl.store(LsePart + part, tl.where(empty, float("-inf"), lse_seen), mask=r_ok)
     else:
         lse = tl.where(empty, float("inf"), lse_seen)
-        row_o = packed_row_offsets(b, hkv, G, offs_r, stride_ob, stride_oh, stride_om)
-        store_tile(Out + row_o[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), r_ok, dv_ok,
-                   EVEN_D=EVEN_DV)
+        o_ptrs = row_ptrs(group_ptr(Out, b, hkv, G, stride_ob, stride_oh), i_row, g_row, offs_dv,
+                          stride_oh, stride_om, stride_od)
+        store_tile(o_ptrs, out.to(Out.dtype.element_ty), r_ok, dv_ok, EVEN_D=EVEN_DV)
         tl.store(Lse + flat, lse, mask=r_ok)
 
 
@@ -266,31 +297,50 @@ _fwd_kernel = triton.autotune(
     configs=configs_from(FWD_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "HAS_SINKS",
          "SOFTCAP", "DOT_PRECISION", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _prune_fwd},
+    prune_configs_by={"early_config_prune": smem_prune("fwd")},
 )(_fwd_kernel_jit)
+
+
+@triton.jit
+def _split_weight(LsePart, OPart, s, N_ROWS, offs_r, r_ok, offs_d, mask, m_safe, DV: tl.constexpr):
+    w = tl.exp(tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")) - m_safe)
+    o = tl.load(OPart + (s * N_ROWS + offs_r)[:, None] * DV + offs_d[None, :], mask=mask, other=0.0)
+    return w, o
 
 
 @triton.jit
 def _combine_splits_kernel(
     OPart, LsePart, Out, Lse, N_ROWS, SPLITS, Hq, Sq,
     stride_ob, stride_oh, stride_om, stride_od,
-    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, h, i) rows
     r_ok = offs_r < N_ROWS
     offs_d = tl.arange(0, BLOCK_DV)
     mask = r_ok[:, None] & (offs_d < DV)[None, :]
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s in range(SPLITS):
-        m = tl.maximum(m, tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     w_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-    for s in range(SPLITS):
-        w = tl.exp(tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")) - m_safe)
-        o = tl.load(OPart + (s * N_ROWS + offs_r)[:, None] * DV + offs_d[None, :], mask=mask, other=0.0)
-        w_sum += w
-        acc += w[:, None] * o
+    if INTERPRET:  # while loops: see common.py, "Loops under the interpreter"
+        s = 0
+        while s < SPLITS:
+            m = tl.maximum(m, tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")))
+            s += 1
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        s = 0
+        while s < SPLITS:
+            w, o = _split_weight(LsePart, OPart, s, N_ROWS, offs_r, r_ok, offs_d, mask, m_safe, DV)
+            w_sum += w
+            acc += w[:, None] * o
+            s += 1
+    else:
+        for s in range(SPLITS):
+            m = tl.maximum(m, tl.load(LsePart + s * N_ROWS + offs_r, mask=r_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for s in range(SPLITS):
+            w, o = _split_weight(LsePart, OPart, s, N_ROWS, offs_r, r_ok, offs_d, mask, m_safe, DV)
+            w_sum += w
+            acc += w[:, None] * o
     empty = w_sum == 0.0
     w_safe = tl.where(empty, 1.0, w_sum)
     b = offs_r // (Hq * Sq)
@@ -325,11 +375,15 @@ def softcap_args(scale: float, softcap: float) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def decode_config(R: int, es: int, width: int, device: torch.device) -> dict:
-    """The fixed config of short row counts (decode steps): rows padded to a power of two >= 16."""
+def decode_config(R: int, width: int, fits) -> dict:
+    """The fixed config of short row counts (decode steps): rows padded to a power of two >= 16.
+    Decode is memory-bound and launches only ~2 programs per SM (split-K), so the tables keep a
+    program near 70 KiB of shared memory (3 per SM) rather than the largest tile that fits:
+    key blocks of 128 at D <= 64, 64 (3 stages) at D <= 128, 64 (2 stages) above."""
     bm = max(16, min(DECODE_ROWS, triton.next_power_of_2(R)))
     table = [(bm, 128, 4, 3), (bm, 64, 4, 3), (bm, 64, 4, 2), (bm, 32, 4, 1)]
-    return fixed_config(table, _fits(es, width, smem_limit(device)))
+    skip = 0 if width <= 128 else 1 if width <= 256 else 2
+    return fixed_config(table[skip:], fits)
 
 
 def attention_forward(
@@ -402,13 +456,13 @@ def attention_forward(
         HAS_DOCS=has_docs, HAS_WINDOW=window > 0, HAS_SINKS=sinks is not None,
         SOFTCAP=softcap > 0, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
         EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
-        BLOCK_P=block_p(P, 64),
+        BLOCK_P=block_p(P, BLOCK_DK, BLOCK_DV),
     )
-    width = (BLOCK_DK + BLOCK_DV) // 2
+    fits = smem_fits("fwd", meta, q.element_size(), q.device)
     if R <= DECODE_ROWS:
-        cfg = decode_config(R, q.element_size(), width, q.device)
+        cfg = decode_config(R, BLOCK_DK + BLOCK_DV, fits)
     elif deterministic:
-        cfg = fixed_config(FWD_CONFIGS, _fits(q.element_size(), width, smem_limit(q.device)))
+        cfg = fixed_config(pinned_table(BLOCK_DK + BLOCK_DV), fits)
     else:
         cfg = None
     if cfg is not None:
@@ -420,6 +474,6 @@ def attention_forward(
         n_rows = B * Hq * Sq
         _combine_splits_kernel[(triton.cdiv(n_rows, 16),)](
             o_part, lse_part, out, lse, n_rows, splits, Hq, Sq, *out.stride(),
-            DV=Dv, BLOCK_R=16, BLOCK_DV=BLOCK_DV,
+            DV=Dv, BLOCK_R=16, BLOCK_DV=BLOCK_DV, INTERPRET=interpreting(),
         )
     return out, lse

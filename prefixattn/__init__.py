@@ -25,6 +25,8 @@ _LAZY = {
     "save_prefix": "prefix",
     "load_prefix": "prefix",
     "save_peft": "prefix",
+    "compose_cartridges": "prefix",
+    "init_prefix_from_cache": "hf",
 }
 
 __all__ = ["prefix_attention", "Documents", "__version__", *_LAZY]

@@ -1,8 +1,10 @@
-"""Pure-PyTorch prefix attention: the CPU path and the fallback.
+"""Pure-PyTorch prefix attention written out plainly: the oracle the fast paths are tested against (in
+float64), not a path ``prefix_attention`` runs (its torch backend is ops/torch_backend.py).
 
 Same semantics as the Triton kernels (see ``prefixattn.ops.prefix_attention``), written with plain
-differentiable torch ops so that autograd gives every gradient (sinks included). It never repeats
-K/V over the GQA group (the query heads are grouped and broadcast against their KV head) and never
+differentiable torch ops so that autograd gives every gradient (sinks included). It materializes the
+(Sq, P + Sk) scores. It never repeats K/V over the GQA group (the query heads are grouped and broadcast
+against their KV head) and never
 expands a shared prefix over the batch: the prefix scores come from a broadcast matmul, so
 autograd's reduction of that broadcast is the prefix gradient summed over the batch.
 

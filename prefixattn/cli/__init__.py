@@ -1,7 +1,9 @@
-"""The ``prefixattn`` command: ``info``, ``train``. (Benchmarks: ``python -m bench`` from a checkout.)
+"""The ``prefixattn`` command: ``info``, ``train``, ``serve``. (Benchmarks: ``python -m bench``, from a
+checkout.)
 
 prefixattn info                     versions, device, usable backends
 prefixattn train [--steps N] [--out DIR] [--model HF_DIR] [--data FILE.jsonl] [--resume]  (--help: all)
+prefixattn serve MODEL_DIR --prefix NAME=ADAPTER [...] [vLLM options]     (prefixattn.serve)
 """
 
 from __future__ import annotations
@@ -52,10 +54,18 @@ or a sequence classifier ({"text", "label"} lines; its head trains with the pref
   prefixattn train --model DIR --data train.jsonl --prefix-tokens 32 --steps 1000 --out runs/x
   prefixattn train --out runs/x --resume                       continue after an interruption
   prefixattn train --out runs/x --resume --steps 2000          train longer (constant LR schedule)
+  prefixattn train --cartridge --prefix-tokens 64              the demo as a cartridge (see below)
+  prefixattn train --model DIR --data qa.jsonl --cartridge --prefix-tokens 2048 --init-text corpus.txt
   torchrun --nproc-per-node 4 $(which prefixattn) train ...    4 data-parallel processes
   accelerate launch $(which prefixattn) train ...              the same through accelerate
 
 --batch-size is per process: N processes with batch b train like one with N * b.
+
+--cartridge trains a cartridge (PEFT's CARTRIDGE type; Eyuboglu et al. 2025): a long raw prefix whose
+first --frozen-tokens (1) never train, initialised from the frozen model's keys and values of a corpus
+(--init-text FILE: its first P tokens, repeated when shorter); OUT/adapter is a CARTRIDGE adapter. The
+question/answer (self-study) data is yours (--data); the demo initialises from the built-in task's
+corpus (the permutation written out) and trains on the built-in task.
 
 --resume continues the latest complete checkpoint in OUT with the run's own settings: the options
 left out take the run's values, not the defaults below. Options given again must agree with the
@@ -97,6 +107,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prefix")
     g.add_argument("--prefix-tokens", type=pos_i, metavar="P", default=16, help="P, virtual tokens per layer")
     g.add_argument("--prefix-projection", action="store_true", help="PEFT's MLP reparameterization")
+    g.add_argument("--cartridge", action="store_true",
+                   help="train a cartridge (PEFT's CARTRIDGE type: no MLP, the first --frozen-tokens frozen)")
+    g.add_argument("--frozen-tokens", type=int, metavar="N", default=None,
+                   help="a cartridge's frozen leading tokens (default 1, PEFT's: an attention sink)")
+    g.add_argument("--init-text", metavar="FILE", default=None,
+                   help="initialise the prefix with the frozen model's keys/values of this UTF-8 text (its "
+                        "first P tokens); default: random, or the built-in corpus for a --cartridge demo")
     g.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="attention backend: auto is triton on a CUDA GPU, else torch")
     g.add_argument("--ignore-attention-dropout", action="store_true",
@@ -148,7 +165,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The command's parser; ``defaults=False`` leaves out every train option that was not given (so
     ``--resume`` can tell an option given on the command line from a default)."""
     ap = argparse.ArgumentParser(prog="prefixattn", description="Fused prefix-tuning attention: tools.")
-    sub = ap.add_subparsers(dest="command", metavar="{info,train}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,train,serve}")
     sub.required = True
 
     p = sub.add_parser("info", help="versions, device, usable backends")
@@ -162,6 +179,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         for action in p._actions:
             action.default = argparse.SUPPRESS
     p.set_defaults(func=cmd_train)
+    sub.add_parser("serve", help="serve tuned prefixes on vLLM (prefixattn serve --help)", add_help=False)
     return ap
 
 
@@ -172,6 +190,11 @@ def given_train_options(argv: list[str] | None) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # parses its own options (vLLM's pass through); loads no vLLM for `train`
+        from ..serve.cli import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
         args.given = given_train_options(argv)

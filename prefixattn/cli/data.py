@@ -61,6 +61,10 @@ class SuccessorTask:
         f = "".join(chr(ord("a") + int(i)) for i in self.perm)
         return f"successor task: next letter under a fixed permutation of a..p (abc..p -> {f})"
 
+    def corpus(self) -> str:
+        """The task's facts as a document (the demo's cartridge corpus): each letter, then its successor."""
+        return " ".join(chr(ord("a") + x) + chr(ord("a") + int(self.perm[x])) for x in range(self.letters))
+
 
 class Examples:
     """Tokenized examples held in memory (a JSONL file's train or eval part)."""

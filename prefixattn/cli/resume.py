@@ -22,7 +22,7 @@ MAY_CHANGE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints",
 # what the command does, not what it trains: never taken from the checkpoint
 NOT_SETTINGS = frozenset({"out", "resume", "overwrite"})
 # settings that are paths: compared (and saved) as absolute paths, so a run resumes from any directory
-PATHS = ("model", "data")
+PATHS = ("model", "data", "init_text")
 DECAYING = ("linear", "cosine")
 
 

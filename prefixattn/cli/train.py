@@ -17,8 +17,9 @@ Output directory::
                                RNG states as safetensors, scheduler.json, trainer_state.json: no
                                pickle) + adapter/ (PEFT format) + prefixattn.json (written last:
                                the checkpoint is complete)
-    OUT/adapter/               the final prefix as a PEFT prefix-tuning adapter (prefixattn.save_peft;
-                               not for latent attention, which PEFT cannot run)
+    OUT/adapter/               the final prefix as a PEFT prefix-tuning adapter, a CARTRIDGE adapter with
+                               --cartridge (prefixattn.save_peft; not for latent attention, which PEFT
+                               cannot run)
     OUT/prefix.safetensors     the final trainable prefix (prefixattn.save_prefix)
     OUT/run.json               the run's settings and summary (eval loss/accuracy, tokens/s)
     OUT/loss.png               train and eval loss against step
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 import prefixattn
+from prefixattn.prefix import find_prefix
 
 from . import data as D
 from . import kinds
@@ -77,6 +79,9 @@ class TrainConfig:
     prefix_tokens: int = 16
     prefix_projection: bool = False
     ignore_attention_dropout: bool = False
+    cartridge: bool = False
+    frozen_tokens: int | None = None  # a cartridge's; None: PEFT's default (1)
+    init_text: str | None = None
     lr: float = 3e-2
     lr_schedule: str = "constant"
     warmup: int = 0
@@ -135,16 +140,34 @@ class TrainConfig:
             raise ValueError(f"--out {self.out}: a file, not a directory")
         if self.model is not None:
             check_model_dir(self.model)
-            kinds.check_options(kinds.model_kind(self.model), self.data, self.packing)
+            kind = kinds.model_kind(self.model)
+            kinds.check_options(kind, self.data, self.packing)
+            if self.cartridge and kind != "causal":
+                raise ValueError(f"--cartridge trains a causal LM's cartridge; {self.model} is "
+                                 f"{kinds.DESCRIBED[kind]}")
         if self.data is not None and Path(self.data).is_dir():
             raise ValueError(f"--data {self.data}: a directory; --data takes a JSONL file")
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"--data {self.data}: no such file")
+        self._check_prefix_kind()
         report_to(self.report_to)
         for name in ("fsdp_config", "deepspeed"):
             value = getattr(self, name)
             if value is not None and not value.lstrip().startswith("{") and not Path(value).is_file():
                 raise ValueError(f"--{name.replace('_', '-')} {value}: no such file")
+
+    def _check_prefix_kind(self) -> None:
+        if self.frozen_tokens is not None and not self.cartridge:
+            raise ValueError("--frozen-tokens is a cartridge option: add --cartridge")
+        if self.frozen_tokens is not None and not 0 <= self.frozen_tokens <= self.prefix_tokens:
+            raise ValueError(f"--frozen-tokens must be in [0, --prefix-tokens {self.prefix_tokens}], got "
+                             f"{self.frozen_tokens}")
+        if self.prefix_projection and (self.cartridge or self.init_text):
+            other = "--cartridge" if self.cartridge else "--init-text"
+            raise ValueError(f"--prefix-projection cannot be combined with {other}: the MLP's output cannot "
+                             "be set to given keys and values (and a cartridge holds them directly)")
+        if self.init_text is not None and not self.resume and not Path(self.init_text).is_file():
+            raise ValueError(f"--init-text {self.init_text}: no such file")
 
 
 def world() -> tuple[int, int]:
@@ -319,6 +342,33 @@ def training_arguments(cfg: TrainConfig, out: Path, resuming: bool) -> Any:
     )
 
 
+def prefix_init(cfg: TrainConfig, train_ds: Any, tokenizer: Any,
+                resuming: bool) -> tuple[dict[str, Any], str]:
+    """``patch`` arguments that set the prefix's initial values, and how the run's first line says it:
+    --init-text FILE; for a --cartridge on the built-in task, the task's corpus; else random. A resumed
+    run's prefix comes from its checkpoint."""
+    if resuming:
+        return {}, ""
+    if cfg.init_text is not None:
+        try:
+            text = Path(cfg.init_text).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--init-text {cfg.init_text}: not UTF-8 text ({e.reason})") from None
+        source = cfg.init_text
+    elif cfg.cartridge and cfg.data is None:
+        text, source = train_ds.corpus(), "the built-in task's corpus"
+    else:
+        return {}, ""
+    if not tokenizer(text, add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"--init-text {cfg.init_text}: the text has no tokens")
+    return {"init": "text", "init_text": text, "tokenizer": tokenizer}, f"initialised from {source}, "
+
+
+def frozen_note(model: Any) -> str:
+    config = find_prefix(model).config
+    return f"{config.num_frozen_tokens} frozen, " if config.cartridge else ""
+
+
 def sharding(trainer: Any) -> str:
     """How the Trainer shards the model, as the run reports it (empty for plain data parallelism)."""
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -364,9 +414,11 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
         base.save_pretrained(out / "base_model")
         tokenizer.save_pretrained(out / "base_model")
         give_normal_modes(out / "base_model")
+    init, init_note = prefix_init(cfg, train_ds, tokenizer, resuming=resume_from is not None)
     model = prefixattn.patch(base, num_prefix_tokens=cfg.prefix_tokens,
                              prefix_projection=cfg.prefix_projection, backend=cfg.backend,
-                             ignore_attention_dropout=cfg.ignore_attention_dropout)
+                             ignore_attention_dropout=cfg.ignore_attention_dropout,
+                             cartridge=cfg.cartridge, num_frozen_tokens=cfg.frozen_tokens, **init)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.packing:
         check_packing(model)
@@ -391,10 +443,12 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     trainer.add_callback(progress)
     trainer.add_callback(CadenceFromArguments())
 
+    prefix_kind = "cartridge" if cfg.cartridge else "prefix"
     say(f"{described}\nmodel: {type(base).__name__} ({cfg.model or 'embedded tiny Llama'}; "
         f"{kinds.DESCRIBED[kind]}), {cfg.dtype}"
         f"{', bf16 autocast' if cfg.bf16 else ', fp16 autocast' if cfg.fp16 else ''}, on {args.device}"
-        f"{f' x {size} processes' if size > 1 else ''}{sharding(trainer)}; prefix: P={cfg.prefix_tokens}, "
+        f"{f' x {size} processes' if size > 1 else ''}{sharding(trainer)}; "
+        f"{prefix_kind}: P={cfg.prefix_tokens}, {frozen_note(model)}{init_note}"
         f"{n_params} trainable parameters; batch {cfg.batch_size} per process x {size} x {cfg.grad_accum} "
         f"accumulation = {global_batch}{', packed rows' if cfg.packing else ''}"
         f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")

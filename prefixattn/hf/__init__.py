@@ -14,7 +14,8 @@ the per-step plan) -> ``prefixattn.prefix_attention``. Each module has one job:
     sites.py        encoders' and encoder-decoders' stacks, each attention module's role and site
     roles.py        attaching to them: hooks, PEFT's seq2seq layout, the shape probe, the task head
     positions.py    positions from P inside a family's own position embedding
-    peft_models.py  patching PEFT PrefixTuning models, load_peft
+    peft_models.py  patching PEFT PrefixTuning and Cartridge models, load_peft
+    cartridges.py   cartridge options (frozen leading tokens), PEFT's kind, init_prefix_from_cache
     adapters.py     the prefix module a step reads when PEFT wraps it; refusing a prefix PEFT froze
     peft_tuners.py  a prefix next to a PEFT LoRA (weight tuner) adapter on one model
     api.py          patch() / unpatch(): a transformers model or a PEFT model
@@ -27,10 +28,11 @@ Importing this package registers ``model_type="prefixattn"`` with transformers' 
 from __future__ import annotations
 
 from .api import patch, unpatch
+from .cartridges import init_prefix_from_cache
 from .checkpoint import load_prefix_into, register_auto_classes
 from .patcher import is_patched
 from .peft_models import load_peft
 
-__all__ = ["is_patched", "load_peft", "load_prefix_into", "patch", "unpatch"]
+__all__ = ["init_prefix_from_cache", "is_patched", "load_peft", "load_prefix_into", "patch", "unpatch"]
 
 register_auto_classes()

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .patcher import InitKind, patch_model
 from .patcher import unpatch as unpatch_model
-from .peft_models import is_peft_prefix_model, patch_peft_model
+from .peft_models import PEFT_PREFIX_TYPES, is_peft_prefix_model, patch_peft_model
 from .peft_tuners import check_tuner_config, patch_tuner_model, peft_type_name, unpatch_tuner_model
 
 
@@ -29,6 +29,8 @@ def patch(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     ignore_attention_dropout: bool = False,
+    cartridge: bool = False,
+    num_frozen_tokens: int | None = None,
 ) -> nn.Module:
     """Prefix-tune a Hugging Face model (a causal LM, an encoder with or without a task head, an
     encoder-decoder) with the fused prefix attention; returns the model to use.
@@ -39,7 +41,8 @@ def patch(
     Args:
         model: a transformers model whose attention goes through the AttentionInterface (Llama, Mistral,
             Qwen2/3, Gemma 1/2, Phi-3, GPT-2, GPT-NeoX, OPT, ...); a PEFT ``PeftModel`` with a
-            PREFIX_TUNING adapter (the same prefix is carried over; the base model is returned patched);
+            PREFIX_TUNING or CARTRIDGE adapter (the same prefix is carried over, a cartridge's frozen
+            tokens stay frozen; the base model is returned patched);
             or a PEFT LoRA (or other weight-tuner) ``PeftModel``: a trainable prefix is added next to the
             adapter, which stays trainable as PEFT set it, and the PeftModel is returned (its
             save_pretrained, the Trainer's checkpoints and merge_and_unload keep the prefix).
@@ -64,25 +67,32 @@ def patch(
             dtype).
         backend: "auto" | "triton" | "torch", passed to ``prefixattn.prefix_attention``.
         ignore_attention_dropout: train without the model's attention dropout instead of refusing it.
+        cartridge: make the prefix a cartridge (PEFT's CARTRIDGE type: a raw prefix, often thousands of
+            tokens, whose first ``num_frozen_tokens`` never train; ``save_peft`` writes it as CARTRIDGE).
+        num_frozen_tokens: a cartridge's frozen leading tokens (default 1, PEFT's: an attention sink).
+            They get no gradient and no optimizer step (weight decay included): bitwise unchanged.
     """
-    if is_peft_prefix_model(model) and peft_type_name(model.active_peft_config) != "PREFIX_TUNING":
+    if is_peft_prefix_model(model) and peft_type_name(model.active_peft_config) not in PEFT_PREFIX_TYPES:
         check_tuner_config(model.active_peft_config)
         return patch_tuner_model(model, num_prefix_tokens, sites=sites, prefix_projection=prefix_projection,
                                  projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes,
                                  layers=layers, init=init, init_text=init_text, tokenizer=tokenizer,
                                  dtype=dtype, backend=backend,
-                                 ignore_attention_dropout=ignore_attention_dropout)
+                                 ignore_attention_dropout=ignore_attention_dropout, cartridge=cartridge,
+                                 num_frozen_tokens=num_frozen_tokens)
     if is_peft_prefix_model(model):
         if (num_prefix_tokens is not None or prefix_projection or num_prefixes is not None
-                or layers is not None or sites is not None):
-            raise ValueError("patching a PEFT model takes the prefix shape from its PrefixTuningConfig; do "
-                             "not pass num_prefix_tokens / prefix_projection / num_prefixes / layers / sites")
+                or layers is not None or sites is not None or cartridge or num_frozen_tokens is not None):
+            raise ValueError("patching a PEFT model takes the prefix shape from its PrefixTuningConfig / "
+                             "CartridgeConfig; do not pass num_prefix_tokens / prefix_projection / "
+                             "num_prefixes / layers / sites / cartridge / num_frozen_tokens")
         return patch_peft_model(model, dtype=dtype, backend=backend,
                                 ignore_attention_dropout=ignore_attention_dropout)
     return patch_model(model, num_prefix_tokens, sites=sites, prefix_projection=prefix_projection,
                        projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes,
                        layers=layers, init=init, init_text=init_text, tokenizer=tokenizer, dtype=dtype,
-                       backend=backend, ignore_attention_dropout=ignore_attention_dropout)
+                       backend=backend, ignore_attention_dropout=ignore_attention_dropout,
+                       cartridge=cartridge, num_frozen_tokens=num_frozen_tokens)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -46,7 +46,8 @@ def load_prefix_into(model: nn.Module, directory: str | os.PathLike, backend: st
     model = patch_model(model, num_prefix_tokens=cfg.num_tokens, **where,
                         num_prefixes=cfg.num_prefixes if cfg.bank else None, prefix_projection=cfg.projection,
                         projection_hidden_size=cfg.projection_hidden_size or None, init="zeros",
-                        backend=backend)
+                        backend=backend, cartridge=cfg.cartridge,
+                        num_frozen_tokens=cfg.num_frozen_tokens if cfg.cartridge else None)
     load_prefix(model, path)
     return model
 

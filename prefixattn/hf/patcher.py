@@ -18,10 +18,10 @@ rows with a KV cache, head dims over 256 with ``backend="triton"``, nonzero atte
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -31,6 +31,7 @@ from ..ops import BACKENDS, MAX_HEAD_DIM
 from ..prefix import MODULE_NAME, PeftLayout, PrefixConfig, PrefixKV, active_copy
 from . import roles
 from .attention import register
+from .cartridges import cartridge_options
 from .families import resolve_family
 from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
 from .hooks import add_pre_hook, remove_pre_hooks
@@ -245,6 +246,8 @@ def patch_model(
     ignore_attention_dropout: bool = False,
     peft_tuner: bool = False,
     adapter_shape: tuple[int, int] | None = None,
+    cartridge: bool = False,
+    num_frozen_tokens: int | None = None,
 ) -> nn.Module:
     """``prefixattn.patch`` for a transformers model (not a PEFT model); see ``prefixattn.hf.api.patch``.
 
@@ -261,6 +264,8 @@ def patch_model(
     if get_state(model) is not None:
         raise ValueError("this model is already patched by prefixattn (call prefixattn.unpatch first)")
     check_patch_args(num_prefix_tokens, num_prefixes, dtype, backend, init)
+    cartridge, num_frozen_tokens = cartridge_options(cartridge, num_frozen_tokens, num_prefix_tokens,
+                                                     prefix_projection)
     if init == "text" and init_text is None:
         raise ValueError("init='text' needs init_text (a string with tokenizer=, or token ids)")
     if init != "text" and init_text is not None:
@@ -327,7 +332,8 @@ def patch_model(
             config, peft_layout = _probe_config(model, state, num_prefix_tokens, num_prefixes, layers,
                                                 prefix_projection, projection_hidden_size, backend,
                                                 adapter_shape)
-        peft_layout = dataclasses.replace(peft_layout, task_type=task, modules_to_save=head_names)
+        peft_layout = replace(peft_layout, task_type=task, modules_to_save=head_names)
+        config = replace(config, cartridge=cartridge, num_frozen_tokens=num_frozen_tokens)
         if not peft_tuner:
             for p in model.parameters():
                 p.requires_grad_(False)

@@ -25,8 +25,12 @@ from ..prefix import (
     peft_rows_to_kv,
     read_peft_adapter,
 )
+from .cartridges import kind_of_peft
 from .patcher import is_patched, patch_model, unpatch
 from .roles import infer_head_shapes
+
+# PEFT's KV-prefix methods, which patch(peft_model) converts
+PEFT_PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 
 
 def is_peft_prefix_model(model: Any) -> bool:
@@ -46,16 +50,17 @@ def _peft_type_name(value: Any) -> str:
 
 def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
                      ignore_attention_dropout: bool = False) -> nn.Module:
-    """Patch the base model of a PEFT PrefixTuning model with the same prefix; returns the base model.
+    """Patch the base model of a PEFT PrefixTuning or Cartridge model with the same prefix; returns the base
+    model.
 
     A trainable PEFT model with ``prefix_projection`` keeps its embedding + MLP (copied, trainable); any
-    other carries over the prefix values themselves. An encoder-decoder (SEQ_2_SEQ_LM) gets PEFT's layout
-    (``sites="decoder"``); a SEQ_CLS / TOKEN_CLS / QUESTION_ANS model keeps the task head PEFT trains (its
-    modules_to_save copy, which the model runs).
+    other carries over the prefix values themselves (a cartridge's frozen tokens into its frozen part). An
+    encoder-decoder (SEQ_2_SEQ_LM) gets PEFT's layout (``sites="decoder"``); a SEQ_CLS / TOKEN_CLS /
+    QUESTION_ANS model keeps the task head PEFT trains (its modules_to_save copy, which the model runs).
     """
     config = peft_model.active_peft_config
-    if _peft_type_name(config.peft_type) != "PREFIX_TUNING":
-        raise ValueError(f"prefixattn.patch takes PEFT prefix-tuning models; this one is "
+    if _peft_type_name(config.peft_type) not in PEFT_PREFIX_TYPES:
+        raise ValueError(f"prefixattn.patch takes PEFT prefix-tuning and cartridge models; this one is "
                          f"{_peft_type_name(config.peft_type)}")
     task = _peft_type_name(config.task_type) or "CAUSAL_LM"
     if (config.num_transformer_submodules or 1) != (2 if task == "SEQ_2_SEQ_LM" else 1):
@@ -63,12 +68,13 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
                          f"{config.num_transformer_submodules} is not one PEFT makes")
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     base = peft_model.get_base_model()
-    projection = bool(config.prefix_projection and not config.inference_mode)
+    projection = bool(getattr(config, "prefix_projection", False) and not config.inference_mode)
     heads = config.num_attention_heads
     model = patch_model(base, num_prefix_tokens=config.num_virtual_tokens, prefix_projection=projection,
                         projection_hidden_size=config.encoder_hidden_size if projection else None,
                         dtype=dtype, backend=backend, ignore_attention_dropout=ignore_attention_dropout,
-                        init="zeros", adapter_shape=(heads, config.token_dim // heads))
+                        init="zeros", adapter_shape=(heads, config.token_dim // heads),
+                        **kind_of_peft(config.peft_type, config))
     module = find_prefix(model)
     try:
         if module.peft_layout.task_type != task and task != "CAUSAL_LM":
@@ -91,23 +97,25 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
             module.embedding.weight.copy_(encoder.embedding.weight)
             module.transform.load_state_dict(encoder.transform.state_dict())
         else:
-            rows = encoder.embedding.weight[: config.num_virtual_tokens]
+            rows = encoder.embedding.weight[: config.num_virtual_tokens]  # a cartridge's: frozen rows first
             module.set_values(peft_rows_to_kv(rows.detach().to(module.kv.dtype), module.config))
     return model
 
 
 # patch() arguments that fix the prefix's shape or values: load_peft takes those from the adapter
 _SHAPE_KWARGS = frozenset({"num_prefix_tokens", "num_prefixes", "prefix_projection", "projection_hidden_size",
-                           "layers", "init", "init_text", "tokenizer", "sites"})
+                           "layers", "init", "init_text", "tokenizer", "sites", "cartridge",
+                           "num_frozen_tokens"})
 
 
 def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_id: int | None = None,
               **patch_kwargs: Any) -> nn.Module:
-    """Load a PEFT prefix-tuning adapter (from PEFT or ``save_peft``) into ``model``; returns the model
-    to use. CAUSAL_LM, SEQ_2_SEQ_LM (PEFT's layout on an encoder-decoder), SEQ_CLS, TOKEN_CLS,
+    """Load a PEFT prefix-tuning or cartridge adapter (from PEFT or ``save_peft``) into ``model``; returns
+    the model to use. CAUSAL_LM, SEQ_2_SEQ_LM (PEFT's layout on an encoder-decoder), SEQ_CLS, TOKEN_CLS,
     QUESTION_ANS (the saved task head is loaded too) and FEATURE_EXTRACTION adapters.
 
-    An unpatched model is patched with the adapter's shape (``patch_kwargs`` such as ``backend`` or
+    An unpatched model is patched with the adapter's shape (a CARTRIDGE adapter as a cartridge with its
+    ``num_frozen_tokens``) (``patch_kwargs`` such as ``backend`` or
     ``dtype`` pass through); a patched one must match it (for a bank, ``prefix_id`` picks the entry to
     fill). The adapter is validated against the model before anything changes.
     """
@@ -136,7 +144,8 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
             patch_kwargs = {**patch_kwargs, "sites": "decoder"}
         heads = cfg["num_attention_heads"]
         model = patch_model(model, num_prefix_tokens=cfg["num_virtual_tokens"], init="zeros",
-                            adapter_shape=(heads, cfg["token_dim"] // heads), **patch_kwargs)
+                            adapter_shape=(heads, cfg["token_dim"] // heads),
+                            **kind_of_peft(cfg["peft_type"], cfg), **patch_kwargs)
         module = find_prefix(model)
         try:
             check_adapter_for(module, cfg, str(adapter_directory))

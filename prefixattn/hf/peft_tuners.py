@@ -63,6 +63,8 @@ def patch_tuner_model(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     ignore_attention_dropout: bool = False,
+    cartridge: bool = False,
+    num_frozen_tokens: int | None = None,
 ) -> nn.Module:
     """Add a trainable prefix to a PEFT tuner model (LoRA, ...); returns the same PeftModel."""
     from peft.utils import _set_trainable  # optional dependency: a PEFT object is in hand
@@ -84,7 +86,8 @@ def patch_tuner_model(
     patch_model(base, num_prefix_tokens, sites=sites, prefix_projection=prefix_projection,
                 projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes, layers=layers,
                 init=init, init_text=init_text, tokenizer=tokenizer, dtype=dtype, backend=backend,
-                ignore_attention_dropout=ignore_attention_dropout, peft_tuner=True)
+                ignore_attention_dropout=ignore_attention_dropout, peft_tuner=True, cartridge=cartridge,
+                num_frozen_tokens=num_frozen_tokens)
     previous = config.modules_to_save
     try:
         if MODULE_NAME not in (previous or ()):

@@ -143,9 +143,9 @@ def build_plan(prefix: PrefixKV, inputs: StepInputs, dtype: torch.dtype | None,
     would read it from PEFT's KV cache."""
     documents = inputs.documents(prefix.config)
     ids = None if inputs.prefix_ids is None else inputs.prefix_ids.to(device=inputs.device, dtype=torch.long)
-    kv = prefix.compute()  # (L, 2, N, Hkv, P, D); the MLP, if any, runs here once
-    if dtype is not None and kv.dtype != dtype:
-        kv = kv.to(dtype)  # the one autograd-tracked cast of the master prefix per step
+    # (L, 2, N, Hkv, P, D) in the compute dtype: the MLP, if any, runs here once, and this is the one
+    # autograd-tracked cast of the master prefix per step (a cartridge's frozen tokens join it here)
+    kv = prefix.compute(dtype)
     bank = prefix.config.bank
     layers: dict[int, LayerPrefix] = {}
     for layer_idx, slot in prefix.layer_slot.items():

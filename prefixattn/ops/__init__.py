@@ -22,10 +22,12 @@ from typing import Literal
 import torch
 
 from ..documents import Documents
-from ..reference import prefix_attention_torch
+from . import torch_backend
 from .autograd import PrefixAttentionFunction
 from .backend import resolve_backend, triton_available, triton_interpreting
 from .checks import BACKENDS, MAX_HEAD_DIM, SUPPORTED_DTYPES, autocast_inputs, check_inputs
+from .engines import cpu_flash_usable
+from .sdpa_concat import sdpa_concat_applies, sdpa_concat_attention
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -78,8 +80,9 @@ def prefix_attention(
     outside it, mixed dtypes are a TypeError.
 
     backend: "triton" (the fused kernels; CPU tensors only under TRITON_INTERPRET=1), "torch"
-    (pure PyTorch, same semantics, any head dim), "auto" (triton on CUDA or when interpreting and for
-    head dims up to 256, else torch).
+    (PyTorch's own fused attention, same semantics, any head dim: see ops/torch_backend.py and
+    ops/sdpa_concat.py), "auto" (triton on CUDA or when interpreting and for head dims up to 256,
+    else torch).
     deterministic: True (default): two backward
     passes are bitwise equal. False: the triton backend adds dq and the prefix gradient with fp32
     atomics (faster; the rounding then varies from run to run) and lets the autotuner pick the
@@ -105,17 +108,30 @@ def prefix_attention(
     # a window that covers every key changes nothing
     window = sliding_window if sliding_window is not None and sliding_window < k.shape[2] else None
 
-    if resolve_backend(backend, q, max(checked.dk, checked.dv)) == "torch":
-        return prefix_attention_torch(
-            q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, causal=causal,
-            scale=scale, prefix_index=prefix_index, softcap=float(softcap), sliding_window=window,
-            doc_start=doc_start, doc_end=doc_end, sinks=sinks,
+    impl = resolve_backend(backend, q, max(checked.dk, checked.dv))
+    if impl == "torch" and not cpu_flash_usable(q, softcap) and sdpa_concat_applies(
+        q.shape[2], k.shape[2], prefix_k.shape[-2], causal=causal, window=int(window or 0),
+        documents=documents is not None, padded=key_padding_mask is not None, sinks=sinks is not None,
+        softcap=softcap,
+    ):  # away from the fused CPU kernel: the device's own SDPA kernels, through autograd
+        return sdpa_concat_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask,
+                                     causal=causal, scale=scale, prefix_index=prefix_index)
+    inference = not torch.compiler.is_compiling() and not _needs_grad(q, k, v, prefix_k, prefix_v, sinks)
+    if impl == "torch" and inference:  # generate(): no autograd node to build, nothing to save
+        out, _ = torch_backend.attention_forward(
+            q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
+            causal, scale, float(softcap), int(window or 0), bool(deterministic),
         )
+        return out
     out, _ = PrefixAttentionFunction.apply(
         q, k, v, prefix_k, prefix_v, sinks, key_padding_mask, prefix_index, doc_start, doc_end,
-        causal, scale, float(softcap), int(window or 0), bool(deterministic),
+        causal, scale, float(softcap), int(window or 0), bool(deterministic), impl,
     )
     return out
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 __all__ = [

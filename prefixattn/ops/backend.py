@@ -1,5 +1,5 @@
-"""Which backend runs a call: the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or the
-pure-PyTorch reference (same semantics, every feature)."""
+"""Which backend runs a call: the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or the torch
+backend (PyTorch's own fused attention; same semantics, every feature, any head dim)."""
 
 from __future__ import annotations
 

@@ -11,11 +11,13 @@ It knows nothing about transformers: the patcher (``prefixattn.hf``) builds on i
     peft_rows.py    PEFT's flat (P, L*2*Hkv*D) row layout <-> ours (L, 2, N, Hkv, P, D)
     files.py        atomic writes, safetensors reading with clear errors
     native.py       save_prefix / load_prefix
-    peft_format.py  save_peft, read_peft_adapter, adapter shape checks
+    peft_format.py  save_peft, read_peft_adapter, adapter shape checks (PREFIX_TUNING and CARTRIDGE)
+    cartridge_format.py  compose_cartridges (concatenating PEFT CARTRIDGE adapters or prefix files)
 """
 
 from __future__ import annotations
 
+from .cartridge_format import compose_cartridges
 from .config import ROLES, SITES, PeftLayout, PrefixConfig, SiteKey, check_prefix_id
 from .heads import PEFT_PREFIX, head_problems, load_head_tensors
 from .module import MODULE_NAME, PrefixKV, active_copy, find_prefix, find_prefix_owner
@@ -43,6 +45,7 @@ __all__ = [
     "check_adapter_for",
     "check_against_peft_config",
     "check_prefix_id",
+    "compose_cartridges",
     "find_prefix",
     "find_prefix_owner",
     "head_problems",

@@ -44,6 +44,10 @@ class PrefixConfig:
     layer_shapes: tuple[LayerShape, ...] = ()  # per entry of ``layers``; () when all are the stored shape
     sites: str = ""  # "" | "decoder" | "all" (encoder-decoders, see SITES)
     roles: tuple[str, ...] = ()  # sites="all": the role of each entry of ``layers``
+    # A cartridge (PEFT's CARTRIDGE type: a long KV prefix trained directly, no MLP): save_peft writes it as
+    # CARTRIDGE. Its first ``num_frozen_tokens`` tokens never train (the attention sink Cartridges freeze).
+    cartridge: bool = False
+    num_frozen_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.sites not in SITES:
@@ -54,6 +58,14 @@ class PrefixConfig:
             raise ValueError(f"roles must give one of {ROLES} per entry of layers")
         if len(set(self.site_keys())) != len(self.layers):
             raise ValueError(f"layers has duplicates: {list(self.site_keys())}")
+        if isinstance(self.num_frozen_tokens, bool) or not isinstance(self.num_frozen_tokens, int):
+            raise TypeError(f"num_frozen_tokens must be an int, got {self.num_frozen_tokens!r}")
+        if not 0 <= self.num_frozen_tokens <= self.num_tokens:
+            raise ValueError(f"num_frozen_tokens must be in [0, num_tokens={self.num_tokens}], got "
+                             f"{self.num_frozen_tokens}")
+        if self.projection and (self.cartridge or self.num_frozen_tokens):
+            raise ValueError("a cartridge (or a prefix with frozen tokens) holds its keys and values "
+                             "directly; it cannot be MLP-reparameterized (prefix_projection)")
         if self.layer_shapes and len(self.layer_shapes) != len(self.layers):
             raise ValueError(f"layer_shapes has {len(self.layer_shapes)} entries for {len(self.layers)} "
                              "layers")
@@ -83,6 +95,10 @@ class PrefixConfig:
         """Some layer's key head dim differs from its value head dim (multi-head latent attention)."""
         return any(dk != dv for _, dk, dv in self.layer_shapes)
 
+    @property
+    def num_trainable_tokens(self) -> int:
+        return self.num_tokens - self.num_frozen_tokens
+
     def single_entry(self) -> PrefixConfig:
         """The config of one entry of this prefix (a bank of 1 is a single prefix)."""
         return PrefixConfig(**{**asdict(self), "num_prefixes": 1, "bank": False})
@@ -100,6 +116,9 @@ class PrefixConfig:
             del d["roles"]
         if not self.sites:
             del d["sites"]  # decoder-only / encoder-only prefixes: the fields earlier versions know
+        for key, default in (("cartridge", False), ("num_frozen_tokens", 0)):
+            if d[key] == default:
+                del d[key]  # plain prefixes: the fields earlier versions know
         return json.dumps(d, sort_keys=True)
 
     @property

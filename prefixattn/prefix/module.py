@@ -5,6 +5,11 @@
 - raw (default): one parameter ``kv`` of shape (L, 2, N, Hkv, P, D), L the prefixed layers, 2 = key|value,
   N the bank entries (1 without a bank). ``kv[l, 0]`` is layer l's key bank (N, Hkv, P, D), contiguous,
   which the kernel reads in place.
+- raw with frozen leading tokens (a cartridge's attention sink, ``num_frozen_tokens`` = F > 0): the
+  buffer ``frozen_kv`` (L, 2, N, Hkv, F, D) and the parameter ``kv`` (L, 2, N, Hkv, P - F, D). A buffer,
+  not a parameter: no optimizer sees it, so weight decay cannot move it either, and ``requires_grad_``
+  (PEFT's modules_to_save does that to its copy) cannot unfreeze it; it is in the state dict, so files
+  and checkpoints carry it. ``compute`` joins the two once per step, in the compute dtype.
 - PEFT-style reparameterization (``projection=True``): an embedding (P, Hkv*D) and a two-layer MLP
   (Linear, Tanh, Linear) to (P, L*2*Hkv*D), exactly PEFT's ``PrefixEncoder``. The MLP runs once per
   step (not once per batch row as in PEFT).
@@ -49,6 +54,7 @@ class PrefixKV(nn.Module):
         L, N, H, P, D = len(c.layers), c.num_prefixes, c.num_kv_heads, c.num_tokens, c.head_dim
         # site key (a layer, or (role, layer) with sites="all") -> index into the L axis
         self.layer_slot: dict[SiteKey, int] = {key: i for i, key in enumerate(c.site_keys())}
+        self.register_buffer("frozen_kv", None)  # set below for a raw prefix with frozen tokens
         if c.projection:
             if c.bank:
                 raise ValueError(
@@ -65,17 +71,26 @@ class PrefixKV(nn.Module):
                 nn.init.zeros_(self.transform[-1].weight)
                 nn.init.zeros_(self.transform[-1].bias)
         else:
-            self.kv = nn.Parameter(torch.empty((L, 2, N, H, P, D), dtype=dtype, device=device))
+            values = torch.empty((L, 2, N, H, P, D), dtype=dtype, device=device)
             if init == "zeros":
-                nn.init.zeros_(self.kv)
-            else:  # PEFT's nn.Embedding default: N(0, 1)
-                nn.init.normal_(self.kv)
+                nn.init.zeros_(values)
+            else:  # PEFT's nn.Embedding default: N(0, 1); a seed gives the same values whatever F is
+                nn.init.normal_(values)
+            F = c.num_frozen_tokens
+            self.kv = nn.Parameter(values[:, :, :, :, F:].clone() if F else values)
+            if F:
+                self.register_buffer("frozen_kv", values[:, :, :, :, :F].clone())
 
-    def compute(self) -> torch.Tensor:
-        """The prefix of this step, (L, 2, N, Hkv, P, D) in the parameters' dtype."""
-        if not self.config.projection:
-            return self.kv
-        return peft_rows_to_kv(self.transform(self.embedding.weight), self.config)
+    def compute(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The prefix of this step, (L, 2, N, Hkv, P, D), in ``dtype`` (default: the parameters')."""
+        if self.config.projection:
+            kv = peft_rows_to_kv(self.transform(self.embedding.weight), self.config)
+        elif self.frozen_kv is None:
+            kv = self.kv
+        else:  # the one copy of a step: frozen and trained tokens joined in the compute dtype
+            return torch.cat([self.frozen_kv.to(dtype or self.kv.dtype), self.kv.to(dtype or self.kv.dtype)],
+                             dim=4)
+        return kv if dtype is None else kv.to(dtype)
 
     def layer_views(self, kv: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys (N, Hkv, P, Dk) and values (N, Hkv, P, Dv) of the prefixed layer at ``slot`` in ``kv``
@@ -105,10 +120,16 @@ class PrefixKV(nn.Module):
         if self.config.projection:
             raise ValueError("this prefix is reparameterized by an MLP (prefix_projection=True); its values "
                              "cannot be set directly")
-        target = self.kv if prefix_id is None else self.kv[:, :, prefix_id : prefix_id + 1]
-        if kv.shape != target.shape:
-            raise ValueError(f"prefix values have shape {tuple(kv.shape)}, expected {tuple(target.shape)}")
-        target.copy_(kv.to(device=target.device, dtype=target.dtype))
+        entries = slice(None) if prefix_id is None else slice(prefix_id, prefix_id + 1)
+        expected = (*self.kv.shape[:2], self.kv.shape[2] if prefix_id is None else 1, *self.kv.shape[3:4],
+                    self.config.num_tokens, self.kv.shape[5])
+        if tuple(kv.shape) != expected:
+            raise ValueError(f"prefix values have shape {tuple(kv.shape)}, expected {expected}")
+        F = self.config.num_frozen_tokens
+        if self.frozen_kv is not None:
+            self.frozen_kv[:, :, entries].copy_(kv[:, :, :, :, :F].to(device=self.frozen_kv.device,
+                                                                      dtype=self.frozen_kv.dtype))
+        self.kv[:, :, entries].copy_(kv[:, :, :, :, F:].to(device=self.kv.device, dtype=self.kv.dtype))
 
     def extra_repr(self) -> str:
         c = self.config
@@ -117,7 +138,8 @@ class PrefixKV(nn.Module):
         heads = f", heads={list(self.heads)}" if self.heads else ""
         return (f"tokens={c.num_tokens}, layers={len(c.layers)}/{c.num_layers}, kv_heads={c.num_kv_heads}, "
                 f"head_dim={c.head_dim}, prefixes={c.num_prefixes if c.bank else 1}, "
-                f"projection={c.projection}{shapes}{sites}{heads}")
+                f"projection={c.projection}{shapes}{sites}{heads}"
+                + (f", cartridge=True, frozen_tokens={c.num_frozen_tokens}" if c.cartridge else ""))
 
 
 def active_copy(module: nn.Module | None) -> nn.Module | None:

@@ -1,10 +1,11 @@
 """prefixattn's own prefix file: ``save_prefix`` / ``load_prefix`` (safetensors, atomic, shapes checked).
 
-The file holds the ``PrefixKV`` state dict (``kv``, or the embedding + MLP of a reparameterized prefix)
-and, in its metadata, the format name, its version and the ``PrefixConfig``. Version 2 (written only when
-needed, so that earlier readers keep reading the rest) adds an encoder-decoder's sites to the config and
-the task head that trains with the prefix (``head.<module path>.<name>`` tensors, their module paths in
-the metadata's ``heads``). Both versions are read.
+The file holds the ``PrefixKV`` state dict (``kv``, or the embedding + MLP of a reparameterized prefix;
+a cartridge's frozen tokens as ``frozen_kv``) and, in its metadata, the format name, its version and the
+``PrefixConfig`` (a cartridge's kind and frozen count only when set). Version 2 (written only when needed,
+so that earlier readers keep reading the rest) adds an encoder-decoder's sites to the config and the task
+head that trains with the prefix (``head.<module path>.<name>`` tensors, their module paths in the
+metadata's ``heads``). Both versions are read.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def save_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
     check_prefix_id(prefix_id, config)
     state = dict(module.state_dict())
     if prefix_id is not None:
-        state = {"kv": state["kv"][:, :, prefix_id : prefix_id + 1]}
+        state = _entry(state, prefix_id)
         config = config.single_entry()
     extended = config.extended or bool(module.heads)
     metadata = {"format": FORMAT_NAME, "version": EXTENDED_VERSION if extended else FORMAT_VERSION,
@@ -53,7 +54,7 @@ def save_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
 def _mismatches(file_cfg: PrefixConfig, model_cfg: PrefixConfig, single_entry: bool) -> list[str]:
     out = []
     keys = ["num_tokens", "num_kv_heads", "head_dim", "sites", "layers", "roles", "num_layers",
-            "layer_shapes", "projection", "projection_hidden_size"]
+            "layer_shapes", "projection", "projection_hidden_size", "num_frozen_tokens"]
     if not single_entry:
         keys.append("num_prefixes")
     for key in keys:
@@ -106,7 +107,7 @@ def load_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
 
     expected = module.state_dict()
     if prefix_id is not None:
-        expected = {"kv": expected["kv"][:, :, prefix_id : prefix_id + 1]}
+        expected = _entry(expected, prefix_id)
     if set(tensors) != set(expected):
         raise ValueError(f"prefix file {str(path)!r} has tensors {sorted(tensors)}, expected "
                          f"{sorted(expected)}")
@@ -121,14 +122,19 @@ def load_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
             raise ValueError(f"prefix file {str(path)!r}: tensor {name!r} has non-finite values")
 
     with torch.no_grad():
+        params = dict(module.state_dict(keep_vars=True))
         if prefix_id is not None:
-            module.set_values(tensors["kv"], prefix_id)
-        else:
-            params = dict(module.state_dict(keep_vars=True))
-            for name, t in tensors.items():
-                params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
+            params = _entry(params, prefix_id)
+        for name, t in tensors.items():
+            params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
     if head:
         load_head_tensors(owner, module, head, NATIVE_PREFIX)
+
+
+def _entry(state: dict[str, torch.Tensor], prefix_id: int) -> dict[str, torch.Tensor]:
+    """One bank entry of a raw prefix's state (``kv``, and ``frozen_kv`` of a cartridge): views of the
+    (L, 2, N, ...) tensors at entry ``prefix_id``."""
+    return {name: t[:, :, prefix_id : prefix_id + 1] for name, t in state.items()}
 
 
 def _head_problems(owner: nn.Module, module: PrefixKV, head: dict[str, torch.Tensor],

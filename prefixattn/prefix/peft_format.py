@@ -1,5 +1,7 @@
 """PEFT's prefix-tuning adapter FORMAT: writing one (``save_peft``), reading and validating one
-(``read_peft_adapter``), and checking an adapter's shape against a prefix.
+(``read_peft_adapter``), and checking an adapter's shape against a prefix. PEFT's CARTRIDGE adapters
+(``peft.CartridgeConfig``) use the same files: peft_type "CARTRIDGE", ``num_frozen_tokens`` in the config
+(no ``prefix_projection`` / ``encoder_hidden_size``), the same ``prompt_embeddings`` tensor and layout.
 
 PEFT's saved prefix-tuning adapter is a directory with
 
@@ -40,6 +42,7 @@ from .peft_rows import kv_to_peft_rows
 # PEFT's task types that prefixattn reads and writes
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
+PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")  # the adapters holding a KV prefix, in PEFT's one layout
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -67,8 +70,26 @@ def _peft_version() -> str | None:
         return None
 
 
-def _peft_config_dict(config: PrefixConfig, layout: PeftLayout, base_model: nn.Module) -> dict[str, Any]:
+def _peft_config_dict(config: PrefixConfig, layout: PeftLayout, base_model: nn.Module,
+                      peft_type: str) -> dict[str, Any]:
     name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
+    if peft_type == "CARTRIDGE":  # the fields peft.CartridgeConfig writes
+        return {
+            "task_type": "CAUSAL_LM",
+            "peft_type": "CARTRIDGE",
+            "auto_mapping": None,
+            "peft_version": _peft_version(),
+            "base_model_name_or_path": name,
+            "revision": None,
+            "inference_mode": True,
+            "num_virtual_tokens": config.num_tokens,
+            "token_dim": config.token_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": config.num_kv_heads,
+            "num_layers": config.num_layers,
+            "modules_to_save": None,
+            "num_frozen_tokens": config.num_frozen_tokens,
+        }
     return {
         "task_type": layout.task_type,
         "peft_type": "PREFIX_TUNING",
@@ -100,8 +121,16 @@ def peft_format_problems(model: nn.Module) -> list[str]:
     return peft_layout(module).problems(module.config)
 
 
-def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id: int | None = None) -> None:
-    """Write the prefix as a PEFT prefix-tuning adapter (loadable with ``peft.PeftModel.from_pretrained``).
+def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id: int | None = None,
+              peft_type: str | None = None) -> None:
+    """Write the prefix as a PEFT adapter (loadable with ``peft.PeftModel.from_pretrained``).
+
+    ``peft_type``: "PREFIX_TUNING" or "CARTRIDGE"; by default the prefix's own kind: a cartridge
+    (``patch(..., cartridge=True)``, ``load_peft`` of a CARTRIDGE adapter, ``patch(peft_cartridge_model)``)
+    is written as CARTRIDGE with its ``num_frozen_tokens``, any other prefix as PREFIX_TUNING. Either kind
+    can be written as the other: the values are the same; a cartridge written as PREFIX_TUNING loses its
+    frozen count (PEFT then trains every token), a prefix written as CARTRIDGE has the frozen count it was
+    patched with (0 unless set). An MLP-reparameterized prefix is written with its MLP applied.
 
     For a bank, ``prefix_id`` picks the entry to export (required). The prefix must be the one PEFT puts
     on the model: every layer (PEFT has no per-layer opt-out), or for Gemma 4 the layers that fit its
@@ -111,6 +140,10 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     owner, module = find_prefix_owner(model)
     c = module.config
     check_prefix_id(prefix_id, c)
+    if peft_type is None:
+        peft_type = "CARTRIDGE" if c.cartridge else "PREFIX_TUNING"
+    if peft_type not in PEFT_TYPES:
+        raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {peft_type!r}")
     if c.bank and prefix_id is None:
         raise ValueError(f"the model has a bank of {c.num_prefixes} prefixes: pass prefix_id to choose the "
                          "entry to export as a PEFT adapter")
@@ -120,9 +153,14 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
                          + ". save_prefix writes any prefix")
     with torch.no_grad():
         kv = module.compute()[:, :, prefix_id or 0].float()  # (L, 2, Hkv, P, D)
+    layout = peft_layout(module)
+    if peft_type == "CARTRIDGE" and layout.task_type != "CAUSAL_LM":
+        raise ValueError(f"a {layout.task_type} model's prefix cannot be written as a CARTRIDGE adapter: "
+                         "prefixattn writes CARTRIDGE adapters of causal LMs only; use "
+                         "peft_type='PREFIX_TUNING'")
     tensors = {"prompt_embeddings": kv_to_peft_rows(kv, c).cpu()}
     tensors.update({k: v.cpu().contiguous() for k, v in head_tensors(owner, module, PEFT_PREFIX).items()})
-    cfg = _peft_config_dict(c, peft_layout(module), owner)
+    cfg = _peft_config_dict(c, layout, owner, peft_type)
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Stage both files, then rename them into place: an error leaves no partial adapter behind.
@@ -161,9 +199,9 @@ def read_peft_adapter(directory: str | os.PathLike
         raise ValueError(f"{str(cfg_path)!r} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(cfg_path)!r} is not a JSON object")
-    if cfg.get("peft_type") != "PREFIX_TUNING":
+    if cfg.get("peft_type") not in PEFT_TYPES:
         raise ValueError(f"{str(directory)!r} is a {cfg.get('peft_type')!r} adapter; load_peft reads "
-                         "PREFIX_TUNING")
+                         "PREFIX_TUNING and CARTRIDGE")
     task = cfg.get("task_type") or "CAUSAL_LM"
     if task not in TASK_TYPES:
         raise ValueError(f"{str(directory)!r} is a {task} adapter; load_peft reads {', '.join(TASK_TYPES)}")
@@ -174,6 +212,13 @@ def read_peft_adapter(directory: str | os.PathLike
     for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ValueError(f"{str(cfg_path)!r}: {key} must be a positive int, got {cfg.get(key)!r}")
+    if cfg["peft_type"] == "CARTRIDGE":
+        frozen = cfg.get("num_frozen_tokens", 1)  # CartridgeConfig's default
+        valid = isinstance(frozen, int) and not isinstance(frozen, bool)
+        if not valid or not 0 <= frozen <= cfg["num_virtual_tokens"]:
+            raise ValueError(f"{str(cfg_path)!r}: num_frozen_tokens must be an int in [0, num_virtual_tokens="
+                             f"{cfg['num_virtual_tokens']}], got {frozen!r}")
+        cfg["num_frozen_tokens"] = frozen
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         if (directory / PICKLE_WEIGHTS_NAME).is_file():
@@ -196,7 +241,6 @@ def read_peft_adapter(directory: str | os.PathLike
     return cfg, emb, head
 
 
-
 def check_adapter_for(module: PrefixKV, cfg: dict[str, Any], where: str) -> None:
     """An adapter config (from ``read_peft_adapter``) fits the prefix of ``module`` exactly."""
     ours = module.config
@@ -213,5 +257,10 @@ def check_adapter_for(module: PrefixKV, cfg: dict[str, Any], where: str) -> None
                        ("token_dim", ours.token_dim), ("num_attention_heads", ours.num_kv_heads)):
         if cfg[key] != value:
             problems.append(f"{key}: adapter has {cfg[key]}, model has {value}")
+    # a CARTRIDGE adapter's frozen tokens stay frozen; a PREFIX_TUNING adapter's values fill any prefix
+    if cfg["peft_type"] == "CARTRIDGE" and cfg["num_frozen_tokens"] != ours.num_frozen_tokens:
+        problems.append(f"num_frozen_tokens: adapter has {cfg['num_frozen_tokens']}, model has "
+                        f"{ours.num_frozen_tokens} (patch with cartridge=True, num_frozen_tokens="
+                        f"{cfg['num_frozen_tokens']}, or let load_peft patch an unpatched model)")
     if problems:
         raise ValueError(f"PEFT adapter {where!r} does not match the model: " + "; ".join(problems))

@@ -1,5 +1,6 @@
 """The package's layering, read from the source with ``ast``: imports go one way,
-kernels <- ops <- prefix <- hf <- cli, there is no import cycle, and no function hides an import of a
+kernels <- ops <- prefix <- hf <- cli / serve (the two top layers: neither imports the other, except the
+command's lazy load of ``prefixattn serve``), there is no import cycle, and no function hides an import of a
 prefixattn module (the usual way to dodge a cycle).
 
 Modules directly under prefixattn/ belong to the ops layer unless they are listed in ``CLI_LAYER``; the
@@ -14,13 +15,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYERS = ("kernels", "ops", "prefix", "hf", "cli")
-CLI_LAYER = {"prefixattn", "prefixattn.tasks"}  # and the prefixattn.cli package (see _layer)
+LAYERS = ("kernels", "ops", "prefix", "hf", "cli", "serve")
+RANK = {"kernels": 0, "ops": 1, "prefix": 2, "hf": 3, "cli": 4, "serve": 4}  # cli and serve: both the top
+CLI_LAYER = {"prefixattn", "prefixattn.tasks", "prefixattn.__main__"}  # and the prefixattn.cli package (see _layer)
 
 # Function-level imports of prefixattn modules that are lazy loads, not cycle dodges: the command loads
 # its subcommands on use. The prefix and hf layers have none.
 LAZY_LOADERS = {
     ("prefixattn.cli", "prefixattn.cli.train"),  # `prefixattn info` does not load transformers
+    ("prefixattn.cli", "prefixattn.serve.cli"),  # `prefixattn train` does not load vLLM
 }
 
 
@@ -42,7 +45,7 @@ MODULES = _modules()
 def _layer(name: str) -> str:
     if name in CLI_LAYER or name == "prefixattn.cli" or name.startswith("prefixattn.cli."):
         return "cli"
-    for layer in ("kernels", "prefix", "hf"):
+    for layer in ("kernels", "prefix", "hf", "serve"):
         if name == f"prefixattn.{layer}" or name.startswith(f"prefixattn.{layer}."):
             return layer
     return "ops"
@@ -101,11 +104,20 @@ def test_the_layers_are_all_there():
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_imports_go_down_the_layers(name):
-    rank = LAYERS.index(_layer(name))
+    rank = RANK[_layer(name)]
     upward = [f"line {line}: {target} ({_layer(target)})" for target, line, _ in _imports(name)
-              if LAYERS.index(_layer(target)) > rank]
+              if RANK[_layer(target)] > rank]
     assert not upward, (f"{name} ({_layer(name)} layer) imports up the layers: {upward} (a new command-layer "
                         "module belongs in CLI_LAYER)")
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_the_top_layers_stay_apart(name):
+    """Nothing imports the serve layer but itself and the command's lazy dispatch; serve never imports cli."""
+    crossing = [f"line {line}: {target}" for target, line, local in _imports(name)
+                if {_layer(name), _layer(target)} == {"cli", "serve"}
+                and not ((name, target) in LAZY_LOADERS and local)]
+    assert not crossing, f"{name} ({_layer(name)}) imports the other top layer: {crossing}"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -3,13 +3,12 @@ deterministic backward), the shared-memory budget, and the eager path that skips
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from helpers import Case, assert_close_rel, concat_reference, count_launches, make_case
 from prefixattn.kernels import backward, common, forward
 from prefixattn.kernels.common import DEFAULT_SMEM, fixed_config, smem_limit
 from prefixattn.kernels.config import KernelSettings, settings, use_settings
+from prefixattn.kernels.device import H100
 
 import prefixattn
 from prefixattn.ops import autograd
@@ -30,16 +29,16 @@ def test_use_settings_restores():
     assert settings() == before
 
 
-def test_shared_memory_budget_and_pinned_configs(monkeypatch):
+def test_shared_memory_budget_and_pinned_configs():
     assert smem_limit(torch.device("cpu")) == DEFAULT_SMEM
-    # a CUDA device's budget is a share of what it reports (H100: 227 KiB opt-in per block)
-    monkeypatch.setattr(common, "_device_props", lambda index: SimpleNamespace(
-        shared_memory_per_block_optin=227 * 1024, multi_processor_count=132))
-    assert smem_limit(torch.device("cuda", 0)) == int(227 * 1024 * common.SMEM_SHARE)
+    # a CUDA device's budget is its opt-in limit per block (H100: 227 KiB): smem_bytes counts every tile
+    with use_settings(device=H100):
+        assert smem_limit(torch.device("cuda", 0)) == 227 * 1024
+        assert common.num_sms(torch.device("cuda", 0)) == 132
     table = [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)]
     # with the interpreter off, the first row that fits wins; the choice depends only on its inputs
     with use_settings(interpret=False):
-        small = fixed_config(table, lambda bm, bn, s: bm * bn * s <= 64 * 64 * 2)
+        small = fixed_config(table, lambda bm, bn, w, s: bm * bn * s <= 64 * 64 * 2)
         assert small == dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
         assert fixed_config(table, lambda *a: False)["BLOCK_M"] == 32  # nothing fits: the smallest
 
@@ -87,3 +86,21 @@ def test_custom_op_fake_matches_the_kernel():
     torch.library.opcheck(autograd._forward_op, args, test_utils=("test_schema", "test_faketensor"))
     out, _ = autograd._forward_op(*args)
     assert out.shape == (1, 2, 5, 8) and out.transpose(1, 2).is_contiguous()
+
+
+def test_fp32_dot_precision_follows_torch():
+    """fp32 dots on the TF32 tensor cores exactly when torch allows TF32 for CUDA matmuls."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert common.dot_precision(torch.float32) == "ieee"
+        assert common.dot_precision(torch.bfloat16) == common.dot_precision(torch.float16) == "tf32"
+        matmul.allow_tf32 = True
+        assert common.dot_precision(torch.float32) == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("high")  # sets allow_tf32 too
+        assert common.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        matmul.allow_tf32 = before

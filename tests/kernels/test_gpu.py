@@ -125,3 +125,26 @@ def test_gpu_torch_compile_inductor():
     loss = f(q, k, v, pk, pv)
     loss.backward()
     assert torch.isfinite(pk.grad).all()
+
+
+def test_gpu_fp32_uses_tf32_when_torch_allows_it():
+    """fp32 inputs: exact products by default (1e-4 against float64), the TF32 tensor cores once
+    torch.backends.cuda.matmul.allow_tf32 is set (TF32's own accuracy, and a different result)."""
+    c = Case(B=2, Hq=8, Hkv=2, Sq=512, Sk=512, P=32, D=128)
+    x = make_case(c, dtype=torch.float32, device="cuda")
+    ref = concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs())
+    exact = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="triton")
+    assert_close_rel(exact, ref, 1e-4, "ieee out")
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32 = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="triton")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert_close_rel(tf32, ref, 3e-3, "tf32 out")
+    assert not torch.equal(tf32, exact), "allow_tf32 did not change how the kernel multiplies"
+    do = torch.randn_like(tf32)
+    grads = torch.autograd.grad(tf32, x.grad_inputs, do)
+    refs = torch.autograd.grad(ref, x.grad_inputs, do.double())
+    for name, g, r in zip(("dq", "dk", "dv", "dpk", "dpv"), grads, refs, strict=False):
+        assert_close_rel(g, r, 5e-3, name)

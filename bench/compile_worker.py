@@ -1,0 +1,87 @@
+"""Compile one recorded launch for sm_90 and read what the compiler says about it.
+
+``compile_launch`` runs in a worker process: ``JITFunction.preload`` (triton's own path from a
+recorded specialization to a compiled kernel, through triton's cache) under the fake driver, then
+
+    shared      the compiler's shared memory (metadata.shared): what the launch needs, against the
+                device's opt-in limit
+    registers, spill stores/loads, stack frame, and "wgmma serialized" warnings: from ptxas -v
+                (the log triton's own ptxas run writes when asked; on a triton cache hit, a second
+                ptxas run over the cached PTX with the same flags)
+    wgmma / mma.sync: counted in the PTX (Hopper's warpgroup tensor-core instruction, or Ampere's)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import re
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_SERIALIZED = re.compile(r"wgmma\.mma_async instructions are serialized due to ([^.\n]*)")
+
+
+def parse_ptxas_log(log: str) -> dict[str, Any]:
+    regs = _PTXAS_USED.findall(log)
+    spill = _PTXAS_SPILL.findall(log)
+    reasons = _SERIALIZED.findall(log)
+    return {
+        "registers": int(regs[-1]) if regs else None,
+        "stack": int(spill[-1][0]) if spill else None,
+        "spill_stores": int(spill[-1][1]) if spill else None,
+        "spill_loads": int(spill[-1][2]) if spill else None,
+        "wgmma_serialized": bool(reasons),
+        "serialized_reason": sorted(set(r.strip() for r in reasons)),
+    }
+
+
+def count_mma(ptx: str) -> dict[str, int]:
+    return {"wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+            "mma_sync": len(re.findall(r"\bmma\.sync\b", ptx)),
+            "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx))}
+
+
+def _ptxas_again(ptx: str, arch: int) -> str:
+    """ptxas -v over cached PTX, with the flags triton's make_cubin uses by default."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+               "-o", f"{tmp}/k.cubin"]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+
+def compile_launch(kernel: str, specialization: str, arch: int = 90) -> dict[str, Any]:
+    """Compile (or load from triton's cache) one launch; return the compiler's figures."""
+    import triton
+
+    from .compile_plan import use_fake_driver
+
+    use_fake_driver(arch)
+    module, name = kernel.split(":")
+    jit = getattr(importlib.import_module(module), name)
+    triton.knobs.nvidia.dump_ptxas_log = True  # triton prints ptxas -v output when it runs ptxas
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        compiled = jit.preload(specialization)
+    seconds = time.perf_counter() - t0
+    log = buf.getvalue()
+    ptx = compiled.asm["ptx"]
+    if "Used" not in log:  # a cache hit: nothing ran ptxas in this process
+        log = _ptxas_again(ptx, arch)
+    md = compiled.metadata
+    return {"shared": int(md.shared), "num_warps": int(md.num_warps), "num_stages": int(md.num_stages),
+            "compile_s": round(seconds, 2), "hash": compiled.hash, **parse_ptxas_log(log), **count_mma(ptx)}
+
+
+__all__ = ["compile_launch", "parse_ptxas_log", "count_mma"]

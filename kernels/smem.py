@@ -1,0 +1,65 @@
+"""Shared memory of a launch on sm_90, counted tile by tile (host side only: no @triton.jit here, so
+changing the model does not change any kernel's cache key).
+
+``python -m bench compile`` holds the model against the compiler's figure for every pinned config
+(tests/bench/test_compile.py: never below it, at most 15% + 4 KiB above; on the full table 0 to 1 KiB above); the launchers use it to
+pick the pinned configs and to prune the autotune lists (kernels/common.py smem_fits, smem_prune).
+"""
+
+from __future__ import annotations
+
+
+def uses_wgmma(rows: int, num_warps: int, elsize: int, precision: str) -> bool:
+    """Whether triton lowers a dot whose A operand has `rows` rows to Hopper's warpgroup MMA: half
+    inputs or TF32, at least 64 rows (one warpgroup's M) and whole warpgroups of warps."""
+    return rows >= 64 and num_warps % 4 == 0 and (elsize == 2 or precision == "tf32")
+
+
+def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize: int, precision: str) -> int:
+    """Shared memory a launch of `kernel` (fwd, dq, dkdv) needs on sm_90, counting every tile; the
+    compile check (tests/bench/test_compile.py) holds it against the compiler's figure.
+
+    Each loop keeps its resident tiles in shared memory and pipelines its streamed tiles: `stages`
+    buffers when the dots go to wgmma (which reads shared memory asynchronously), `stages - 1`
+    otherwise (mma.sync, FMA), plus the score tile that mma.sync and FMA dots pass through shared
+    memory. The forward and dq stream BLOCK_P prefix keys before the sequence keys, the dk/dv
+    kernel's prefix programs keep BLOCK_P slots resident; loops and branches run one after the
+    other, so the larger counts. With ATOMIC_DQ the dk/dv kernel also converts its fp32 dq tile for
+    the atomics (wgmma), or keeps k again for the mma.sync of the transposed dS tile. 1 KiB covers
+    barriers and small scratch."""
+    bm, bn, bp = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_P"]
+    bdk, w = meta["BLOCK_DK"], meta["BLOCK_DK"] + meta["BLOCK_DV"]
+    es = elsize
+    keys = max(bn, bp)
+
+    def buffers(rows: int) -> int:
+        return num_stages if uses_wgmma(rows, num_warps, es, precision) else max(num_stages - 1, 1)
+
+    def score_tile(rows: int, cols: int) -> int:
+        return 0 if uses_wgmma(rows, num_warps, es, precision) else rows * cols * es
+
+    if kernel == "fwd":
+        need = es * (bm * bdk + buffers(bm) * keys * w) + score_tile(bm, keys)
+    elif kernel == "dq":
+        need = es * (bm * w + buffers(bm) * keys * w) + score_tile(bm, keys)
+    elif kernel == "dkdv":
+        def branch(resident: int) -> int:  # a key block (BLOCK_N) or a prefix block (BLOCK_P) program
+            return es * (resident * w + buffers(resident) * bm * w) + score_tile(resident, bm)
+        # layer 0 (only the prefix gradient): the key-block branch is compiled out
+        need = branch(bp) if meta.get("DO_SEQUENCE") is False else max(branch(bn), branch(bp))
+        if meta.get("ATOMIC_DQ"):
+            if uses_wgmma(bm, num_warps, es, precision):
+                need += bm * bdk * 4
+            else:
+                need += es * (keys * bdk + keys * bm)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return need + 1024
+
+
+def launch_smem_estimate(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize: int) -> int:
+    """smem_bytes of a launch recorded by ``python -m bench compile`` (its constants as meta)."""
+    return smem_bytes(kernel, meta, num_warps, num_stages, elsize, meta.get("DOT_PRECISION", "tf32"))
+
+
+__all__ = ["uses_wgmma", "smem_bytes", "launch_smem_estimate"]

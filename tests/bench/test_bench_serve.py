@@ -1,0 +1,47 @@
+"""bench/serve.py without a server: the summary (per-round ratios against the base, medians), its markdown
+with the CPU label, the workload of each mode, and the missing-vLLM message."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is a checkout directory, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import serve  # noqa: E402
+
+
+def test_summary_ratios_are_per_round_medians(monkeypatch):
+    monkeypatch.setattr(serve, "vllm_version", lambda python: "0.32.0")
+    rounds = {m: [] for m in serve.MODES}
+    for base_tps, slow in ((100.0, 0.5), (50.0, 0.8), (80.0, 1.0)):
+        for mode in serve.MODES:
+            f = 1.0 if mode == "base" else slow
+            rounds[mode].append({"wall_s": 1.0, "tokens_per_s": base_tps * f, "latency_s": 1.0 / f,
+                                 "latency_p90_s": 1.0 / f, "ttft_s": 0.1 / f})
+    args = argparse.Namespace(model=None, prompt_tokens=8, max_tokens=4, requests=2, concurrency=2, rounds=3)
+    doc = serve.report(args, rounds, 5, "python", on_gpu=False)
+    assert doc["summary"]["base"]["throughput_vs_base"] == 1.0
+    assert doc["summary"]["prefix"]["throughput_vs_base"] == 0.8  # median of 0.5, 0.8, 1.0
+    assert abs(doc["summary"]["prefix"]["latency_vs_base"] - 1.25) < 1e-12
+    text = serve.markdown(doc)
+    assert "CPU: relative costs only" in text and "| prefix | 50.0 | 0.80 |" in text  # medians: 50 tok/s, x0.8
+
+
+def test_modes_send_what_they_say():
+    prompts = [[5, 6], [7, 8]]
+    rng = random.Random(0)
+    assert serve.jobs_for("base", prompts, "p", 3, rng) == [("base", [5, 6]), ("base", [7, 8])]
+    assert serve.jobs_for("prefix", prompts, "p", 3, rng) == [("p", [5, 6]), ("p", [7, 8])]
+    assert [m for m, _ in serve.jobs_for("mixed", prompts, "p", 3, rng)] == ["base", "p"]
+    text = serve.jobs_for("base_text_prefix", prompts, "p", 3, rng)
+    assert all(m == "base" and len(q) == 5 and q[3:] == prompts[i] for i, (m, q) in enumerate(text))
+
+
+def test_missing_vllm_environment(capsys, tmp_path):
+    assert serve.main(["--vllm-python", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "setup_vllm.sh" in capsys.readouterr().err
