@@ -40,7 +40,11 @@ def _loss(task: str, out, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     if task == "TOKEN_CLS":
         return torch.nn.functional.cross_entropy(y.flatten(0, 1), (ids % 3).flatten(),
                                                  reduction="none")[mask.flatten() == 1].mean()
-    return (y.float() ** 2).mean()
+    # not mean(y ** 2): a last hidden state comes out of LayerNorm, whose mean square is ~1 whatever the
+    # input (a tiny model's LayerNorm has unit weight and zero bias), so that loss's gradient is rounding
+    # noise (|g| < 1e-7 here) and two correct implementations disagree on it
+    weights = torch.linspace(-1.0, 1.0, y.shape[-1], dtype=torch.float32)
+    return (y.float() * weights).mean()
 
 
 @pytest.mark.parametrize("family, task, padding", [
