@@ -226,13 +226,21 @@ def _layer_prefix(model, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     return kv[slot, 0, 0], kv[slot, 1, 0]
 
 
+def _is_causal(module) -> bool:
+    """The module's causality: what its role in the model says (an encoder's or encoder-decoder's modules:
+    the patcher records it, some BERT copies set no ``is_causal``), else its ``is_causal``."""
+    from prefixattn.hf.sites import CAUSAL_ATTR
+
+    return bool(module.__dict__.get(CAUSAL_ATTR, getattr(module, "is_causal", True)))
+
+
 def _mask_4d(call: LayerCall, P: int) -> torch.Tensor:
     """Additive float64 (B, 1, Sq, P + Sk) mask: prefix always visible; causal and padding on the keys."""
     B, _, Sq, _ = call.query.shape
     Sk = call.key.shape[2]
     i = torch.arange(Sq).view(Sq, 1) + (Sk - Sq)
     j = torch.arange(Sk).view(1, Sk)
-    visible = (j <= i) if getattr(call.module, "is_causal", True) else torch.ones(Sq, Sk, dtype=torch.bool)
+    visible = (j <= i) if _is_causal(call.module) else torch.ones(Sq, Sk, dtype=torch.bool)
     window = call.kwargs.get("sliding_window")
     if window:
         visible = visible & (j > i - window)
@@ -259,7 +267,7 @@ def reference_layer(call: LayerCall, pk: torch.Tensor, pv: torch.Tensor) -> torc
                        **kwargs)
         return out
     out = concat_reference(call.query, call.key, call.value, pk, pv, key_padding_mask=call.mask,
-                           causal=getattr(call.module, "is_causal", True), scale=call.scaling,
+                           causal=_is_causal(call.module), scale=call.scaling,
                            softcap=call.kwargs.get("softcap") or 0.0)
     return out.transpose(1, 2)
 

@@ -46,7 +46,9 @@ def _positive(kind: type) -> Any:
     return parse
 
 
-TRAIN_HELP = """Prefix-tune a causal LM on transformers' Trainer (frozen model, trainable prefix).
+TRAIN_HELP = """Prefix-tune a causal LM on transformers' Trainer (frozen model, trainable prefix); or, with
+--model, an encoder-decoder ({"prompt", "completion"} lines: prompt -> encoder, completion -> decoder)
+or a sequence classifier ({"text", "label"} lines; its head trains with the prefix).
 
   prefixattn train                                   the embedded demo: no download, ~1 min on a CPU
   prefixattn train --model DIR --data train.jsonl --prefix-tokens 32 --steps 1000 --out runs/x
@@ -114,6 +116,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "first P tokens); default: random, or the built-in corpus for a --cartridge demo")
     g.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="attention backend: auto is triton on a CUDA GPU, else torch")
+    g.add_argument("--ignore-attention-dropout", action="store_true",
+                   help="train without the model's attention dropout (BERT-style configs have 0.1), which "
+                        "the fused attention does not implement; without it such a model is refused")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=pos_i, metavar="N", default=100, help="total optimizer steps")
     g.add_argument("--batch-size", type=pos_i, metavar="N", default=16,

@@ -81,9 +81,13 @@ class Examples:
         return self.rows[i]
 
 
-def read_jsonl(path: str | os.PathLike, tokenizer: Any, max_len: int) -> tuple[Examples, Examples]:
+def read_jsonl(path: str | os.PathLike, tokenizer: Any, max_len: int,
+               encode: Any = None) -> tuple[Examples, Examples]:
     """(train, eval) examples of a JSONL file; the last 10% (at least one) are held out. Every line is
-    checked first: a ValueError names the file, the line and the problem."""
+    checked first: a ValueError names the file, the line and the problem. ``encode(row, tokenizer,
+    max_len, where)``: a line as an example (default: a causal LM's, ``encode_row``; encoder-decoders and
+    classifiers: ``kinds.py``)."""
+    encode = encode or encode_row
     path = str(path)
     if not os.path.isfile(path):
         raise ValueError(f"--data {path}: no such file")
@@ -96,7 +100,7 @@ def read_jsonl(path: str | os.PathLike, tokenizer: Any, max_len: int) -> tuple[E
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(encode_row(row, tokenizer, max_len, f"{path}:{n}"))
+            rows.append(encode(row, tokenizer, max_len, f"{path}:{n}"))
     if not rows:
         raise ValueError(f"--data {path}: the file is empty (no JSON lines)")
     if len(rows) < 2:

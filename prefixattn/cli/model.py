@@ -55,10 +55,13 @@ def check_model_dir(model_dir: str) -> None:
                          f"(none of {', '.join(WEIGHT_FILES)})")
 
 
-def build_base_model(model_dir: str | None, dtype: str, seed: int) -> tuple[Any, Any]:
+def build_base_model(model_dir: str | None, dtype: str, seed: int,
+                     auto_class: str = "AutoModelForCausalLM") -> tuple[Any, Any]:
     """(frozen base model, tokenizer). The embedded model's weights are a function of the seed, so
-    every process of a distributed run, and a resumed run, builds the same one."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    every process of a distributed run, and a resumed run, builds the same one. ``auto_class``: the
+    transformers Auto class that loads ``model_dir`` (``kinds.AUTO_CLASS``)."""
+    import transformers
+    from transformers import LlamaForCausalLM
 
     if model_dir is None:
         tokenizer = byte_tokenizer()
@@ -66,7 +69,7 @@ def build_base_model(model_dir: str | None, dtype: str, seed: int) -> tuple[Any,
         model = LlamaForCausalLM(tiny_llama_config(len(tokenizer))).to(DTYPES[dtype])
         return model, tokenizer
     check_model_dir(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=DTYPES[dtype])
     return model, load_tokenizer(model_dir, model)
 
 

@@ -1,4 +1,6 @@
-"""``prefixattn train``: prefix-tune a causal LM on transformers' Trainer.
+"""``prefixattn train``: prefix-tune a causal LM, an encoder-decoder or a sequence classifier on
+transformers' Trainer (the kinds of ``--model``: ``kinds.py``; a classifier's head trains with the
+prefix, as PEFT's modules_to_save, and is saved with it).
 
 One process by default; under ``torchrun --nproc-per-node N`` or ``accelerate launch`` the same
 command is N data-parallel processes (gloo on CPU, NCCL on GPU), and ``--fsdp`` / ``--deepspeed`` go
@@ -39,6 +41,7 @@ import prefixattn
 from prefixattn.prefix import find_prefix
 
 from . import data as D
+from . import kinds
 from .callbacks import CadenceFromArguments, ProgressCallback
 from .model import DTYPES, build_base_model, check_model_dir
 from .outputs import give_normal_modes, write_json_atomic
@@ -75,6 +78,7 @@ class TrainConfig:
     max_len: int = 256
     prefix_tokens: int = 16
     prefix_projection: bool = False
+    ignore_attention_dropout: bool = False
     cartridge: bool = False
     frozen_tokens: int | None = None  # a cartridge's; None: PEFT's default (1)
     init_text: str | None = None
@@ -136,6 +140,11 @@ class TrainConfig:
             raise ValueError(f"--out {self.out}: a file, not a directory")
         if self.model is not None:
             check_model_dir(self.model)
+            kind = kinds.model_kind(self.model)
+            kinds.check_options(kind, self.data, self.packing)
+            if self.cartridge and kind != "causal":
+                raise ValueError(f"--cartridge trains a causal LM's cartridge; {self.model} is "
+                                 f"{kinds.DESCRIBED[kind]}")
         if self.data is not None and Path(self.data).is_dir():
             raise ValueError(f"--data {self.data}: a directory; --data takes a JSONL file")
         if self.data is not None and not Path(self.data).is_file():
@@ -146,7 +155,6 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value.lstrip().startswith("{") and not Path(value).is_file():
                 raise ValueError(f"--{name.replace('_', '-')} {value}: no such file")
-
 
     def _check_prefix_kind(self) -> None:
         if self.frozen_tokens is not None and not self.cartridge:
@@ -190,10 +198,12 @@ def report_to(choice: str) -> list[str]:
     return names
 
 
-def build_datasets(cfg: TrainConfig, tokenizer: Any, global_batch: int) -> tuple[Any, Any, str]:
-    """(train, eval, description); every example is checked before training starts."""
+def build_datasets(cfg: TrainConfig, tokenizer: Any, global_batch: int,
+                   encode: Any = None) -> tuple[Any, Any, str]:
+    """(train, eval, description); every example is checked before training starts. ``encode``: how a
+    JSONL line becomes an example (``kinds.line_encoder``)."""
     if cfg.data is not None:
-        train, evals = D.read_jsonl(cfg.data, tokenizer, cfg.max_len)
+        train, evals = D.read_jsonl(cfg.data, tokenizer, cfg.max_len, encode)
         return train, evals, f"{cfg.data}: {len(train)} train / {len(evals)} eval examples"
     size = cfg.steps * global_batch
     train = D.SuccessorTask(tokenizer, size=size, seed=cfg.seed, seq_len=cfg.seq_len)
@@ -394,8 +404,10 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     out = Path(cfg.out)
     global_batch = cfg.batch_size * size * cfg.grad_accum
 
-    base, tokenizer = build_base_model(cfg.model, cfg.dtype, cfg.seed)
-    train_ds, eval_ds, described = build_datasets(cfg, tokenizer, global_batch)
+    kind = kinds.model_kind(cfg.model)
+    base, tokenizer = build_base_model(cfg.model, cfg.dtype, cfg.seed, kinds.AUTO_CLASS[kind])
+    train_ds, eval_ds, described = build_datasets(cfg, tokenizer, global_batch,
+                                                  kinds.line_encoder(kind, base))
     resume_from = prepare_out(cfg, out, main)
     if cfg.model is None and main and not (out / "base_model" / "config.json").is_file():
         # OUT is self-contained: PEFT can load OUT/adapter onto OUT/base_model
@@ -405,6 +417,7 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     init, init_note = prefix_init(cfg, train_ds, tokenizer, resuming=resume_from is not None)
     model = prefixattn.patch(base, num_prefix_tokens=cfg.prefix_tokens,
                              prefix_projection=cfg.prefix_projection, backend=cfg.backend,
+                             ignore_attention_dropout=cfg.ignore_attention_dropout,
                              cartridge=cfg.cartridge, num_frozen_tokens=cfg.frozen_tokens, **init)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.packing:
@@ -417,9 +430,10 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=D.collator(cfg.packing, tokenizer.pad_token_id),
+        data_collator=(D.collator(cfg.packing, tokenizer.pad_token_id) if kind == "causal"
+                       else kinds.EncoderCollator(tokenizer.pad_token_id)),
         processing_class=tokenizer,
-        compute_metrics=token_accuracy,
+        compute_metrics=kinds.metric(kind, token_accuracy),
         preprocess_logits_for_metrics=argmax_logits,
         run_info=run_settings(cfg),
         keep_checkpoints=cfg.keep_checkpoints,
@@ -429,11 +443,12 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     trainer.add_callback(progress)
     trainer.add_callback(CadenceFromArguments())
 
-    kind = "cartridge" if cfg.cartridge else "prefix"
-    say(f"{described}\nmodel: {type(base).__name__} ({cfg.model or 'embedded tiny Llama'}), {cfg.dtype}"
+    prefix_kind = "cartridge" if cfg.cartridge else "prefix"
+    say(f"{described}\nmodel: {type(base).__name__} ({cfg.model or 'embedded tiny Llama'}; "
+        f"{kinds.DESCRIBED[kind]}), {cfg.dtype}"
         f"{', bf16 autocast' if cfg.bf16 else ', fp16 autocast' if cfg.fp16 else ''}, on {args.device}"
         f"{f' x {size} processes' if size > 1 else ''}{sharding(trainer)}; "
-        f"{kind}: P={cfg.prefix_tokens}, {frozen_note(model)}{init_note}"
+        f"{prefix_kind}: P={cfg.prefix_tokens}, {frozen_note(model)}{init_note}"
         f"{n_params} trainable parameters; batch {cfg.batch_size} per process x {size} x {cfg.grad_accum} "
         f"accumulation = {global_batch}{', packed rows' if cfg.packing else ''}"
         f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")

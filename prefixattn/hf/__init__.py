@@ -11,6 +11,9 @@ the per-step plan) -> ``prefixattn.prefix_attention``. Each module has one job:
     probe.py        running the frozen model: shape probe, init-from-text
     generate.py     generate() with a bank (prefix_ids through prepare_inputs_for_generation)
     patcher.py      patch_model / unpatch / is_patched: attaching and detaching
+    sites.py        encoders' and encoder-decoders' stacks, each attention module's role and site
+    roles.py        attaching to them: hooks, PEFT's seq2seq layout, the shape probe, the task head
+    positions.py    positions from P inside a family's own position embedding
     peft_models.py  patching PEFT PrefixTuning and Cartridge models, load_peft
     cartridges.py   cartridge options (frozen leading tokens), PEFT's kind, init_prefix_from_cache
     adapters.py     the prefix module a step reads when PEFT wraps it; refusing a prefix PEFT froze

@@ -18,6 +18,7 @@ def patch(
     model: nn.Module,
     num_prefix_tokens: int | None = None,
     *,
+    sites: str | None = None,
     prefix_projection: bool = False,
     projection_hidden_size: int | None = None,
     num_prefixes: int | None = None,
@@ -31,7 +32,8 @@ def patch(
     cartridge: bool = False,
     num_frozen_tokens: int | None = None,
 ) -> nn.Module:
-    """Prefix-tune a Hugging Face causal LM with the fused prefix attention; returns the model to use.
+    """Prefix-tune a Hugging Face model (a causal LM, an encoder with or without a task head, an
+    encoder-decoder) with the fused prefix attention; returns the model to use.
 
     Every base parameter is frozen; the prefix is added as ordinary parameters in the submodule
     ``model.prefixattn_prefix`` (so ``model.parameters()`` / optimizers / DDP / Trainer see it).
@@ -45,6 +47,11 @@ def patch(
             adapter, which stays trainable as PEFT set it, and the PeftModel is returned (its
             save_pretrained, the Trainer's checkpoints and merge_and_unload keep the prefix).
         num_prefix_tokens: P, the number of virtual tokens per layer.
+        sites: encoder-decoders only. "decoder" (the default, PEFT's): decoder self-attention carries the
+            prefix, in PEFT's layout (decoder layer i reads block 2i mod L of PEFT's L = num_hidden_layers
+            blocks, so some layers share one); "all" (Li & Liang): encoder self-attention, decoder
+            self-attention and cross-attention each carry their own prefix in every layer. An encoder's
+            task head (PEFT's modules_to_save: classifier / score / qa_outputs) trains with the prefix.
         prefix_projection: PEFT's reparameterization (embedding + Linear-Tanh-Linear MLP, run once per step).
         projection_hidden_size: the MLP's hidden size (default Hkv*D, as PEFT's encoder_hidden_size).
         num_prefixes: keep a bank of N prefixes; every call then takes ``prefix_ids`` ((batch,) long)
@@ -67,7 +74,7 @@ def patch(
     """
     if is_peft_prefix_model(model) and peft_type_name(model.active_peft_config) not in PEFT_PREFIX_TYPES:
         check_tuner_config(model.active_peft_config)
-        return patch_tuner_model(model, num_prefix_tokens, prefix_projection=prefix_projection,
+        return patch_tuner_model(model, num_prefix_tokens, sites=sites, prefix_projection=prefix_projection,
                                  projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes,
                                  layers=layers, init=init, init_text=init_text, tokenizer=tokenizer,
                                  dtype=dtype, backend=backend,
@@ -75,13 +82,13 @@ def patch(
                                  num_frozen_tokens=num_frozen_tokens)
     if is_peft_prefix_model(model):
         if (num_prefix_tokens is not None or prefix_projection or num_prefixes is not None
-                or layers is not None or cartridge or num_frozen_tokens is not None):
+                or layers is not None or sites is not None or cartridge or num_frozen_tokens is not None):
             raise ValueError("patching a PEFT model takes the prefix shape from its PrefixTuningConfig / "
                              "CartridgeConfig; do not pass num_prefix_tokens / prefix_projection / "
-                             "num_prefixes / layers / cartridge / num_frozen_tokens")
+                             "num_prefixes / layers / sites / cartridge / num_frozen_tokens")
         return patch_peft_model(model, dtype=dtype, backend=backend,
                                 ignore_attention_dropout=ignore_attention_dropout)
-    return patch_model(model, num_prefix_tokens, prefix_projection=prefix_projection,
+    return patch_model(model, num_prefix_tokens, sites=sites, prefix_projection=prefix_projection,
                        projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes,
                        layers=layers, init=init, init_text=init_text, tokenizer=tokenizer, dtype=dtype,
                        backend=backend, ignore_attention_dropout=ignore_attention_dropout,

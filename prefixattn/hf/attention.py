@@ -10,6 +10,8 @@ unless a layer runs in another dtype or on another device than the plan expected
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..documents import Documents
 from ..ops import prefix_attention
 from ..weights import attention_weights
+from .sites import CAUSAL_ATTR, PROBE_ATTR, SITE_ATTR
 from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
 
 
@@ -103,6 +106,21 @@ def unhandled_inputs(kwargs: dict[str, Any], query_length: int, key_length: int)
     return sorted(out)
 
 
+# while the shape probe of an encoder or encoder-decoder runs: the modules that called this function without
+# being tagged (attention the stack discovery missed would run without its prefix, silently)
+_untagged_calls: list[nn.Module] | None = None
+
+
+@contextlib.contextmanager
+def recording_untagged_calls() -> Iterator[list[nn.Module]]:
+    global _untagged_calls
+    _untagged_calls = calls = []
+    try:
+        yield calls
+    finally:
+        _untagged_calls = None
+
+
 def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -113,7 +131,11 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
     model's own attention, the frozen base model."""
     state: PatchState | None = module.__dict__.get(STATE_ATTR)
     layer_idx = getattr(module, "layer_idx", None)
-    if state is not None and not isinstance(layer_idx, int):
+    # encoders and encoder-decoders: the site the module was given (None: no prefix), by role and layer;
+    # decoder-only models: its layer_idx
+    has_site = SITE_ATTR in module.__dict__
+    site = module.__dict__[SITE_ATTR] if has_site else layer_idx
+    if state is not None and not has_site and not isinstance(layer_idx, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by "
                            "layer_idx")
     attention_mask = padding_mask(attention_mask)
@@ -132,13 +154,23 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
         raise ValueError(f"{type(module).__name__} hands the attention function {unhandled}, attention "
                          "inputs prefixattn does not implement (a learned position bias, per-token sinks, "
                          "...); ignoring them would be silently wrong")
+    window = kwargs.get("sliding_window")
+    causal = bool(module.__dict__.get(CAUSAL_ATTR, getattr(module, "is_causal", True)))
+    if window and not causal:
+        raise ValueError(f"{type(module).__name__} asks for a sliding window in bidirectional attention (a "
+                         "two-sided local window, ModernBERT style), which prefixattn's attention does not "
+                         "implement (its windows look back only)")
     plan = kwargs.get(STEP_KWARG)
     backend = "auto" if state is None else state.backend
     pk = pv = index = documents = None
-    if state is None:
+    if state is None and _untagged_calls is not None:
+        _untagged_calls.append(module)
+    if state is None or (site is None and plan is None):
+        # an unpatched model, or a module with no prefix in a stack without a step plan (the encoder of
+        # an encoder-decoder whose prefix is on the decoder): the model's own attention
         documents = _unpatched_documents(query, key, attention_mask, kwargs)
     elif state.capture is not None:  # probing shapes / init from text: the frozen model, no prefix
-        state.capture[layer_idx] = (key.detach(), value.detach())
+        state.capture[module.__dict__.get(PROBE_ATTR, layer_idx)] = (key.detach(), value.detach())
         backend = "torch"
     else:
         if plan is None:  # a layer that does not pass its kwargs on: the step's plan from the state
@@ -146,7 +178,8 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
         if plan is None or plan.capture:
             raise RuntimeError("prefixattn: no prefix for this forward pass; call the patched model (or its "
                                "base model), not a layer directly")
-        pk, pv, index = plan.layer(layer_idx)
+        if site is not None:
+            pk, pv, index = plan.layer(site)
         documents = plan.documents
         if pk is not None and (pk.device != query.device or (pk.dtype != query.dtype and not plan.autocast)):
             # a layer away from the plan's device (device_map splits) or dtype: move/cast here. Under
@@ -158,8 +191,6 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
         if documents is not None and documents.device != query.device:
             documents = Documents(documents.start.to(query.device), documents.end.to(query.device))
 
-    window = kwargs.get("sliding_window")
-    causal = bool(getattr(module, "is_causal", True))
     softcap = float(kwargs.get("softcap") or 0.0)
     window = int(window) if window else None
     # learned attention sinks (gpt-oss, granite_swa, flint): transformers passes them as ``s_aux``

@@ -1,7 +1,8 @@
 """Loading a patched model's ``save_pretrained`` directory (written by ``saved.py``) back as the trained
-model: ``AutoModelForCausalLM.from_pretrained(dir)`` knows ``model_type="prefixattn"`` once
-``prefixattn.hf`` is imported (``register_auto_classes``), and through the directory's two-line loader
-module with ``trust_remote_code=True`` in a process that has not imported it.
+model: ``AutoModelForCausalLM.from_pretrained(dir)`` (and the Auto classes of encoders and
+encoder-decoders: ``AUTO_CLASSES``) knows ``model_type="prefixattn"`` once ``prefixattn.hf`` is imported
+(``register_auto_classes``), and through the directory's loader module with ``trust_remote_code=True`` in
+a process that has not imported it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
-from transformers import AutoConfig, AutoModelForCausalLM
+import transformers
+from transformers import AutoConfig
 
 from ..prefix import PrefixConfig, load_prefix
 from ..prefix.files import read_tensors
 from .patcher import patch_model
-from .saved import MODEL_TYPE, PREFIX_FILE, PrefixattnCheckpointConfig
+from .saved import AUTO_CLASSES, MODEL_TYPE, PREFIX_FILE, PrefixattnCheckpointConfig, loader_class_name
 
 
 def _how_to_load(directory: str, reason: str) -> str:
@@ -40,7 +42,8 @@ def load_prefix_into(model: nn.Module, directory: str | os.PathLike, backend: st
     if path.is_dir():
         path = path / PREFIX_FILE
     cfg = _prefix_config(path)
-    model = patch_model(model, num_prefix_tokens=cfg.num_tokens, layers=list(cfg.layers),
+    where = {"sites": cfg.sites} if cfg.sites else {"layers": list(cfg.layers)}  # an encoder-decoder's sites
+    model = patch_model(model, num_prefix_tokens=cfg.num_tokens, **where,
                         num_prefixes=cfg.num_prefixes if cfg.bank else None, prefix_projection=cfg.projection,
                         projection_hidden_size=cfg.projection_hidden_size or None, init="zeros",
                         backend=backend, cartridge=cfg.cartridge,
@@ -51,9 +54,11 @@ def load_prefix_into(model: nn.Module, directory: str | os.PathLike, backend: st
 
 class PrefixattnCheckpointModel:
     """The AutoModelForCausalLM entry of ``model_type="prefixattn"``: ``from_pretrained`` returns the
-    patched base model with the trained prefix (not an instance of this class)."""
+    patched base model with the trained prefix (not an instance of this class). One subclass per Auto class
+    (``AUTO_CLASSES``) loads the base model with that Auto class."""
 
     config_class = PrefixattnCheckpointConfig
+    auto_class = "AutoModelForCausalLM"
 
     @classmethod
     def register_for_auto_class(cls, auto_class: Any = None) -> None:
@@ -75,7 +80,7 @@ class PrefixattnCheckpointModel:
             raise ValueError(_how_to_load(directory, "the model it was saved from had no path (it was built "
                                                      "from a config)"))
         try:
-            base = AutoModelForCausalLM.from_pretrained(base_path, *model_args, **kwargs)
+            base = getattr(transformers, cls.auto_class).from_pretrained(base_path, *model_args, **kwargs)
         except (OSError, ValueError) as e:  # a missing path, a directory without a model
             raise ValueError(_how_to_load(directory, f"its base model {base_path!r} cannot be loaded "
                                                      f"({e})")) from e
@@ -86,7 +91,16 @@ class PrefixattnCheckpointModel:
         return load_prefix_into(base, directory, backend=backend or config.backend)
 
 
+# the entry of each Auto class (the loader module of a saved directory imports them by these names)
+CHECKPOINT_MODELS: dict[str, type] = {"AutoModelForCausalLM": PrefixattnCheckpointModel}
+for _auto in AUTO_CLASSES[1:]:
+    CHECKPOINT_MODELS[_auto] = type(loader_class_name(_auto), (PrefixattnCheckpointModel,),
+                                    {"auto_class": _auto, "__module__": __name__})
+    globals()[loader_class_name(_auto)] = CHECKPOINT_MODELS[_auto]
+
+
 def register_auto_classes() -> None:
-    """``AutoConfig`` / ``AutoModelForCausalLM`` know ``model_type="prefixattn"`` (idempotent)."""
+    """``AutoConfig`` and ``AUTO_CLASSES`` know ``model_type="prefixattn"`` (idempotent)."""
     AutoConfig.register(MODEL_TYPE, PrefixattnCheckpointConfig, exist_ok=True)
-    AutoModelForCausalLM.register(PrefixattnCheckpointConfig, PrefixattnCheckpointModel, exist_ok=True)
+    for auto, model_class in CHECKPOINT_MODELS.items():
+        getattr(transformers, auto).register(PrefixattnCheckpointConfig, model_class, exist_ok=True)

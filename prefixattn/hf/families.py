@@ -74,11 +74,6 @@ def resolve_family(model: nn.Module) -> Family:
             f"got {type(model).__name__}"
         )
     model_type = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"{type(model).__name__} ({model_type}) is an encoder-decoder model; prefixattn.patch supports "
-            f"decoder-only language models. Supported families: {supported_names()}"
-        )
     if model_type in OWN_ATTENTION_FAMILIES or not _uses_attention_interface(model):
         raise ValueError(
             f"{type(model).__name__} ({model_type}) has its own attention code that does not go through "
@@ -108,6 +103,11 @@ def unsupported_attention(model: nn.Module) -> str | None:
         if isinstance(getattr(module, "compressor", None), nn.Module):
             return ("its compressed sparse attention (DeepSeek V4 style) attends over compressed key blocks "
                     "of its own; a prefix has no place there")
+        if getattr(module, "has_relative_attention_bias", None) is not None or isinstance(
+                getattr(module, "relative_attention_bias", None), nn.Module):
+            return ("its attention adds a learned relative position bias to the scores (T5 style: "
+                    "position_bias), which prefixattn's attention does not take yet (the prefix's columns of "
+                    "that bias need the score-bias support of issue 20)")
         if hasattr(module, "lambda_q1") and hasattr(module, "lambda_init"):
             return ("differential attention (DiffLlama) calls the attention function on split value heads "
                     "and subtracts two softmaxes; a prefix would enter both with a different meaning")

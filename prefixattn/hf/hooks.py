@@ -1,4 +1,5 @@
-"""The forward pre-hook on the module that runs the decoder layers: the per-step work.
+"""The forward pre-hook on the module that runs the decoder layers (an encoder-decoder: on its encoder
+and on its decoder; an encoder: on the module around its layers): the per-step work.
 
 Once per forward it checks the call (``prefix_ids`` for a bank, KV cache kind), numbers positions from
 P the way PEFT does (packed rows: every document from P), builds the step plan (``plan.py``) and
@@ -8,7 +9,8 @@ patch state as a fallback.
 
 PEFT semantics: sequence positions start at P (explicit ``position_ids`` get P added, as PEFT does;
 generate() derives them from the attention mask, so left padding works); OPT's mask-based positions
-count P leading prefix slots.
+count P leading prefix slots. Encoders and decoders that number positions inside their position embedding
+are shifted there (``positions.py``); an encoder's explicit ``position_ids`` are kept, as PEFT keeps them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ import torch
 import torch.nn as nn
 
 from .adapters import active_prefix
-from .plan import CAPTURE_PLAN, StepInputs, build_plan, check_prefix_ids, compute_dtype
+from .plan import CAPTURE_PLAN, StepInputs, StepPlan, build_plan, check_prefix_ids, compute_dtype
 from .state import STATE_ATTR, STEP_KWARG, PatchState
+
+# on a module running a stack: how it numbers positions from P. "owner": the pre-hook sets position_ids
+# (decoder-only models; the default); "embedding": its position embedding's pre-hook does
+# (``positions.py``); "none": positions stay as they are (an encoder-decoder's encoder: PEFT leaves it
+# alone, and Li & Liang's BART did not shift it either)
+POSITIONS_ATTR = "_prefixattn_owner_positions"
+UNPREFIXED_ATTR = "_prefixattn_unprefixed"
+# forward arguments that carry the batch, in the order they are looked for
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "input_features", "input_values")
 
 
 def _bind_to_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -98,11 +109,17 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         state.plan = CAPTURE_PLAN
         kwargs[STEP_KWARG] = CAPTURE_PLAN
         return (), kwargs
+    if module.__dict__.get(UNPREFIXED_ATTR):  # a stack without a prefix: the model's own attention
+        device = next((kwargs[n].device for n in _BATCH_INPUTS if kwargs.get(n) is not None), None)
+        kwargs[STEP_KWARG] = StepPlan(
+            autocast=device is not None and torch.is_autocast_enabled(device.type),
+            output_attentions=bool(kwargs.get("output_attentions")))
+        return (), kwargs
 
     # looked up every step: PEFT may have wrapped the prefix (modules_to_save) or merged it back
     state.prefix = active_prefix(state, module.training and torch.is_grad_enabled())
-    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-    ref = ids if ids is not None else embeds
+    embeds = kwargs.get("inputs_embeds")
+    ref = next((kwargs[name] for name in _BATCH_INPUTS if kwargs.get(name) is not None), None)
     if ref is None:
         raise ValueError("prefixattn: the model was called without input_ids or inputs_embeds")
     batch, length = ref.shape[0], ref.shape[1]
@@ -129,9 +146,13 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
                         has_cache=cache is not None, cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
                         cu_seq_lens_k=kwargs.get("cu_seq_lens_k"),
                         output_attentions=bool(kwargs.get("output_attentions")))
-    if position_ids is not None:
+    mode = module.__dict__.get(POSITIONS_ATTR, "owner")
+    if mode != "owner":
+        pass  # the position embedding's hook shifts them, or they stay (an encoder-decoder's encoder)
+    elif position_ids is not None:
         # as PEFT does for prefix tuning; packed rows: every document's positions start at P
-        kwargs["position_ids"] = position_ids + state.position_offset
+        if state.shift_explicit_positions:
+            kwargs["position_ids"] = position_ids + state.position_offset
     else:
         kwargs["position_ids"] = _positions(state, kwargs, batch, length, device)
 
@@ -158,7 +179,12 @@ def _refuse_reentrant_checkpointing(state: PatchState) -> None:
                 )
 
 
-def add_pre_hook(module: nn.Module) -> None:
+def add_pre_hook(module: nn.Module, positions: str = "owner", prefixed: bool = True) -> None:
+    """``prefixed=False``: the stack carries no prefix (an encoder-decoder's encoder under PEFT's layout);
+    its step plan holds none."""
+    module.__dict__[POSITIONS_ATTR] = positions
+    if not prefixed:
+        module.__dict__[UNPREFIXED_ATTR] = True
     module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
@@ -167,3 +193,5 @@ def remove_pre_hooks(module: nn.Module) -> None:
         if fn is pre_hook:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
+    module.__dict__.pop(POSITIONS_ATTR, None)
+    module.__dict__.pop(UNPREFIXED_ATTR, None)

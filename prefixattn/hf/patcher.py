@@ -5,7 +5,10 @@ module) and detaching, ``unpatch`` and ``is_patched``.
 No ``forward`` is replaced: the attention goes through transformers' AttentionInterface
 (``attention.py``), the per-step work through a forward pre-hook (``hooks.py``).
 
-Refused with a clear error: families with their own attention code, encoder-decoders, attention that
+Decoder-only models route each attention module to its prefix by ``layer_idx``; encoders and
+encoder-decoders by module and role (``sites.py``, ``roles.py``).
+
+Refused with a clear error: families with their own attention code, attention that
 gives the interface a meaning of its own (``families.unsupported_attention``: learned sparse-key
 indexers, compressed sparse attention, differential attention), score inputs the op does not implement
 (a learned position bias, per-token sinks), 4-D attention masks, static (compileable) caches, packed
@@ -25,14 +28,17 @@ import torch
 import torch.nn as nn
 
 from ..ops import BACKENDS, MAX_HEAD_DIM
-from ..prefix import MODULE_NAME, PeftLayout, PrefixConfig, PrefixKV
+from ..prefix import MODULE_NAME, PeftLayout, PrefixConfig, PrefixKV, active_copy
+from . import roles
 from .attention import register
 from .cartridges import cartridge_options
 from .families import resolve_family
 from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
 from .hooks import add_pre_hook, remove_pre_hooks
+from .positions import find_position_embedding, hook_position_embedding
 from .probe import capture, init_from_text, input_device, probe_token
 from .saved import SavePretrainedWithPrefix
+from .sites import mark_decoder_roles, model_kind
 from .state import IMPL_NAME, STATE_ATTR, PatchState, get_state
 
 InitKind = Literal["random", "zeros", "text"]
@@ -79,10 +85,12 @@ def _check_layers(layers: Sequence[int], all_layers: list[int]) -> list[int]:
     return sorted(chosen)
 
 
-def _find_layers_owner(model: nn.Module, state: PatchState) -> nn.Module:
+def _find_layers_owner(model: nn.Module, state: PatchState) -> tuple[nn.Module, nn.Module | None]:
     """The module that runs the decoder layers (parent of the ModuleList holding the attention layers):
     LlamaModel, GPT2Model, OPTDecoder (OPTForCausalLM calls its decoder directly), ... Its forward takes
-    position_ids; the per-step pre-hook goes there."""
+    position_ids; the per-step pre-hook goes there. Or, for a seq2seq model's decoder used alone
+    (BartForCausalLM: BartDecoder numbers positions from the cache length itself), one whose position
+    embedding takes a cache length: (owner, that embedding)."""
     tagged_ids = {id(m) for m in state.tagged_modules}
     owners: list[tuple[nn.Module, list[nn.Module]]] = []
     for module in model.modules():
@@ -98,10 +106,15 @@ def _find_layers_owner(model: nn.Module, state: PatchState) -> nn.Module:
     # one whose forward takes position_ids
     with_positions = [o for o in owners if "position_ids" in inspect.signature(o[0].forward).parameters]
     if not with_positions:
+        for owner, layers in owners:
+            embedding = find_position_embedding(owner, layers)
+            if embedding is not None:
+                state.layer_modules = layers
+                return owner, embedding
         raise ValueError(f"{type(owners[0][0]).__name__}.forward takes no position_ids; prefixattn cannot "
                          "number positions from P for this model")
     best, state.layer_modules = with_positions[0]
-    return best
+    return best, None
 
 
 def _shared_kv_layers(captured: dict[int, tuple]) -> dict[int, int]:
@@ -220,6 +233,7 @@ def patch_model(
     model: nn.Module,
     num_prefix_tokens: int | None = None,
     *,
+    sites: str | None = None,
     prefix_projection: bool = False,
     projection_hidden_size: int | None = None,
     num_prefixes: int | None = None,
@@ -242,7 +256,9 @@ def patch_model(
     saves the adapter, and a merged model must save in full).
 
     ``adapter_shape=(Hkv, D)``: the prefix comes from a PEFT adapter of that shape (PEFT's Gemma 4 rule:
-    smaller layers read the leading heads and dims, larger ones carry no prefix)."""
+    smaller layers read the leading heads and dims, larger ones carry no prefix).
+
+    ``sites``: an encoder-decoder's prefix sites, "decoder" (the default: PEFT's) or "all" (``roles.py``)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("patch the model before wrapping it in DistributedDataParallel / FSDP")
     if get_state(model) is not None:
@@ -258,6 +274,20 @@ def patch_model(
         raise ValueError("init='text' sets the prefix values directly, which needs prefix_projection=False")
 
     family = resolve_family(model)
+    kind = model_kind(model)
+    sites = roles.check_sites(sites, kind)
+    task, head_names = roles.task_type(model, kind)
+    if kind == "seq2seq" and layers is not None:
+        raise ValueError("layers= chooses the layers of a decoder-only or encoder model; an encoder-decoder "
+                         "carries its prefix where sites= says (PEFT has no per-layer choice either)")
+    if kind == "seq2seq" and init == "text":
+        raise ValueError("init='text' is for decoder-only and encoder models: an encoder-decoder's decoder "
+                         "attends over its encoder, so there is no single text whose keys and values make a "
+                         "prefix")
+    heads = () if peft_tuner else roles.head_paths(model, head_names)
+    if heads and num_prefixes is not None:
+        raise ValueError(f"a bank of prefixes (num_prefixes) shares one task head, which trains with every "
+                         f"entry ({list(heads)}); prefixattn supports a bank on models without a task head")
     if not family.tested:
         warnings.warn(f"prefixattn: model family {family.model_type!r} is not in the tested set; it goes "
                       "through the AttentionInterface, so it is patched, but check it against PEFT",
@@ -265,33 +295,54 @@ def patch_model(
     register()
     state = PatchState(family=family, backend=backend, base_model=model, owner=model,
                        embeddings=model.get_input_embeddings() if hasattr(model, "get_input_embeddings")
-                       else None, ignore_attention_dropout=ignore_attention_dropout)
+                       else None, ignore_attention_dropout=ignore_attention_dropout, kind=kind, sites=sites)
     state.previous_impl = model.config._attn_implementation
     state.previous_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
     # Attach: tag the attention modules, switch the implementation, hook the module running the layers.
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int):
-            module.__dict__[STATE_ATTR] = state
-            state.tagged_modules.append(module)
     model.__dict__[STATE_ATTR] = state
     try:
-        base = _find_layers_owner(model, state)
-        state.base_model = base
+        if kind == "causal":
+            for module in model.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.__dict__[STATE_ATTR] = state
+                    state.tagged_modules.append(module)
+            base, embedding = _find_layers_owner(model, state)
+            state.base_model = base
+            base.__dict__[STATE_ATTR] = state
+            add_pre_hook(base, positions="owner" if embedding is None else "embedding")
+            state.stack_owners.append(base)
+            if embedding is not None:  # a seq2seq model's decoder used alone (BartForCausalLM)
+                hook_position_embedding(embedding, state, "decoder")
+                state.position_modules.append(embedding)
+                state.site_modules.extend(mark_decoder_roles(state.layer_modules))
+        else:
+            structure = roles.attach(model, state, sites)
         model.set_attn_implementation(IMPL_NAME)
         if model.config._attn_implementation != IMPL_NAME:
             raise ValueError(f"{type(model).__name__} refused attn_implementation={IMPL_NAME!r}")
-        base.__dict__[STATE_ATTR] = state
-        add_pre_hook(base)
+        if kind == "seq2seq":
+            roles.check_own_encoder(model, structure, state.previous_impl, IMPL_NAME)
 
-        config, peft_layout = _probe_config(model, state, num_prefix_tokens, num_prefixes, layers,
-                                            prefix_projection, projection_hidden_size, backend, adapter_shape)
+        if kind == "seq2seq":
+            config, peft_layout = roles.seq2seq_config(
+                model, state, structure, sites, num_prefix_tokens, num_prefixes, prefix_projection,
+                projection_hidden_size, backend, adapter_shape)
+        else:
+            config, peft_layout = _probe_config(model, state, num_prefix_tokens, num_prefixes, layers,
+                                                prefix_projection, projection_hidden_size, backend,
+                                                adapter_shape)
+        peft_layout = replace(peft_layout, task_type=task, modules_to_save=head_names)
         config = replace(config, cartridge=cartridge, num_frozen_tokens=num_frozen_tokens)
         if not peft_tuner:
             for p in model.parameters():
                 p.requires_grad_(False)
+            for path in heads:  # the task head trains with the prefix, as PEFT's modules_to_save
+                for p in active_copy(model.get_submodule(path)).parameters():
+                    p.requires_grad_(True)
         prefix = PrefixKV(config, dtype=dtype, device=input_device(model), init=init)
         prefix.peft_layout = peft_layout
+        prefix.heads = heads
         model.add_module(MODULE_NAME, prefix)
         state.prefix = prefix
         if init == "text":
@@ -314,7 +365,8 @@ def _save_only_the_prefix(model: nn.Module, state: PatchState) -> None:
     # (had an instance attribute, its value): restored by unpatch
     state.previous_keys_to_ignore_on_save = ("_keys_to_ignore_on_save" in model.__dict__,
                                              model.__dict__.get("_keys_to_ignore_on_save"))
-    frozen = {k for k in model.state_dict() if not k.startswith(MODULE_NAME + ".")}
+    kept = (MODULE_NAME, *state.prefix.heads)  # the prefix and the task head that trains with it
+    frozen = {k for k in model.state_dict() if not any(k.startswith(name + ".") for name in kept)}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | frozen
     # ... and marks the directory, so that from_pretrained loads the trained model, never the base model
     # with random weights (checkpoint.py)
@@ -322,8 +374,11 @@ def _save_only_the_prefix(model: nn.Module, state: PatchState) -> None:
 
 
 def detach(model: nn.Module, state: PatchState) -> None:
-    remove_pre_hooks(state.base_model)
-    state.base_model.__dict__.pop(STATE_ATTR, None)
+    for owner in {id(m): m for m in (state.base_model, *state.stack_owners)}.values():
+        remove_pre_hooks(owner)
+        owner.__dict__.pop(STATE_ATTR, None)
+    state.stack_owners.clear()
+    roles.detach_roles(state)
     for module in state.tagged_modules:
         module.__dict__.pop(STATE_ATTR, None)
     state.tagged_modules.clear()

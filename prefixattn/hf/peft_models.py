@@ -13,16 +13,21 @@ import torch
 import torch.nn as nn
 
 from ..prefix import (
+    PEFT_PREFIX,
     check_adapter_for,
     check_against_peft_config,
     check_prefix_id,
     find_prefix,
+    find_prefix_owner,
+    head_problems,
+    load_head_tensors,
     peft_format_problems,
     peft_rows_to_kv,
     read_peft_adapter,
 )
 from .cartridges import kind_of_peft
 from .patcher import is_patched, patch_model, unpatch
+from .roles import infer_head_shapes
 
 # PEFT's KV-prefix methods, which patch(peft_model) converts
 PEFT_PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
@@ -49,15 +54,18 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
     model.
 
     A trainable PEFT model with ``prefix_projection`` keeps its embedding + MLP (copied, trainable); any
-    other carries over the prefix values themselves (a cartridge's frozen tokens into its frozen part).
+    other carries over the prefix values themselves (a cartridge's frozen tokens into its frozen part). An
+    encoder-decoder (SEQ_2_SEQ_LM) gets PEFT's layout (``sites="decoder"``); a SEQ_CLS / TOKEN_CLS /
+    QUESTION_ANS model keeps the task head PEFT trains (its modules_to_save copy, which the model runs).
     """
     config = peft_model.active_peft_config
     if _peft_type_name(config.peft_type) not in PEFT_PREFIX_TYPES:
         raise ValueError(f"prefixattn.patch takes PEFT prefix-tuning and cartridge models; this one is "
                          f"{_peft_type_name(config.peft_type)}")
-    if (config.num_transformer_submodules or 1) != 1:
-        raise ValueError("PEFT prefix tuning with num_transformer_submodules != 1 (encoder-decoder) is "
-                         "not supported")
+    task = _peft_type_name(config.task_type) or "CAUSAL_LM"
+    if (config.num_transformer_submodules or 1) != (2 if task == "SEQ_2_SEQ_LM" else 1):
+        raise ValueError(f"a PEFT {task} prefix-tuning model with num_transformer_submodules="
+                         f"{config.num_transformer_submodules} is not one PEFT makes")
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     base = peft_model.get_base_model()
     projection = bool(getattr(config, "prefix_projection", False) and not config.inference_mode)
@@ -69,6 +77,9 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
                         **kind_of_peft(config.peft_type, config))
     module = find_prefix(model)
     try:
+        if module.peft_layout.task_type != task and task != "CAUSAL_LM":
+            raise ValueError(f"the PEFT model is a {task} model; PEFT's task type for "
+                             f"{type(base).__name__} is {module.peft_layout.task_type}")
         check_against_peft_config(module.config, config, "the PEFT model")
         problems = peft_format_problems(model)
         if problems:
@@ -93,13 +104,15 @@ def patch_peft_model(peft_model: nn.Module, *, dtype: torch.dtype = torch.float3
 
 # patch() arguments that fix the prefix's shape or values: load_peft takes those from the adapter
 _SHAPE_KWARGS = frozenset({"num_prefix_tokens", "num_prefixes", "prefix_projection", "projection_hidden_size",
-                           "layers", "init", "init_text", "tokenizer", "cartridge", "num_frozen_tokens"})
+                           "layers", "init", "init_text", "tokenizer", "sites", "cartridge",
+                           "num_frozen_tokens"})
 
 
 def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_id: int | None = None,
               **patch_kwargs: Any) -> nn.Module:
     """Load a PEFT prefix-tuning or cartridge adapter (from PEFT or ``save_peft``) into ``model``; returns
-    the model to use.
+    the model to use. CAUSAL_LM, SEQ_2_SEQ_LM (PEFT's layout on an encoder-decoder), SEQ_CLS, TOKEN_CLS,
+    QUESTION_ANS (the saved task head is loaded too) and FEATURE_EXTRACTION adapters.
 
     An unpatched model is patched with the adapter's shape (a CARTRIDGE adapter as a cartridge with its
     ``num_frozen_tokens``) (``patch_kwargs`` such as ``backend`` or
@@ -109,8 +122,9 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
     if is_peft_prefix_model(model):
         raise TypeError("load_peft loads an adapter into a transformers model; this is already a PEFT model "
                         "(patch it with prefixattn.patch(peft_model) instead)")
-    cfg, emb = read_peft_adapter(adapter_directory)
-    if is_patched(model):
+    cfg, emb, head = read_peft_adapter(adapter_directory)
+    patched_here = not is_patched(model)
+    if not patched_here:
         if patch_kwargs:
             raise ValueError(f"the model is already patched; {sorted(patch_kwargs)} only apply when "
                              "load_peft patches an unpatched model")
@@ -126,6 +140,8 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
                              "patch first (prefixattn.patch(model, num_prefix_tokens=P, num_prefixes=N)), "
                              "then load_peft(model, directory, prefix_id=i)")
         _precheck_unpatched(model, cfg, str(adapter_directory))
+        if (cfg.get("task_type") or "CAUSAL_LM") == "SEQ_2_SEQ_LM":
+            patch_kwargs = {**patch_kwargs, "sites": "decoder"}
         heads = cfg["num_attention_heads"]
         model = patch_model(model, num_prefix_tokens=cfg["num_virtual_tokens"], init="zeros",
                             adapter_shape=(heads, cfg["token_dim"] // heads),
@@ -140,8 +156,16 @@ def load_peft(model: nn.Module, adapter_directory: str | os.PathLike, *, prefix_
     if module.config.bank and prefix_id is None:
         raise ValueError(f"the model has a bank of {module.config.num_prefixes} prefixes: pass prefix_id to "
                          "choose the entry to fill")
+    owner, module = find_prefix_owner(model)
+    problems = head_problems(owner, module, head, PEFT_PREFIX)
+    if problems:
+        if patched_here:
+            unpatch(model)
+        raise ValueError(f"PEFT adapter {str(adapter_directory)!r} does not match the model's task head: "
+                         + "; ".join(problems))
     single = module.config.single_entry()
     module.set_values(peft_rows_to_kv(emb.to(module.kv.dtype), single), prefix_id)
+    load_head_tensors(owner, module, head, PEFT_PREFIX)
     return model
 
 
@@ -165,28 +189,3 @@ def _precheck_unpatched(model: nn.Module, cfg: dict[str, Any], where: str) -> No
                             f"model has {hkv * d}")
     if problems:
         raise ValueError(f"PEFT adapter {where!r} does not match the model: " + "; ".join(problems))
-
-
-def infer_head_shapes(config: Any) -> tuple[int, int] | None:
-    """(Hkv, D) from a transformers config, or None if it does not say or the layers differ (Gemma 4's
-    per-layer configs; a probe forward decides)."""
-    try:
-        return _uniform_head_shapes(config)
-    except AttributeError:
-        return None
-    except Exception as e:  # transformers' AmbiguousGlobalPerLayerAttributeError: the layers differ
-        if type(e).__name__ == "AmbiguousGlobalPerLayerAttributeError":
-            return None
-        raise
-
-
-def _uniform_head_shapes(config: Any) -> tuple[int, int] | None:
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    if heads is None:
-        return None
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden else None)
-    if head_dim is None:
-        return None
-    return int(kv), int(head_dim)

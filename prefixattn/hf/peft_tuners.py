@@ -52,6 +52,7 @@ def patch_tuner_model(
     peft_model: nn.Module,
     num_prefix_tokens: int | None,
     *,
+    sites: str | None = None,
     prefix_projection: bool = False,
     projection_hidden_size: int | None = None,
     num_prefixes: int | None = None,
@@ -82,7 +83,7 @@ def patch_tuner_model(
         raise ValueError("this model is already patched by prefixattn (call prefixattn.unpatch first); a "
                          "model patched before get_peft_model() carries a prefix PEFT does not train. "
                          f"{ORDER_HINT}")
-    patch_model(base, num_prefix_tokens, prefix_projection=prefix_projection,
+    patch_model(base, num_prefix_tokens, sites=sites, prefix_projection=prefix_projection,
                 projection_hidden_size=projection_hidden_size, num_prefixes=num_prefixes, layers=layers,
                 init=init, init_text=init_text, tokenizer=tokenizer, dtype=dtype, backend=backend,
                 ignore_attention_dropout=ignore_attention_dropout, peft_tuner=True, cartridge=cartridge,

@@ -8,12 +8,13 @@ attends without a prefix.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .attention import recording_untagged_calls
 from .state import PatchState
 
 
@@ -26,14 +27,25 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, state: PatchState, token_ids: list[int]) -> dict[int, tuple]:
-    """Run the frozen model (no prefix) on token_ids; returns {layer_idx: (key, value)} as (1, Hkv, T, D)."""
+def capture(model: nn.Module, state: PatchState, inputs: list[int] | Callable[[], Any]) -> dict[Any, tuple]:
+    """Run the frozen model (no prefix) on token ids (through the module that runs the layers), or run
+    ``inputs()``; returns {probe key: (key, value)} as (1, Hkv, T, D). The probe key is the layer_idx,
+    or (role, layer) in an encoder-decoder."""
     was_training = model.training
     model.eval()
     state.capture = {}
     try:
-        ids = torch.tensor([token_ids], dtype=torch.long, device=input_device(model))
-        state.base_model(input_ids=ids, use_cache=False)
+        with recording_untagged_calls() as untagged:
+            if callable(inputs):
+                inputs()
+            else:
+                ids = torch.tensor([inputs], dtype=torch.long, device=input_device(model))
+                state.base_model(input_ids=ids, use_cache=False)
+        if untagged and state.kind != "causal":
+            names = sorted({type(m).__name__ for m in untagged})
+            raise ValueError(f"{type(model).__name__}: attention modules {names} call transformers' "
+                             "attention interface outside the layer stacks prefixattn found; they would run "
+                             "without a prefix")
         return state.capture
     finally:
         state.capture = None

@@ -32,16 +32,30 @@ from ..prefix.files import atomic_write
 MODEL_TYPE = "prefixattn"
 PREFIX_FILE = "prefix.safetensors"
 LOADER_MODULE = "prefixattn_checkpoint"
+# the Auto classes that load such a directory as the trained model (the first: the original one)
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq",
+                "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+                "AutoModelForQuestionAnswering", "AutoModelForMaskedLM", "AutoModel")
+
+
+def loader_class_name(auto_class: str) -> str:
+    """The loader's entry for an Auto class: PrefixattnCheckpointModel (causal LMs),
+    PrefixattnCheckpointForSeq2SeqLM, ..."""
+    suffix = auto_class.removeprefix("AutoModel")
+    if suffix == "ForCausalLM":
+        return "PrefixattnCheckpointModel"
+    return f"PrefixattnCheckpoint{suffix or 'Base'}"
+
 
 _LOADER_SOURCE = '''"""A prefixattn-patched model saved with save_pretrained(): the base model's path and
-config, and the trained prefix. Load it with AutoModelForCausalLM.from_pretrained(this_dir) (prefixattn
-installed; pass trust_remote_code=True unless prefixattn.hf is imported), or base_model="path" where
-the base model moved."""
+config, and the trained prefix. Load it with AutoModelForCausalLM.from_pretrained(this_dir) (or the Auto
+class of the base model: AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, ...; prefixattn
+installed; pass trust_remote_code=True unless prefixattn.hf is imported), or base_model="path" where the
+base model moved."""
 from prefixattn.hf.checkpoint import (  # noqa: F401
     PrefixattnCheckpointConfig,
-    PrefixattnCheckpointModel,
-)
-'''
+{imports})
+'''.replace("{imports}", "".join(f"    {loader_class_name(a)},\n" for a in AUTO_CLASSES))
 
 
 class PrefixattnCheckpointConfig(PreTrainedConfig):
@@ -69,7 +83,7 @@ def mark_directory(model: nn.Module, directory: str | os.PathLike, backend: str)
         base_config=base_config, base_model_name_or_path=getattr(model.config, "_name_or_path", None),
         backend=backend,
         auto_map={"AutoConfig": f"{LOADER_MODULE}.PrefixattnCheckpointConfig",
-                  "AutoModelForCausalLM": f"{LOADER_MODULE}.PrefixattnCheckpointModel"},
+                  **{auto: f"{LOADER_MODULE}.{loader_class_name(auto)}" for auto in AUTO_CLASSES}},
     )
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..prefix import PrefixKV
+from ..prefix import PrefixKV, SiteKey
 from .families import Family
 from .plan import StepPlan
 
@@ -38,7 +38,18 @@ class PatchState:
     shared_kv: dict[int, int] = field(default_factory=dict)
     wrapped_prepare: bool = False
 
-    first_layer: int = 0  # the first attention layer (the one whose KV cache length numbers positions)
+    # the first attention layer (the one whose KV cache length numbers positions): a site key
+    first_layer: SiteKey = 0
+    # encoders and encoder-decoders (sites.py): the model's kind, every module that runs a stack (each has
+    # the pre-hook; ``base_model`` is the decoder's, or the encoder's), the position embeddings hooked
+    # (positions.py), the attention modules tagged with a site, and the sites option ("decoder" | "all")
+    kind: str = "causal"
+    stack_owners: list[nn.Module] = field(default_factory=list)
+    position_modules: list[nn.Module] = field(default_factory=list)
+    site_modules: list[nn.Module] = field(default_factory=list)
+    sites: str = ""
+    # explicit position_ids get P added (PEFT's CAUSAL_LM); its encoder task types hand them on unchanged
+    shift_explicit_positions: bool = True
 
     @property
     def num_tokens(self) -> int:

@@ -55,16 +55,16 @@ def compose_cartridges(sources: Sequence[str | os.PathLike], output: str | os.Pa
 
 def _compose_adapters(paths: list[Path], output: Path) -> None:
     read = [read_peft_adapter(p) for p in paths]
-    for p, (cfg, _) in zip(paths, read, strict=True):
+    for p, (cfg, _, _) in zip(paths, read, strict=True):
         if cfg["peft_type"] != "CARTRIDGE":
             raise ValueError(f"adapter {str(p)!r} is not a CARTRIDGE adapter (got {cfg['peft_type']!r})")
     first = read[0][0]
-    for p, (cfg, _) in zip(paths[1:], read[1:], strict=True):
+    for p, (cfg, _, _) in zip(paths[1:], read[1:], strict=True):
         for key in _SAME_MODEL:
             if cfg.get(key) != first.get(key):
                 raise ValueError(f"adapter {str(p)!r} does not compose with {str(paths[0])!r}: {key} is "
                                  f"{cfg.get(key)!r}, not {first.get(key)!r}")
-    rows = torch.cat([emb for _, emb in read], dim=0)
+    rows = torch.cat([emb for _, emb, _ in read], dim=0)
     raw = json.loads((paths[0] / CONFIG_NAME).read_text())  # the first adapter's config as written
     raw.update(num_virtual_tokens=rows.shape[0], num_frozen_tokens=first["num_frozen_tokens"])
     output.mkdir(parents=True, exist_ok=True)

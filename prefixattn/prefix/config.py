@@ -7,6 +7,17 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 LayerShape = tuple[int, int, int]  # (KV heads, key head dim, value head dim) of one layer
+SiteKey = int | tuple[str, int]  # a model layer, or (role, layer) in an encoder-decoder with sites="all"
+
+# Where an encoder-decoder carries its prefix (``PrefixConfig.sites``):
+#   ""         a decoder-only or encoder-only model: ``layers`` are its attention layers
+#   "decoder"  PEFT's seq2seq layout: ``layers`` are blocks of PEFT's 2 x num_layers slots, decoder
+#              self-attention layer i reads block 2i mod num_layers (keys and values); encoder and
+#              cross-attention carry none
+#   "all"      Li & Liang: encoder self-attention, decoder self-attention and cross-attention each carry
+#              their own prefix per layer; ``roles`` names each entry's role, ``layers`` its layer
+SITES = ("", "decoder", "all")
+ROLES = ("encoder", "decoder", "cross")
 
 
 @dataclass(frozen=True)
@@ -31,12 +42,22 @@ class PrefixConfig:
     projection: bool = False
     projection_hidden_size: int = 0
     layer_shapes: tuple[LayerShape, ...] = ()  # per entry of ``layers``; () when all are the stored shape
+    sites: str = ""  # "" | "decoder" | "all" (encoder-decoders, see SITES)
+    roles: tuple[str, ...] = ()  # sites="all": the role of each entry of ``layers``
     # A cartridge (PEFT's CARTRIDGE type: a long KV prefix trained directly, no MLP): save_peft writes it as
     # CARTRIDGE. Its first ``num_frozen_tokens`` tokens never train (the attention sink Cartridges freeze).
     cartridge: bool = False
     num_frozen_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.sites not in SITES:
+            raise ValueError(f"sites must be one of {SITES}, got {self.sites!r}")
+        if (self.sites == "all") != bool(self.roles):
+            raise ValueError("roles name every entry's role exactly when sites='all'")
+        if self.roles and (len(self.roles) != len(self.layers) or set(self.roles) - set(ROLES)):
+            raise ValueError(f"roles must give one of {ROLES} per entry of layers")
+        if len(set(self.site_keys())) != len(self.layers):
+            raise ValueError(f"layers has duplicates: {list(self.site_keys())}")
         if isinstance(self.num_frozen_tokens, bool) or not isinstance(self.num_frozen_tokens, int):
             raise TypeError(f"num_frozen_tokens must be an int, got {self.num_frozen_tokens!r}")
         if not 0 <= self.num_frozen_tokens <= self.num_tokens:
@@ -52,6 +73,12 @@ class PrefixConfig:
             if not (1 <= h <= self.num_kv_heads and 1 <= dk <= self.head_dim and 1 <= dv <= self.head_dim):
                 raise ValueError(f"layer {layer}'s shape (KV heads {h}, key dim {dk}, value dim {dv}) does "
                                  f"not fit the stored {self.num_kv_heads} x {self.head_dim}")
+
+    def site_keys(self) -> tuple[SiteKey, ...]:
+        """The key of each entry of ``layers``: the layer, or (role, layer) with sites="all"."""
+        if self.roles:
+            return tuple(zip(self.roles, self.layers, strict=True))
+        return tuple(self.layers)
 
     @property
     def token_dim(self) -> int:
@@ -83,10 +110,22 @@ class PrefixConfig:
             d["layer_shapes"] = [list(shape) for shape in self.layer_shapes]
         else:
             del d["layer_shapes"]  # files of uniform prefixes stay what earlier versions wrote and read
+        if self.roles:
+            d["roles"] = list(self.roles)
+        else:
+            del d["roles"]
+        if not self.sites:
+            del d["sites"]  # decoder-only / encoder-only prefixes: the fields earlier versions know
         for key, default in (("cartridge", False), ("num_frozen_tokens", 0)):
             if d[key] == default:
                 del d[key]  # plain prefixes: the fields earlier versions know
         return json.dumps(d, sort_keys=True)
+
+    @property
+    def extended(self) -> bool:
+        """Uses fields that earlier versions of the file format did not have (sites of an
+        encoder-decoder)."""
+        return bool(self.sites)
 
     @classmethod
     def from_json(cls, text: str) -> PrefixConfig:
@@ -102,6 +141,8 @@ class PrefixConfig:
             d["layer_shapes"] = tuple(tuple(int(x) for x in shape) for shape in d["layer_shapes"])
             if any(len(shape) != 3 for shape in d["layer_shapes"]):
                 raise ValueError("prefix config: each layer shape must be [kv_heads, key_dim, value_dim]")
+        if "roles" in d:
+            d["roles"] = tuple(str(r) for r in d["roles"])
         return cls(**d)
 
 
@@ -110,12 +151,17 @@ class PeftLayout:
     """How PEFT's prefix tuning lays a model's prefix out: one (KV heads x head dim) for every layer, and
     the layers that get a prefix. Uniform models: their one shape, every layer. Gemma 4: the shape of its
     largest-head-dim layer, and the layers that fit in it (PEFT slices those, skips larger ones and the
-    KV-sharing layers). Found by the patcher from the model; not stored in files."""
+    KV-sharing layers). Encoder-decoders: PEFT's 2 x num_layers slots, of which the decoder's self-attention
+    reads the blocks in ``layers`` (``PrefixConfig.sites == "decoder"``). Found by the patcher from the
+    model; not stored in files."""
 
     num_kv_heads: int
     head_dim: int
     layers: tuple[int, ...]
     unsupported: str | None = None  # why PEFT cannot prefix-tune the model at all (a hybrid, ...)
+    task_type: str = "CAUSAL_LM"  # PEFT's task type for the model (SEQ_CLS, SEQ_2_SEQ_LM, ...)
+    submodules: int = 1  # PEFT's num_transformer_submodules: 2 for encoder-decoders
+    modules_to_save: tuple[str, ...] = ()  # PEFT's modules_to_save names for the task type
 
     @classmethod
     def uniform(cls, config: PrefixConfig) -> PeftLayout:
@@ -126,6 +172,13 @@ class PeftLayout:
         out = []
         if self.unsupported:
             return [self.unsupported]
+        if config.sites == "all":
+            return ["the prefix covers encoder self-attention, decoder self-attention and cross-attention "
+                    "(sites='all', Li & Liang's setting); PEFT's prefix tuning of an encoder-decoder puts a "
+                    "prefix on decoder self-attention only, in a layout that has no place for the others"]
+        if (self.submodules == 2) != (config.sites == "decoder"):
+            return [f"the prefix was made for {'an encoder-decoder' if config.sites else 'a single stack'}, "
+                    f"the model is {'an encoder-decoder' if self.submodules == 2 else 'a single stack'}"]
         if config.latent:
             h, dk, dv = next(s for s in config.layer_shapes if s[1] != s[2])
             out.append(f"the model has latent attention (key head dim {dk} != value head dim {dv}), which "

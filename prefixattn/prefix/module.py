@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import PeftLayout, PrefixConfig
+from .config import PeftLayout, PrefixConfig, SiteKey
 from .peft_rows import peft_rows_to_kv
 
 MODULE_NAME = "prefixattn_prefix"
@@ -47,9 +47,13 @@ class PrefixKV(nn.Module):
         super().__init__()
         self.config = config
         self.peft_layout: PeftLayout | None = None  # set by the patcher: PEFT's layout for the model
+        # set by the patcher: the task head PEFT trains with the prefix (modules_to_save of its SEQ_CLS,
+        # TOKEN_CLS and QUESTION_ANS models), as module paths in the patched model; saved with the prefix
+        self.heads: tuple[str, ...] = ()
         c = config
         L, N, H, P, D = len(c.layers), c.num_prefixes, c.num_kv_heads, c.num_tokens, c.head_dim
-        self.layer_slot = {layer: i for i, layer in enumerate(c.layers)}
+        # site key (a layer, or (role, layer) with sites="all") -> index into the L axis
+        self.layer_slot: dict[SiteKey, int] = {key: i for i, key in enumerate(c.site_keys())}
         self.register_buffer("frozen_kv", None)  # set below for a raw prefix with frozen tokens
         if c.projection:
             if c.bank:
@@ -95,17 +99,18 @@ class PrefixKV(nn.Module):
         return kv[slot, 0, :, :h, :, :dk], kv[slot, 1, :, :h, :, :dv]
 
     @torch.no_grad()
-    def layer_prefix(self, layer_idx: int, prefix_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's prefix keys (Hkv, P, Dk) and values (Hkv, P, Dv) of one entry, detached."""
+    def layer_prefix(self, layer_idx: SiteKey, prefix_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's prefix keys (Hkv, P, Dk) and values (Hkv, P, Dv) of one entry, detached.
+        ``layer_idx``: a layer, or (role, layer) for an encoder-decoder with sites="all"."""
         slot = self.slot(layer_idx)
         if slot is None:
             raise ValueError(f"layer {layer_idx} carries no prefix (prefixed layers: "
-                             f"{list(self.config.layers)})")
+                             f"{list(self.config.site_keys())})")
         pk, pv = self.layer_views(self.compute(), slot)
         return pk[prefix_id], pv[prefix_id]
 
-    def slot(self, layer_idx: int) -> int | None:
-        """Index into the L axis for a model layer, or None when that layer carries no prefix."""
+    def slot(self, layer_idx: SiteKey) -> int | None:
+        """Index into the L axis for a model layer (a site key), or None when it carries no prefix."""
         return self.layer_slot.get(layer_idx)
 
     @torch.no_grad()
@@ -129,9 +134,11 @@ class PrefixKV(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         shapes = f", layer_shapes={[list(s) for s in c.layer_shapes]}" if c.layer_shapes else ""
+        sites = f", sites={c.sites!r}" if c.sites else ""
+        heads = f", heads={list(self.heads)}" if self.heads else ""
         return (f"tokens={c.num_tokens}, layers={len(c.layers)}/{c.num_layers}, kv_heads={c.num_kv_heads}, "
                 f"head_dim={c.head_dim}, prefixes={c.num_prefixes if c.bank else 1}, "
-                f"projection={c.projection}{shapes}"
+                f"projection={c.projection}{shapes}{sites}{heads}"
                 + (f", cartridge=True, frozen_tokens={c.num_frozen_tokens}" if c.cartridge else ""))
 
 
@@ -165,11 +172,16 @@ def _candidates(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def find_prefix(model: nn.Module) -> PrefixKV:
-    """The ``PrefixKV`` a patched model reads (also through a DDP / accelerate / torch.compile wrapper,
-    a PEFT model and PEFT's modules_to_save wrapper); TypeError if the model carries none."""
+def find_prefix_owner(model: nn.Module) -> tuple[nn.Module, PrefixKV]:
+    """(the patched transformers model, its ``PrefixKV``), through the wrappers ``find_prefix`` sees."""
     for candidate in _candidates(model):
         prefix = active_copy(candidate._modules.get(MODULE_NAME))
         if isinstance(prefix, PrefixKV):
-            return prefix
+            return candidate, prefix
     raise TypeError(f"{type(model).__name__} is not patched by prefixattn.patch")
+
+
+def find_prefix(model: nn.Module) -> PrefixKV:
+    """The ``PrefixKV`` a patched model reads (also through a DDP / accelerate / torch.compile wrapper,
+    a PEFT model and PEFT's modules_to_save wrapper); TypeError if the model carries none."""
+    return find_prefix_owner(model)[1]

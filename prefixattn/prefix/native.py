@@ -2,23 +2,30 @@
 
 The file holds the ``PrefixKV`` state dict (``kv``, or the embedding + MLP of a reparameterized prefix;
 a cartridge's frozen tokens as ``frozen_kv``) and, in its metadata, the format name, its version and the
-``PrefixConfig`` (a cartridge's kind and frozen count only when set, so other files are what earlier
-versions wrote and read).
+``PrefixConfig`` (a cartridge's kind and frozen count only when set). Version 2 (written only when needed,
+so that earlier readers keep reading the rest) adds an encoder-decoder's sites to the config and the task
+head that trains with the prefix (``head.<module path>.<name>`` tensors, their module paths in the
+metadata's ``heads``). Both versions are read.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 
 import torch
 import torch.nn as nn
 
 from .config import PrefixConfig, check_prefix_id
 from .files import read_tensors, save_tensors
-from .module import find_prefix
+from .heads import NATIVE_PREFIX, head_problems, head_tensors, load_head_tensors
+from .module import PrefixKV, find_prefix_owner
 
 FORMAT_NAME = "prefixattn"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # a decoder-only or encoder-only prefix without a task head
+EXTENDED_VERSION = "2"  # an encoder-decoder's sites, or a task head
+READ_VERSIONS = (FORMAT_VERSION, EXTENDED_VERSION)
 
 
 def save_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | None = None) -> None:
@@ -28,21 +35,26 @@ def save_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
     the same shapes or into a single-prefix model. The file's metadata records the prefix shapes, and
     ``load_prefix`` checks them against the model.
     """
-    module = find_prefix(model)
+    owner, module = find_prefix_owner(model)
     config = module.config
     check_prefix_id(prefix_id, config)
     state = dict(module.state_dict())
     if prefix_id is not None:
         state = _entry(state, prefix_id)
         config = config.single_entry()
-    metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config.to_json()}
+    extended = config.extended or bool(module.heads)
+    metadata = {"format": FORMAT_NAME, "version": EXTENDED_VERSION if extended else FORMAT_VERSION,
+                "config": config.to_json()}
+    if module.heads:
+        state.update(head_tensors(owner, module, NATIVE_PREFIX))
+        metadata["heads"] = json.dumps(list(module.heads))
     save_tensors(path, state, metadata)
 
 
 def _mismatches(file_cfg: PrefixConfig, model_cfg: PrefixConfig, single_entry: bool) -> list[str]:
     out = []
-    keys = ["num_tokens", "num_kv_heads", "head_dim", "layers", "num_layers", "layer_shapes", "projection",
-            "projection_hidden_size", "num_frozen_tokens"]
+    keys = ["num_tokens", "num_kv_heads", "head_dim", "sites", "layers", "roles", "num_layers",
+            "layer_shapes", "projection", "projection_hidden_size", "num_frozen_tokens"]
     if not single_entry:
         keys.append("num_prefixes")
     for key in keys:
@@ -60,16 +72,16 @@ def load_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
     touched, so a bad file leaves the model as it was. With ``prefix_id`` (bank models) a single-entry
     file fills that entry; without it, the file must match the model's prefix (bank size included).
     """
-    module = find_prefix(model)
+    owner, module = find_prefix_owner(model)
     check_prefix_id(prefix_id, module.config)
     tensors, metadata = read_tensors(path, "prefix file")
     if metadata.get("format") != FORMAT_NAME:
         hint = (" (it looks like a PEFT adapter: use prefixattn.load_peft)" if "prompt_embeddings" in tensors
                 else "")
         raise ValueError(f"{str(path)!r} is not a prefixattn prefix file{hint}")
-    if metadata.get("version") != FORMAT_VERSION:
+    if metadata.get("version") not in READ_VERSIONS:
         raise ValueError(f"{str(path)!r} has prefix format version {metadata.get('version')!r}; "
-                         f"this prefixattn reads version {FORMAT_VERSION}")
+                         f"this prefixattn reads versions {', '.join(READ_VERSIONS)}")
     try:
         file_cfg = PrefixConfig.from_json(metadata["config"])
     except Exception as e:
@@ -85,6 +97,11 @@ def load_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
         raise ValueError(f"{str(path)!r} holds a single prefix but the model has a bank of "
                          f"{model_cfg.num_prefixes}: pass prefix_id to choose the entry to fill")
     problems = _mismatches(file_cfg, model_cfg, single_entry=prefix_id is not None)
+    if problems:
+        raise ValueError(f"prefix file {str(path)!r} does not match the model: " + "; ".join(problems))
+
+    head = {k: tensors.pop(k) for k in list(tensors) if k.startswith(NATIVE_PREFIX)}
+    problems = _head_problems(owner, module, head, metadata, str(path))
     if problems:
         raise ValueError(f"prefix file {str(path)!r} does not match the model: " + "; ".join(problems))
 
@@ -110,9 +127,28 @@ def load_prefix(model: nn.Module, path: str | os.PathLike, *, prefix_id: int | N
             params = _entry(params, prefix_id)
         for name, t in tensors.items():
             params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
+    if head:
+        load_head_tensors(owner, module, head, NATIVE_PREFIX)
 
 
 def _entry(state: dict[str, torch.Tensor], prefix_id: int) -> dict[str, torch.Tensor]:
     """One bank entry of a raw prefix's state (``kv``, and ``frozen_kv`` of a cartridge): views of the
     (L, 2, N, ...) tensors at entry ``prefix_id``."""
     return {name: t[:, :, prefix_id : prefix_id + 1] for name, t in state.items()}
+
+
+def _head_problems(owner: nn.Module, module: PrefixKV, head: dict[str, torch.Tensor],
+                   metadata: dict[str, str], where: str) -> list[str]:
+    """The file's task head against the model's (checked before anything is loaded)."""
+    try:
+        names = json.loads(metadata.get("heads", "[]"))
+    except json.JSONDecodeError:
+        return ["its 'heads' metadata is not JSON"]
+    if not head and not names:
+        if module.heads:
+            warnings.warn(f"prefixattn: {where!r} holds a prefix without the task head {list(module.heads)}; "
+                          "the model's head is left as it is", stacklevel=3)
+        return []
+    if tuple(names) != tuple(module.heads):
+        return [f"task head: file has {names}, model has {list(module.heads)}"]
+    return head_problems(owner, module, head, NATIVE_PREFIX)

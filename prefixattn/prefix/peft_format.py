@@ -5,13 +5,17 @@
 
 PEFT's saved prefix-tuning adapter is a directory with
 
-- ``adapter_config.json``: peft_type "PREFIX_TUNING", task_type "CAUSAL_LM", num_virtual_tokens (P),
-  num_layers (L), token_dim (Hkv*D), num_attention_heads (Hkv), num_transformer_submodules (1), ...
+- ``adapter_config.json``: peft_type "PREFIX_TUNING", task_type ("CAUSAL_LM"; "SEQ_2_SEQ_LM" for
+  encoder-decoders; "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION" for encoders),
+  num_virtual_tokens (P), num_layers (L), token_dim (Hkv*D), num_attention_heads (Hkv),
+  num_transformer_submodules (1; 2 for encoder-decoders), modules_to_save (the task head's names), ...
 - ``adapter_model.safetensors``: one tensor ``prompt_embeddings`` of shape (P, L*2*Hkv*D), each row laid
   out [layer][k|v][Hkv][D] (``peft_rows``). For Gemma 4, Hkv x D is its largest layer's shape; smaller
   layers read the leading heads and dims, larger ones get no prefix (``PeftLayout``). With
   ``prefix_projection`` the MLP is already applied (PEFT saves its output), so ``save_peft`` writes
-  ``prefix_projection: false``: the file is the prefix itself.
+  ``prefix_projection: false``: the file is the prefix itself. Encoder-decoders: decoder self-attention
+  layer i reads the keys and values of block 2i mod L (``PrefixConfig.sites == "decoder"``). Task heads
+  (PEFT's modules_to_save): ``base_model.<module path>.<name>`` tensors next to the prompt.
 
 Loading an adapter into a model (which may patch it) is the transformers layer's job
 (``prefixattn.hf.peft_models.load_peft``).
@@ -31,8 +35,12 @@ import torch.nn as nn
 
 from .config import PeftLayout, PrefixConfig, check_prefix_id
 from .files import atomic_write, read_tensors
-from .module import PrefixKV, find_prefix
+from .heads import PEFT_PREFIX, head_tensors
+from .module import PrefixKV, find_prefix_owner
 from .peft_rows import kv_to_peft_rows
+
+# PEFT's task types that prefixattn reads and writes
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")  # the adapters holding a KV prefix, in PEFT's one layout
 CONFIG_NAME = "adapter_config.json"
@@ -62,7 +70,8 @@ def _peft_version() -> str | None:
         return None
 
 
-def _peft_config_dict(config: PrefixConfig, base_model: nn.Module, peft_type: str) -> dict[str, Any]:
+def _peft_config_dict(config: PrefixConfig, layout: PeftLayout, base_model: nn.Module,
+                      peft_type: str) -> dict[str, Any]:
     name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
     if peft_type == "CARTRIDGE":  # the fields peft.CartridgeConfig writes
         return {
@@ -82,7 +91,7 @@ def _peft_config_dict(config: PrefixConfig, base_model: nn.Module, peft_type: st
             "num_frozen_tokens": config.num_frozen_tokens,
         }
     return {
-        "task_type": "CAUSAL_LM",
+        "task_type": layout.task_type,
         "peft_type": "PREFIX_TUNING",
         "auto_mapping": None,
         "peft_version": _peft_version(),
@@ -91,10 +100,10 @@ def _peft_config_dict(config: PrefixConfig, base_model: nn.Module, peft_type: st
         "inference_mode": True,
         "num_virtual_tokens": config.num_tokens,
         "token_dim": config.token_dim,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": layout.submodules,
         "num_attention_heads": config.num_kv_heads,
         "num_layers": config.num_layers,
-        "modules_to_save": None,
+        "modules_to_save": list(layout.modules_to_save) or None,
         "init_weights": None,
         "encoder_hidden_size": config.token_dim,
         "prefix_projection": False,
@@ -108,7 +117,7 @@ def peft_layout(module: PrefixKV) -> PeftLayout:
 
 def peft_format_problems(model: nn.Module) -> list[str]:
     """Why the model's prefix cannot be written as a PEFT adapter (empty: ``save_peft`` can write it)."""
-    module = find_prefix(model)
+    module = find_prefix_owner(model)[1]
     return peft_layout(module).problems(module.config)
 
 
@@ -128,7 +137,7 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     largest layer's shape; latent attention (which PEFT cannot run) is refused. Both files are staged as
     temporary files and renamed into place.
     """
-    module = find_prefix(model)
+    owner, module = find_prefix_owner(model)
     c = module.config
     check_prefix_id(prefix_id, c)
     if peft_type is None:
@@ -144,9 +153,14 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
                          + ". save_prefix writes any prefix")
     with torch.no_grad():
         kv = module.compute()[:, :, prefix_id or 0].float()  # (L, 2, Hkv, P, D)
-    rows = kv_to_peft_rows(kv, c).cpu()
-    base = getattr(model, "module", model)
-    cfg = _peft_config_dict(c, base, peft_type)
+    layout = peft_layout(module)
+    if peft_type == "CARTRIDGE" and layout.task_type != "CAUSAL_LM":
+        raise ValueError(f"a {layout.task_type} model's prefix cannot be written as a CARTRIDGE adapter: "
+                         "prefixattn writes CARTRIDGE adapters of causal LMs only; use "
+                         "peft_type='PREFIX_TUNING'")
+    tensors = {"prompt_embeddings": kv_to_peft_rows(kv, c).cpu()}
+    tensors.update({k: v.cpu().contiguous() for k, v in head_tensors(owner, module, PEFT_PREFIX).items()})
+    cfg = _peft_config_dict(c, layout, owner, peft_type)
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Stage both files, then rename them into place: an error leaves no partial adapter behind.
@@ -154,8 +168,7 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     try:
         writers = (
             (WEIGHTS_NAME,
-             lambda tmp: safetensors.torch.save_file({"prompt_embeddings": rows}, tmp,
-                                                     metadata={"format": "pt"})),
+             lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})),
             (CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n")),
         )
         for name, write in writers:
@@ -170,8 +183,10 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
             tmp.unlink(missing_ok=True)
 
 
-def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], torch.Tensor]:
-    """Validate and read a PEFT prefix-tuning adapter directory: (config dict, prompt_embeddings)."""
+def read_peft_adapter(directory: str | os.PathLike
+                      ) -> tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor]]:
+    """Validate and read a PEFT prefix-tuning adapter directory: (config dict, prompt_embeddings, the task
+    head's tensors as ``base_model.<module path>.<name>``, empty without one)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"PEFT adapter directory {str(directory)!r} does not exist")
@@ -187,11 +202,13 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
     if cfg.get("peft_type") not in PEFT_TYPES:
         raise ValueError(f"{str(directory)!r} is a {cfg.get('peft_type')!r} adapter; load_peft reads "
                          "PREFIX_TUNING and CARTRIDGE")
-    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{str(directory)!r} is a {cfg.get('task_type')} adapter; load_peft reads CAUSAL_LM")
-    if (cfg.get("num_transformer_submodules") or 1) != 1:
-        raise ValueError(f"{str(directory)!r} has num_transformer_submodules="
-                         f"{cfg.get('num_transformer_submodules')}; only decoder-only (1) is supported")
+    task = cfg.get("task_type") or "CAUSAL_LM"
+    if task not in TASK_TYPES:
+        raise ValueError(f"{str(directory)!r} is a {task} adapter; load_peft reads {', '.join(TASK_TYPES)}")
+    submodules = cfg.get("num_transformer_submodules") or 1
+    if submodules != (2 if task == "SEQ_2_SEQ_LM" else 1):
+        raise ValueError(f"{str(directory)!r} has num_transformer_submodules={submodules}, which PEFT does "
+                         f"not write for {task} (2 for SEQ_2_SEQ_LM, else 1)")
     for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ValueError(f"{str(cfg_path)!r}: {key} must be a positive int, got {cfg.get(key)!r}")
@@ -209,9 +226,10 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
                              "only safetensors (re-save it with PEFT's safe_serialization=True)")
         raise FileNotFoundError(f"{str(directory)!r} has no {WEIGHTS_NAME}")
     tensors, _ = read_tensors(weights, "PEFT adapter weights")
+    head = {k: tensors.pop(k) for k in list(tensors) if k.startswith(PEFT_PREFIX)}
     if set(tensors) != {"prompt_embeddings"}:
         raise ValueError(f"{str(weights)!r} has tensors {sorted(tensors)}; a prefix-tuning adapter has "
-                         "exactly 'prompt_embeddings'")
+                         "'prompt_embeddings' (and the task head's base_model.* tensors)")
     emb = tensors["prompt_embeddings"]
     P, L, token_dim = cfg["num_virtual_tokens"], cfg["num_layers"], cfg["token_dim"]
     expected = (P, L * 2 * token_dim)
@@ -220,13 +238,17 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], tor
                          f"(num_virtual_tokens={P}, num_layers={L}, token_dim={token_dim}) says {expected}")
     if not emb.is_floating_point() or not torch.isfinite(emb).all():
         raise ValueError(f"{str(weights)!r}: prompt_embeddings must hold finite floats")
-    return cfg, emb
+    return cfg, emb, head
 
 
 def check_adapter_for(module: PrefixKV, cfg: dict[str, Any], where: str) -> None:
     """An adapter config (from ``read_peft_adapter``) fits the prefix of ``module`` exactly."""
     ours = module.config
     problems = []
+    task, expected_task = cfg.get("task_type") or "CAUSAL_LM", peft_layout(module).task_type
+    if task != expected_task and {task, expected_task} != {"CAUSAL_LM", "FEATURE_EXTRACTION"}:
+        problems.append(f"it is a {task} adapter, the model takes {expected_task} (PEFT's task type for "
+                        "it)")
     if ours.projection:
         problems.append("the model's prefix is MLP-reparameterized (prefix_projection=True); a PEFT "
                         "adapter holds prefix values")

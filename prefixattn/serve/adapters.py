@@ -25,7 +25,7 @@ import torch
 
 from ..prefix import PrefixConfig, PrefixKV, peft_rows_to_kv, read_peft_adapter
 from ..prefix.files import read_tensors
-from ..prefix.native import FORMAT_NAME, FORMAT_VERSION
+from ..prefix.native import EXTENDED_VERSION, FORMAT_NAME, FORMAT_VERSION
 from ..prefix.peft_format import CONFIG_NAME
 from .model_layout import ServedModel
 
@@ -67,7 +67,10 @@ def _check_values(kv: torch.Tensor, what: str = "the prefix") -> torch.Tensor:
 
 
 def _read_peft(directory: Path, model: ServedModel) -> torch.Tensor:
-    cfg, rows = read_peft_adapter(directory)
+    cfg, rows, _ = read_peft_adapter(directory)
+    if (cfg.get("task_type") or "CAUSAL_LM") != "CAUSAL_LM":
+        raise ValueError(f"PEFT adapter {str(directory)!r} is a {cfg['task_type']} adapter; prefixattn serve "
+                         "serves CAUSAL_LM adapters")
     P, L, token_dim, heads = (cfg["num_virtual_tokens"], cfg["num_layers"], cfg["token_dim"],
                               cfg["num_attention_heads"])
     if token_dim % heads:
@@ -93,6 +96,9 @@ def _read_prefix_file(path: Path, model: ServedModel) -> torch.Tensor:
         hint = " (it holds PEFT's prompt_embeddings: pass the adapter's directory)" if (
             "prompt_embeddings" in tensors) else ""
         raise ValueError(f"{str(path)!r} is not a prefixattn prefix file{hint}")
+    if metadata.get("version") == EXTENDED_VERSION:
+        raise ValueError(f"{str(path)!r} holds an encoder-decoder's prefix or a task head (prefix format "
+                         "version 2); prefixattn serve serves causal LMs' prefixes")
     if metadata.get("version") != FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} has prefix format version {metadata.get('version')!r}; this "
                          f"prefixattn reads version {FORMAT_VERSION}")
