@@ -91,6 +91,15 @@ def prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(prefix.stride())
 
 
+def score_bias_arg(bias: torch.Tensor | None, B: int, Hq: int, Sq: int, like: torch.Tensor):
+    """(tensor, (batch, head, row, column) strides) of a (1|B, 1|Hq, Sq, P + Sk) score bias, a broadcast
+    dim read through stride 0; without a bias, a placeholder pointer and zero strides."""
+    if bias is None:
+        return like, (0, 0, 0, 0)
+    full = bias.expand(B, Hq, Sq, bias.shape[-1])
+    return full, tuple(full.stride())
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -205,3 +214,22 @@ def row_ptrs(base, i_row, g_row, offs_d, stride_h, stride_m, stride_d):
 def head_dim_range(BLOCK_D: tl.constexpr, D: tl.constexpr):
     offs = tl.arange(0, BLOCK_D)
     return offs, offs < D
+
+
+@triton.jit
+def score_bias_rows(BIAS, b, hkv, G, i_row, g_row, stride_bb, stride_bh, stride_bm):
+    """Each packed row's pointer to column 0 of its score bias (batch row b, query head hkv * G + g,
+    position i); int64 offsets."""
+    base = BIAS + as_i64(b) * stride_bb + as_i64(hkv) * G * stride_bh
+    return base + g_row.to(tl.int64) * stride_bh + i_row.to(tl.int64) * stride_bm
+
+
+@triton.jit
+def score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, n_ok, TRANSPOSED: tl.constexpr):
+    """The score bias of a (rows, keys) tile, or (keys, rows) when TRANSPOSED, in log2 units (fp32);
+    offs_n are column indices from the rows' pointers. Rows or keys out of range read 0."""
+    if TRANSPOSED:
+        x = tl.load(bias_rows[None, :] + offs_n[:, None] * stride_bn, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    else:
+        x = tl.load(bias_rows[:, None] + offs_n[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    return x.to(tl.float32) * 1.4426950408889634
