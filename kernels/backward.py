@@ -114,10 +114,14 @@ def _dq_block(
         kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
     else:
         kp = n_ok
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_BIAS and not SOFTCAP:  # the bias / scale starts the dot's accumulator (as in the forward)
+        bias = score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=False)
+        qk = tl.dot(q, tl.trans(k), acc=bias / qk_scale, input_precision=DOT_PRECISION)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s, t = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
                   SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
-    if HAS_BIAS:
+    if HAS_BIAS and SOFTCAP:  # after the softcap
         s += score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=False)
     if LIMIT:
         if not MASK:
@@ -340,12 +344,19 @@ def _dkdv_block(
     else:
         lo_row = i_row
         hi_row = i_row
-    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    sT, tT = scores(qkT, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
-                    SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=True)
     if HAS_BIAS:  # BIAS_ptr: this program's batch row and group, at its first column (prefix or key 0)
         bias_rows = BIAS_ptr + g_row.to(tl.int64) * stride_bh + i_row.to(tl.int64) * stride_bm
-        sT += score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=True)
+        biasT = score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=True)
+        if SOFTCAP:
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        else:  # the bias / scale starts the dot's accumulator
+            qkT = tl.dot(k, tl.trans(q), acc=biasT / qk_scale, input_precision=DOT_PRECISION)
+    else:
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    sT, tT = scores(qkT, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
+                    SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=True)
+    if HAS_BIAS and SOFTCAP:  # after the softcap
+        sT += biasT
     pT = tl.math.exp2(sT - lse2[None, :])
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -688,6 +699,7 @@ def attention_backward(
     bias, bias_strides = score_bias_arg(score_bias, B, Hq, Sq, q)
     a, c = softcap_args(scale, softcap)
     es = q.element_size()
+    bes = bias.element_size() if score_bias is not None else 0
     dq_table, dkdv_table = pinned_tables(BLOCK_DK + BLOCK_DV)
     flags = dict(
         DK=Dk, DV=Dv, EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV,
@@ -714,7 +726,7 @@ def attention_backward(
     # deterministic=False with dk/dv wanted: dq comes from the dk/dv kernel's dS tiles via fp32 atomics
     atomic_dq = need_dq and need_dkv and not deterministic
     if need_dq and not atomic_dq:
-        pinned = fixed_config(dq_table, smem_fits("dq", flags, es, q.device)) if deterministic else None
+        pinned = fixed_config(dq_table, smem_fits("dq", flags, es, q.device, bes)) if deterministic else None
         _launch(
             _dq_kernel, _dq_kernel_jit, lambda m: (triton.cdiv(R, m["BLOCK_M"]), B * Hkv),
             (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, bias, dq,
@@ -753,7 +765,7 @@ def attention_backward(
 
         dkdv_meta = dict(flags, ATOMIC=atomic, SHARED_PREFIX=prefix_k.dim() == 3,
                          DO_SEQUENCE=need_dkv, DO_PREFIX_GRAD=need_dprefix, ATOMIC_DQ=atomic_dq)
-        pinned = fixed_config(dkdv_table, smem_fits("dkdv", dkdv_meta, es, q.device)) if deterministic else None
+        pinned = fixed_config(dkdv_table, smem_fits("dkdv", dkdv_meta, es, q.device, bes)) if deterministic else None
         _launch(
             _dkdv_kernel, _dkdv_kernel_jit, grid,
             (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, bias, dk_arg, dv_arg,

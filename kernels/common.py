@@ -114,9 +114,11 @@ def configs_from(table):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
 
 
-def smem_fits(kernel: str, meta: dict, elsize: int, device: torch.device):
-    """fits(bm, bn, warps, stages): whether a config of `kernel` with these constexprs fits the device."""
+def smem_fits(kernel: str, meta: dict, elsize: int, device: torch.device, bias_elsize: int = 0):
+    """fits(bm, bn, warps, stages): whether a config of `kernel` with these constexprs fits the device
+    (``bias_elsize``: the score bias's element size when it differs from the inputs')."""
     limit, precision = smem_limit(device), meta["DOT_PRECISION"]
+    meta = {**meta, "BIAS_ELSIZE": bias_elsize or elsize}
 
     def fits(bm: int, bn: int, warps: int, stages: int) -> bool:
         return smem_bytes(kernel, {**meta, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages, elsize, precision) <= limit
@@ -131,7 +133,9 @@ def smem_prune(kernel: str):
         if interpreting():
             return configs
         q = named_args["Q"]
-        fits = smem_fits(kernel, {**named_args, **kwargs}, q.element_size(), q.device)
+        meta = {**named_args, **kwargs}
+        bias_elsize = named_args["BIAS"].element_size() if meta.get("HAS_BIAS") else 0
+        fits = smem_fits(kernel, meta, q.element_size(), q.device, bias_elsize)
         keep = [c for c in configs if fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
         if not settings().autotune:
             keep = keep[:1]

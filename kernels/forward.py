@@ -87,10 +87,14 @@ def _attend_block(
         kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
     else:
         kp = n_ok
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_BIAS and not SOFTCAP:  # the bias / scale starts the dot's accumulator: no registers of its own
+        bias = score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=False)
+        qk = tl.dot(q, tl.trans(k), acc=bias / qk_scale, input_precision=DOT_PRECISION)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s, _ = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
                   SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
-    if HAS_BIAS:
+    if HAS_BIAS and SOFTCAP:  # after the softcap
         s += score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=False)
     if LIMIT:
         if not MASK:
@@ -479,7 +483,7 @@ def attention_forward(
         EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
         BLOCK_P=block_p(P, BLOCK_DK, BLOCK_DV),
     )
-    fits = smem_fits("fwd", meta, q.element_size(), q.device)
+    fits = smem_fits("fwd", meta, q.element_size(), q.device, bias.element_size() if score_bias is not None else 0)
     if R <= DECODE_ROWS:
         cfg = decode_config(R, BLOCK_DK + BLOCK_DV, fits)
     elif deterministic:
