@@ -41,7 +41,7 @@ def _forward_op(
     softcap: float,
     window: int,
     deterministic: bool,
-    score_bias: torch.Tensor | None,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels().attention_forward(
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
@@ -51,7 +51,7 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-      causal, scale, softcap, window, deterministic, score_bias):
+      causal, scale, softcap, window, deterministic, score_bias=None):
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Sq, Hq, v.shape[-1])).transpose(1, 2)  # the kernel's (B, Sq, Hq, Dv) memory
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -82,7 +82,7 @@ def _backward_op(
     need_dprefix: bool,
     need_dsinks: bool,
     deterministic: bool,
-    score_bias: torch.Tensor | None,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernels().attention_backward(
         grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
@@ -94,7 +94,7 @@ def _backward_op(
 @_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, doc_start, doc_end,
       sinks, causal, scale, softcap, window, need_dq, need_dkv, need_dprefix, need_dsinks, deterministic,
-      score_bias):
+      score_bias=None):
     need_dprefix = need_dprefix and prefix_k.shape[-2] > 0
     dq = torch.empty_like(q) if need_dq else q.new_empty((0,))
     dk = torch.empty_like(k) if need_dkv else q.new_empty((0,))
@@ -122,7 +122,7 @@ def _torch_forward_op(
     softcap: float,
     window: int,
     deterministic: bool,
-    score_bias: torch.Tensor | None,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = torch_backend.attention_forward(
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
@@ -133,7 +133,7 @@ def _torch_forward_op(
 
 @_torch_forward_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-      causal, scale, softcap, window, deterministic, score_bias):
+      causal, scale, softcap, window, deterministic, score_bias=None):
     B, Hq, Sq, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty((B, Hq, Sq, v.shape[-1])), q.new_empty((B, Hq, Sq), dtype=lse_dtype)
@@ -163,7 +163,7 @@ def _torch_backward_op(
     need_dprefix: bool,
     need_dsinks: bool,
     deterministic: bool,
-    score_bias: torch.Tensor | None,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = torch_backend.attention_backward(
         grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
@@ -176,7 +176,7 @@ def _torch_backward_op(
 @_torch_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, doc_start, doc_end,
       sinks, causal, scale, softcap, window, need_dq, need_dkv, need_dprefix, need_dsinks, deterministic,
-      score_bias):
+      score_bias=None):
     need_dprefix = need_dprefix and prefix_k.shape[-2] > 0
 
     def like(t, needed):
