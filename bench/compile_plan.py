@@ -182,6 +182,9 @@ VARIANTS = {
     "bank": {"prefix": "bank"},
     "row_prefix": {"prefix": "row"},
     "no_prefix": {"P": 0, "padding": True},
+    "bias": {"bias": True},  # a score bias (1, Hq, Sq, P + Sk), T5's position bias
+    "bias_softcap": {"bias": True, "softcap": 30.0},  # the bias after a softcap: its own tile, not the dot's
+    "window2": {"causal": False, "window": 256},  # two-sided window (ModernBERT's local layers)
     "all": {"window": 256, "docs": True, "sinks": True, "softcap": 30.0, "prefix": "bank", "padding": True},
 }
 # modes: which launcher calls
@@ -238,10 +241,12 @@ def case_set(name: str) -> list[Case]:
             for dk, dv in ((128, 128),):
                 for mode in ("fwd", "bwd"):
                     cases.append(Case(variant, mode, "bf16", dk, dv))
-                if variant in ("window", "bank", "sinks", "all"):
+                if variant in ("window", "bank", "sinks", "all", "bias", "bias_softcap"):
                     cases.append(Case(variant, "decode", "bf16", dk, dv))
         cases.append(Case("all", "bwd", "bf16", 256, 256))
         cases.append(Case("all", "bwd", "bf16", 192, 128))
+        for mode in ("fwd", "bwd"):  # the bias's tile at the widest head dim
+            cases.append(Case("bias", mode, "bf16", 256, 256))
     if name in ("tuned", "full"):
         for dtype in ("bf16", "fp16"):
             for d in (64, 128, 256):
@@ -276,9 +281,11 @@ def _inputs(case: Case, B=2, Hq=16, Hkv=4, S=1024, P=64, Sq=None):
     doc_bounds = torch.empty(B, S, device="meta", dtype=torch.int32)
     docs = (doc_bounds, doc_bounds) if opts.get("docs") and Sq == S else (None, None)
     sinks = torch.empty(Hq, device="meta", dtype=dtype) if opts.get("sinks") else None
+    bias = torch.empty(1, Hq, Sq, P + S, device="meta", dtype=dtype) if opts.get("bias") else None
     return dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, key_padding_mask=kpm, prefix_index=idx,
                 doc_start=docs[0], doc_end=docs[1], sinks=sinks, causal=opts.get("causal", True),
-                scale=case.dk ** -0.5, softcap=opts.get("softcap", 0.0), window=opts.get("window", 0))
+                scale=case.dk ** -0.5, softcap=opts.get("softcap", 0.0), window=opts.get("window", 0),
+                score_bias=bias)
 
 
 def run_case(case: Case) -> None:
@@ -309,7 +316,7 @@ def run_case(case: Case) -> None:
             grad_out, x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], out, lse,
             x["key_padding_mask"], x["prefix_index"], x["doc_start"], x["doc_end"], x["sinks"], x["causal"],
             x["scale"], x["softcap"], x["window"], need_dq=need[0], need_dkv=need[1], need_dprefix=need[2],
-            need_dsinks=x["sinks"] is not None, deterministic=deterministic,
+            need_dsinks=x["sinks"] is not None, deterministic=deterministic, score_bias=x["score_bias"],
         )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32

@@ -10,6 +10,9 @@ P_ij = exp(s_ij - L_i) and dS_ij = P_ij (dO_i . v_j - Delta_i)   (times 1 - tanh
     dsink_h = -sum_{b,i} exp(sink_h - L_{b,h,i}) Delta_{b,h,i}      (a torch reduction; the sink
              is a key with a fixed logit and no value, so its dS is P_sink (0 - Delta))
 
+A score bias (a constant) enters s exactly as in the forward (after the softcap), so P_ij and dS_ij
+carry it; no gradient flows into it. The dk/dv kernel reads its tile transposed (keys, rows).
+
 The dq kernel walks the same key blocks as the forward (masks.row_block_keys); the dk/dv kernel
 walks, for its key block, only the query rows that see some key of it (masks.key_block_rows),
 masking only the edge row blocks.
@@ -50,6 +53,9 @@ from .common import (
     packed_rows,
     prefix_strides,
     row_ptrs,
+    score_bias_arg,
+    score_bias_rows,
+    score_bias_tile,
     smem_fits,
     smem_prune,
 )
@@ -91,10 +97,10 @@ def _delta_kernel(
 @triton.jit
 def _dq_block(
     dq, q, do, lse2, delta, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n, n_limit,
-    qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok,
+    qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, bias_rows, stride_bn, r_ok,
     MASK: tl.constexpr, LIMIT: tl.constexpr, HAS_KPM: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq += dS k over one block of keys [start_n, start_n + BLOCK_N)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -108,9 +114,15 @@ def _dq_block(
         kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
     else:
         kp = n_ok
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_BIAS and not SOFTCAP:  # the bias / scale starts the dot's accumulator (as in the forward)
+        bias = score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=False)
+        qk = tl.dot(q, tl.trans(k), acc=bias / qk_scale, input_precision=DOT_PRECISION)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s, t = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
                   SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
+    if HAS_BIAS and SOFTCAP:  # after the softcap
+        s += score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=False)
     if LIMIT:
         if not MASK:
             s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -128,9 +140,10 @@ def _dq_walk(
     dq, q, do, lse2, delta, lo_row, hi_row,
     K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd, KPM_ptr, stride_mn,
     lo, hi, n_limit, qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok,
+    bias_rows, stride_bn, r_ok,
     MASK: tl.constexpr, LIMIT: tl.constexpr, HAS_KPM: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     k_ptrs = K_ptr + as_i64(lo) * stride_kn + offs_n0[:, None] * stride_kn + offs_dk[None, :] * stride_kd
@@ -139,16 +152,18 @@ def _dq_walk(
         start_n = lo
         while start_n < hi:
             dq = _dq_block(dq, q, do, lse2, delta, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n,
-                           n_limit, qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, MASK, LIMIT, HAS_KPM,
-                           SOFTCAP, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_N)
+                           n_limit, qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, bias_rows, stride_bn,
+                           r_ok, MASK, LIMIT, HAS_KPM, SOFTCAP, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV,
+                           HAS_BIAS, BLOCK_N)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
             start_n += BLOCK_N
     else:
         for start_n in range(lo, hi, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n,
-                           n_limit, qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, MASK, LIMIT, HAS_KPM,
-                           SOFTCAP, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_N)
+                           n_limit, qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, bias_rows, stride_bn,
+                           r_ok, MASK, LIMIT, HAS_KPM, SOFTCAP, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV,
+                           HAS_BIAS, BLOCK_N)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
     return dq
@@ -192,7 +207,7 @@ def pinned_tables(width: int) -> tuple[list, list]:
 
 @triton.jit
 def _dq_kernel_jit(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, PIDX, DOCS, DOCE, DQ,
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, PIDX, DOCS, DOCE, BIAS, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -200,13 +215,15 @@ def _dq_kernel_jit(
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn, stride_docb,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hkv, Sq, Sk, P, G, R, window,
     scale, qk_scale, softcap_scale, softcap_mul,
     R_BUCKET, SK_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DOCS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -231,6 +248,10 @@ def _dq_kernel_jit(
     lse2 = tl.load(LSE + flat, mask=r_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + flat, mask=r_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
+    if HAS_BIAS:
+        bias_rows = score_bias_rows(BIAS, b, hkv, G, i_row, g_row, stride_bb, stride_bh, stride_bm)
+    else:
+        bias_rows = BIAS
 
     # prefix: the full blocks unmasked, then the partial last block
     if HAS_INDEX:
@@ -244,9 +265,9 @@ def _dq_kernel_jit(
             PK + prow * stride_pkb + hkv * stride_pkh, PV + prow * stride_pvb + hkv * stride_pvh,
             stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, stride_mn,
             0 if part == 0 else prefix_full, prefix_full if part == 0 else P, P,
-            qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok,
+            qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok, bias_rows, stride_bn, r_ok,
             MASK=False, LIMIT=part == 1, HAS_KPM=False, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-            DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_P,
+            DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, HAS_BIAS=HAS_BIAS, BLOCK_N=BLOCK_P,
         )
     # sequence: the same key blocks as the forward
     K_ptr = K + as_i64(b) * stride_kb + hkv * stride_kh
@@ -270,9 +291,9 @@ def _dq_kernel_jit(
         dq = _dq_walk(
             dq, q, do, lse2, delta, lo_row, hi_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             KPM_ptr, stride_mn, lo, hi, Sk, qk_scale, softcap_scale, softcap_mul,
-            offs_dk, dk_ok, offs_dv, dv_ok,
+            offs_dk, dk_ok, offs_dv, dv_ok, bias_rows + P * stride_bn, stride_bn, r_ok,
             MASK=seg != 1, LIMIT=seg != 1, HAS_KPM=HAS_KPM, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-            DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N,
+            DOT_PRECISION=DOT_PRECISION, EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, HAS_BIAS=HAS_BIAS, BLOCK_N=BLOCK_N,
         )
     dq = dq * scale
     dq_ptrs = row_ptrs(group_ptr(DQ, b, hkv, G, stride_dqb, stride_dqh), i_row, g_row, offs_dk,
@@ -283,7 +304,7 @@ def _dq_kernel_jit(
 _dq_kernel = triton.autotune(
     configs=configs_from(DQ_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "SOFTCAP",
-         "DOT_PRECISION"],
+         "HAS_BIAS", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": smem_prune("dq")},
 )(_dq_kernel_jit)
 
@@ -296,12 +317,12 @@ _dq_kernel = triton.autotune(
 @triton.jit
 def _dkdv_block(
     dk, dv, k, v, kp, offs_n, start_r,
-    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
-    stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE, BIAS_ptr,
+    stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_bh, stride_bm, stride_bn,
     Sq, Sk, G, R, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
     offs_dk, dk_ok, offs_dv, dv_ok,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, DK: tl.constexpr,
 ):
@@ -323,9 +344,19 @@ def _dkdv_block(
     else:
         lo_row = i_row
         hi_row = i_row
-    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    if HAS_BIAS:  # BIAS_ptr: this program's batch row and group, at its first column (prefix or key 0)
+        bias_rows = BIAS_ptr + g_row.to(tl.int64) * stride_bh + i_row.to(tl.int64) * stride_bm
+        biasT = score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=True)
+        if SOFTCAP:
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        else:  # the bias / scale starts the dot's accumulator
+            qkT = tl.dot(k, tl.trans(q), acc=biasT / qk_scale, input_precision=DOT_PRECISION)
+    else:
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     sT, tT = scores(qkT, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
                     SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=True)
+    if HAS_BIAS and SOFTCAP:  # after the softcap
+        sT += biasT
     pT = tl.math.exp2(sT - lse2[None, :])
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -344,12 +375,12 @@ def _dkdv_block(
 @triton.jit
 def _dkdv_walk(
     dk, dv, k, v, kp, offs_n,
-    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
-    stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE, BIAS_ptr,
+    stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_bh, stride_bm, stride_bn,
     Sq, Sk, G, R, lo, hi, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
     offs_dk, dk_ok, offs_dv, dv_ok,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, DK: tl.constexpr,
 ):
@@ -362,25 +393,27 @@ def _dkdv_walk(
         while start_r < hi:
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp, offs_n, start_r, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
-                stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                BIAS_ptr, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                stride_bh, stride_bm, stride_bn,
                 Sq, Sk, G, R, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
                 offs_dk, dk_ok, offs_dv, dv_ok, MASK, CAUSAL, HAS_DOCS, HAS_WINDOW, HAS_KPM, SOFTCAP,
-                ATOMIC_DQ, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_M, DK)
+                HAS_BIAS, ATOMIC_DQ, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_M, DK)
             start_r += BLOCK_M
     else:
         for start_r in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp, offs_n, start_r, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
-                stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                BIAS_ptr, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                stride_bh, stride_bm, stride_bn,
                 Sq, Sk, G, R, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
                 offs_dk, dk_ok, offs_dv, dv_ok, MASK, CAUSAL, HAS_DOCS, HAS_WINDOW, HAS_KPM, SOFTCAP,
-                ATOMIC_DQ, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_M, DK)
+                HAS_BIAS, ATOMIC_DQ, INTERPRET, DOT_PRECISION, EVEN_DK, EVEN_DV, BLOCK_M, DK)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel_jit(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, PIDX, DOCS, DOCE, DK_OUT, DV_OUT,
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, PIDX, DOCS, DOCE, BIAS, DK_OUT, DV_OUT,
     DP_PART_K, DP_PART_V, DP_ACC_K, DP_ACC_V, DQ_ACC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -389,6 +422,7 @@ def _dkdv_kernel_jit(
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn, stride_docb,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hkv, Sq, Sk, P, G, R, window,
@@ -397,7 +431,7 @@ def _dkdv_kernel_jit(
     R_BUCKET, SK_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DOCS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     SHARED_PREFIX: tl.constexpr, DO_SEQUENCE: tl.constexpr, DO_PREFIX_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -418,6 +452,7 @@ def _dkdv_kernel_jit(
     DQ_ptr = DQ_ACC + bh_rows * DK  # fp32, contiguous (B, Hq, Sq, DK)
     DocS = DOCS + as_i64(b) * stride_docb
     DocE = DOCE + as_i64(b) * stride_docb
+    BIAS_ptr = BIAS + as_i64(b) * stride_bb + as_i64(hkv) * G * stride_bh  # the group's first head, column 0
 
     if prog < NUM_PREFIX_PROGRAMS:
         # ---- a prefix block, over one slice of this batch row's packed rows ----
@@ -441,12 +476,12 @@ def _dkdv_kernel_jit(
         lo = split * ROWS_PER_SPLIT
         hi = tl.minimum(lo + ROWS_PER_SPLIT, R)
         dpk, dpv = _dkdv_walk(
-            dpk, dpv, pk, pv, p_ok, offs_p, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
-            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+            dpk, dpv, pk, pv, p_ok, offs_p, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE, BIAS_ptr,
+            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_bh, stride_bm, stride_bn,
             Sq, Sk, G, R, lo, hi, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
             offs_dk, dk_ok, offs_dv, dv_ok,
             MASK=False, CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW, HAS_KPM=False,
-            SOFTCAP=SOFTCAP, ATOMIC_DQ=ATOMIC_DQ, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION,
+            SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, ATOMIC_DQ=ATOMIC_DQ, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION,
             EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, DK=DK,
         )
         if DO_PREFIX_GRAD:  # (otherwise these programs ran for their share of dq alone)
@@ -504,11 +539,12 @@ def _dkdv_kernel_jit(
                     hi = r_d
                 dk, dv = _dkdv_walk(
                     dk, dv, k, v, kp, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, DocS, DocE,
-                    stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                    BIAS_ptr + P * stride_bn, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                    stride_bh, stride_bm, stride_bn,
                     Sq, Sk, G, R, lo, hi, causal_off, window, scale, qk_scale, softcap_scale, softcap_mul,
                     offs_dk, dk_ok, offs_dv, dv_ok,
                     MASK=seg != 1, CAUSAL=CAUSAL, HAS_DOCS=HAS_DOCS, HAS_WINDOW=HAS_WINDOW, HAS_KPM=HAS_KPM,
-                    SOFTCAP=SOFTCAP, ATOMIC_DQ=ATOMIC_DQ, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION,
+                    SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, ATOMIC_DQ=ATOMIC_DQ, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION,
                     EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, DK=DK,
                 )
             dk = dk * scale
@@ -523,7 +559,7 @@ def _dkdv_kernel_jit(
 _dkdv_kernel = triton.autotune(
     configs=configs_from(DKDV_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "SOFTCAP",
-         "DOT_PRECISION", "NUM_PREFIX_PROGRAMS", "DO_SEQUENCE", "DO_PREFIX_GRAD", "ATOMIC_DQ"],
+         "HAS_BIAS", "DOT_PRECISION", "NUM_PREFIX_PROGRAMS", "DO_SEQUENCE", "DO_PREFIX_GRAD", "ATOMIC_DQ"],
     prune_configs_by={"early_config_prune": smem_prune("dkdv")},
     reset_to_zero=["DP_ACC_K", "DP_ACC_V", "DQ_ACC"],
 )(_dkdv_kernel_jit)
@@ -624,6 +660,7 @@ def attention_backward(
     need_dprefix: bool,
     need_dsinks: bool,
     deterministic: bool = True,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels for the gradients asked for; the others come back empty.
     Returns (dq, dk, dv, dprefix_k, dprefix_v, dsinks)."""
@@ -659,13 +696,16 @@ def attention_backward(
     docs = doc_start.contiguous() if has_docs else q
     doce = doc_end.contiguous() if has_docs else q
     pidx = prefix_index if prefix_index is not None else q
+    bias, bias_strides = score_bias_arg(score_bias, B, Hq, Sq, q)
     a, c = softcap_args(scale, softcap)
     es = q.element_size()
+    bes = bias.element_size() if score_bias is not None else 0
     dq_table, dkdv_table = pinned_tables(BLOCK_DK + BLOCK_DV)
     flags = dict(
         DK=Dk, DV=Dv, EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
-        HAS_DOCS=has_docs, HAS_WINDOW=window > 0, SOFTCAP=softcap > 0, INTERPRET=interpreting(),
+        HAS_DOCS=has_docs, HAS_WINDOW=window > 0, SOFTCAP=softcap > 0, HAS_BIAS=score_bias is not None,
+        INTERPRET=interpreting(),
         DOT_PRECISION=precision, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BLOCK_P=BLOCK_P,
     )
 
@@ -681,15 +721,15 @@ def attention_backward(
     common = (
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_strides(prefix_k), *prefix_strides(prefix_v),
-        *grad_out.stride(), *kpm_strides, Sk if has_docs else 0,
+        *grad_out.stride(), *kpm_strides, Sk if has_docs else 0, *bias_strides,
     )
     # deterministic=False with dk/dv wanted: dq comes from the dk/dv kernel's dS tiles via fp32 atomics
     atomic_dq = need_dq and need_dkv and not deterministic
     if need_dq and not atomic_dq:
-        pinned = fixed_config(dq_table, smem_fits("dq", flags, es, q.device)) if deterministic else None
+        pinned = fixed_config(dq_table, smem_fits("dq", flags, es, q.device, bes)) if deterministic else None
         _launch(
             _dq_kernel, _dq_kernel_jit, lambda m: (triton.cdiv(R, m["BLOCK_M"]), B * Hkv),
-            (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, dq,
+            (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, bias, dq,
              *common, *dq.stride(),
              Hkv, Sq, Sk, P, G, R, int(window),
              scale, scale * LOG2E, a, c,
@@ -725,10 +765,10 @@ def attention_backward(
 
         dkdv_meta = dict(flags, ATOMIC=atomic, SHARED_PREFIX=prefix_k.dim() == 3,
                          DO_SEQUENCE=need_dkv, DO_PREFIX_GRAD=need_dprefix, ATOMIC_DQ=atomic_dq)
-        pinned = fixed_config(dkdv_table, smem_fits("dkdv", dkdv_meta, es, q.device)) if deterministic else None
+        pinned = fixed_config(dkdv_table, smem_fits("dkdv", dkdv_meta, es, q.device, bes)) if deterministic else None
         _launch(
             _dkdv_kernel, _dkdv_kernel_jit, grid,
-            (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, dk_arg, dv_arg,
+            (q, k, v, prefix_k, prefix_v, grad_out, lse, delta, kpm, pidx, docs, doce, bias, dk_arg, dv_arg,
              part_k, part_v, acc_k, acc_v, dq_acc,
              *common, *dk_strides, *dv_strides,
              Hkv, Sq, Sk, P, G, R, int(window),

@@ -91,6 +91,15 @@ def prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(prefix.stride())
 
 
+def score_bias_arg(bias: torch.Tensor | None, B: int, Hq: int, Sq: int, like: torch.Tensor):
+    """(tensor, (batch, head, row, column) strides) of a (1|B, 1|Hq, Sq, P + Sk) score bias, a broadcast
+    dim read through stride 0; without a bias, a placeholder pointer and zero strides."""
+    if bias is None:
+        return like, (0, 0, 0, 0)
+    full = bias.expand(B, Hq, Sq, bias.shape[-1])
+    return full, tuple(full.stride())
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -105,9 +114,11 @@ def configs_from(table):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
 
 
-def smem_fits(kernel: str, meta: dict, elsize: int, device: torch.device):
-    """fits(bm, bn, warps, stages): whether a config of `kernel` with these constexprs fits the device."""
+def smem_fits(kernel: str, meta: dict, elsize: int, device: torch.device, bias_elsize: int = 0):
+    """fits(bm, bn, warps, stages): whether a config of `kernel` with these constexprs fits the device
+    (``bias_elsize``: the score bias's element size when it differs from the inputs')."""
     limit, precision = smem_limit(device), meta["DOT_PRECISION"]
+    meta = {**meta, "BIAS_ELSIZE": bias_elsize or elsize}
 
     def fits(bm: int, bn: int, warps: int, stages: int) -> bool:
         return smem_bytes(kernel, {**meta, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages, elsize, precision) <= limit
@@ -122,7 +133,9 @@ def smem_prune(kernel: str):
         if interpreting():
             return configs
         q = named_args["Q"]
-        fits = smem_fits(kernel, {**named_args, **kwargs}, q.element_size(), q.device)
+        meta = {**named_args, **kwargs}
+        bias_elsize = named_args["BIAS"].element_size() if meta.get("HAS_BIAS") else 0
+        fits = smem_fits(kernel, meta, q.element_size(), q.device, bias_elsize)
         keep = [c for c in configs if fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
         if not settings().autotune:
             keep = keep[:1]
@@ -205,3 +218,22 @@ def row_ptrs(base, i_row, g_row, offs_d, stride_h, stride_m, stride_d):
 def head_dim_range(BLOCK_D: tl.constexpr, D: tl.constexpr):
     offs = tl.arange(0, BLOCK_D)
     return offs, offs < D
+
+
+@triton.jit
+def score_bias_rows(BIAS, b, hkv, G, i_row, g_row, stride_bb, stride_bh, stride_bm):
+    """Each packed row's pointer to column 0 of its score bias (batch row b, query head hkv * G + g,
+    position i); int64 offsets."""
+    base = BIAS + as_i64(b) * stride_bb + as_i64(hkv) * G * stride_bh
+    return base + g_row.to(tl.int64) * stride_bh + i_row.to(tl.int64) * stride_bm
+
+
+@triton.jit
+def score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, n_ok, TRANSPOSED: tl.constexpr):
+    """The score bias of a (rows, keys) tile, or (keys, rows) when TRANSPOSED, in log2 units (fp32);
+    offs_n are column indices from the rows' pointers. Rows or keys out of range read 0."""
+    if TRANSPOSED:
+        x = tl.load(bias_rows[None, :] + offs_n[:, None] * stride_bn, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    else:
+        x = tl.load(bias_rows[:, None] + offs_n[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    return x.to(tl.float32) * 1.4426950408889634

@@ -11,6 +11,11 @@ For a block of packed rows (see common.py) of KV head hkv in batch row b:
                  acc = acc * 2^(m - m') + 2^(s - m') v                  (base-2, s in log2 units)
     epilogue:    out = acc / l;   lse = (m + log2 l) * ln 2               (natural log, fp32)
 
+Score bias (optional, (B, Hq, Sq, P + Sk) through strides, 0 for a broadcast dim): each block adds
+its (rows, keys) tile of it, times log2 e, to s after the softcap (as an additive mask would be):
+one more tile load per block, columns 0..P-1 in stage 1 and P + j in stage 2. A -inf in it hides a
+key, so with a bias any row may see nothing (MAYBE_EMPTY).
+
 Key padding masks keys in stage 2. A row that sees nothing (P = 0, no sink, every key masked)
 keeps m = -inf and l = 0: it writes out = 0 and lse = +inf, which the backward reads as "p = 0".
 q and k have head dim Dk, v and the output Dv (latent attention: Dk != Dv).
@@ -50,6 +55,9 @@ from .common import (
     packed_rows,
     prefix_strides,
     row_ptrs,
+    score_bias_arg,
+    score_bias_rows,
+    score_bias_tile,
     smem_fits,
     smem_prune,
     store_tile,
@@ -61,11 +69,11 @@ from .masks import row_block_keys, row_interval, scores
 @triton.jit
 def _attend_block(
     acc, l_i, m_i, q, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n, n_limit,
-    qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok,
+    qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, bias_rows, stride_bn, r_ok,
     MASK: tl.constexpr, LIMIT: tl.constexpr, HAS_KPM: tl.constexpr,
     MAYBE_EMPTY: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Fold one block of keys [start_n, start_n + BLOCK_N) into the running (acc, l, m)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -79,9 +87,15 @@ def _attend_block(
         kp = tl.load(KPM_ptr + offs_n * stride_mn, mask=n_ok, other=0) != 0
     else:
         kp = n_ok
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_BIAS and not SOFTCAP:  # the bias / scale starts the dot's accumulator: no registers of its own
+        bias = score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=False)
+        qk = tl.dot(q, tl.trans(k), acc=bias / qk_scale, input_precision=DOT_PRECISION)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s, _ = scores(qk, offs_n, lo_row, hi_row, kp, qk_scale, softcap_scale, softcap_mul,
                   SOFTCAP=SOFTCAP, MASK=MASK, HAS_KPM=HAS_KPM, TRANSPOSED=False)
+    if HAS_BIAS and SOFTCAP:  # after the softcap
+        s += score_bias_tile(bias_rows, offs_n, stride_bn, r_ok, kp, TRANSPOSED=False)
     if LIMIT:
         if not MASK:
             s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -104,14 +118,15 @@ def _attend(
     acc, l_i, m_i, q, lo_row, hi_row,
     K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd, KPM_ptr, stride_mn,
     lo, hi, n_limit, qk_scale, softcap_scale, softcap_mul,
-    offs_dk, dk_ok, offs_dv, dv_ok,
+    offs_dk, dk_ok, offs_dv, dv_ok, bias_rows, stride_bn, r_ok,
     MASK: tl.constexpr, LIMIT: tl.constexpr, HAS_KPM: tl.constexpr,
     MAYBE_EMPTY: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Fold keys [lo, hi) into the running (acc, l, m) of a block of rows. MASK: the per-row
-    interval [lo_row, hi_row]; LIMIT: keys past n_limit (the loads, and the scores when not MASK)."""
+    interval [lo_row, hi_row]; LIMIT: keys past n_limit (the loads, and the scores when not MASK).
+    bias_rows: each row's pointer to column 0 of these keys' score bias (HAS_BIAS)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     k_ptrs = K_ptr + as_i64(lo) * stride_kn + offs_n0[:, None] * stride_kn + offs_dk[None, :] * stride_kd
     v_ptrs = V_ptr + as_i64(lo) * stride_vn + offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
@@ -120,8 +135,9 @@ def _attend(
         while start_n < hi:
             acc, l_i, m_i = _attend_block(
                 acc, l_i, m_i, q, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n, n_limit,
-                qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, MASK, LIMIT, HAS_KPM, MAYBE_EMPTY,
-                EVEN_DK, EVEN_DV, SOFTCAP, INTERPRET, DOT_PRECISION, BLOCK_N)
+                qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, bias_rows, stride_bn, r_ok,
+                MASK, LIMIT, HAS_KPM, MAYBE_EMPTY, EVEN_DK, EVEN_DV, SOFTCAP, INTERPRET, DOT_PRECISION,
+                HAS_BIAS, BLOCK_N)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
             start_n += BLOCK_N
@@ -129,8 +145,9 @@ def _attend(
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _attend_block(
                 acc, l_i, m_i, q, lo_row, hi_row, k_ptrs, v_ptrs, KPM_ptr, stride_mn, start_n, n_limit,
-                qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, MASK, LIMIT, HAS_KPM, MAYBE_EMPTY,
-                EVEN_DK, EVEN_DV, SOFTCAP, INTERPRET, DOT_PRECISION, BLOCK_N)
+                qk_scale, softcap_scale, softcap_mul, dk_ok, dv_ok, bias_rows, stride_bn, r_ok,
+                MASK, LIMIT, HAS_KPM, MAYBE_EMPTY, EVEN_DK, EVEN_DV, SOFTCAP, INTERPRET, DOT_PRECISION,
+                HAS_BIAS, BLOCK_N)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -163,20 +180,21 @@ def pinned_table(width: int) -> list[tuple[int, int, int, int]]:
 
 @triton.jit
 def _fwd_kernel_jit(
-    Q, K, V, PK, PV, KPM, PIDX, DOCS, DOCE, SINKS, Out, Lse, OPart, LsePart,
+    Q, K, V, PK, PV, KPM, PIDX, DOCS, DOCE, SINKS, BIAS, Out, Lse, OPart, LsePart,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn, stride_docb,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_om, stride_od,
     Hkv, Sq, Sk, P, G, R, window,
     qk_scale, softcap_scale, softcap_mul,
     R_BUCKET, SK_BUCKET, KEY_BASE, KEYS_PER_SPLIT,
     DK: tl.constexpr, DV: tl.constexpr, SPLIT_K: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DOCS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     MAYBE_EMPTY: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -206,6 +224,10 @@ def _fwd_kernel_jit(
     q = load_tile(q_ptrs, r_ok, dk_ok, MASK_ROWS=True, EVEN_D=EVEN_DK)
     if INTERPRET:
         q = q.to(tl.float32)
+    if HAS_BIAS:  # each row's pointer to column 0 (prefix slot 0) of its score bias
+        bias_rows = score_bias_rows(BIAS, b, hkv, G, i_row, g_row, stride_bb, stride_bh, stride_bm)
+    else:
+        bias_rows = BIAS
 
     if HAS_SINKS:  # the sink joins the softmax first: m = sink (log2 units), l = 2^(m - m) = 1
         sink = tl.load(SINKS + hkv * G + g_row).to(tl.float32) * 1.4426950408889634
@@ -234,9 +256,10 @@ def _fwd_kernel_jit(
         acc, l_i, m_i = _attend(
             acc, l_i, m_i, q, i_row, i_row, PK_ptr, PV_ptr, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
             KPM, stride_mn, 0 if part == 0 else prefix_full, prefix_full if part == 0 else prefix_hi, P,
-            qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok,
+            qk_scale, softcap_scale, softcap_mul, offs_dk, dk_ok, offs_dv, dv_ok, bias_rows, stride_bn, r_ok,
             MASK=False, LIMIT=part == 1, HAS_KPM=False, MAYBE_EMPTY=MAYBE_EMPTY, EVEN_DK=EVEN_DK,
-            EVEN_DV=EVEN_DV, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_P,
+            EVEN_DV=EVEN_DV, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET, DOT_PRECISION=DOT_PRECISION,
+            HAS_BIAS=HAS_BIAS, BLOCK_N=BLOCK_P,
         )
 
     # ---- stage 2: the sequence keys some row of the block sees ----
@@ -266,10 +289,10 @@ def _fwd_kernel_jit(
         acc, l_i, m_i = _attend(
             acc, l_i, m_i, q, lo_row, hi_row, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             KPM_ptr, stride_mn, lo, hi, Sk, qk_scale, softcap_scale, softcap_mul,
-            offs_dk, dk_ok, offs_dv, dv_ok,
+            offs_dk, dk_ok, offs_dv, dv_ok, bias_rows + P * stride_bn, stride_bn, r_ok,
             MASK=seg != 1, LIMIT=seg != 1, HAS_KPM=HAS_KPM, MAYBE_EMPTY=MAYBE_EMPTY,
             EVEN_DK=EVEN_DK, EVEN_DV=EVEN_DV, SOFTCAP=SOFTCAP, INTERPRET=INTERPRET,
-            DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BLOCK_N=BLOCK_N,
         )
 
     # ---- epilogue ----
@@ -296,7 +319,7 @@ def _fwd_kernel_jit(
 _fwd_kernel = triton.autotune(
     configs=configs_from(FWD_CONFIGS),
     key=["R_BUCKET", "SK_BUCKET", "P", "DK", "DV", "CAUSAL", "HAS_KPM", "HAS_DOCS", "HAS_WINDOW", "HAS_SINKS",
-         "SOFTCAP", "DOT_PRECISION", "SPLIT_K"],
+         "SOFTCAP", "HAS_BIAS", "DOT_PRECISION", "SPLIT_K"],
     prune_configs_by={"early_config_prune": smem_prune("fwd")},
 )(_fwd_kernel_jit)
 
@@ -402,6 +425,7 @@ def attention_forward(
     softcap: float,
     window: int,
     deterministic: bool = True,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by prefixattn.ops. Returns (out, lse):
     out (B, Hq, Sq, Dv) a view of (B, Sq, Hq, Dv) memory, lse (B, Hq, Sq) fp32 (sink included).
@@ -422,6 +446,7 @@ def attention_forward(
     docs = doc_start.contiguous() if has_docs else q
     doce = doc_end.contiguous() if has_docs else q
     pidx = prefix_index if prefix_index is not None else q
+    bias, bias_strides = score_bias_arg(score_bias, B, Hq, Sq, q)
     a, c = softcap_args(scale, softcap)
     BLOCK_DK, BLOCK_DV = block_d(Dk), block_d(Dv)
     # under a window no query sees keys before the first query's window: splits share only the rest
@@ -438,10 +463,10 @@ def attention_forward(
 
     args = (
         q, k, v, prefix_k, prefix_v, kpm, pidx, docs, doce, sinks.contiguous() if sinks is not None else q,
-        out, lse, o_part, lse_part,
+        bias, out, lse, o_part, lse_part,
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_strides(prefix_k), *prefix_strides(prefix_v),
-        *kpm_strides, Sk if has_docs else 0, *out.stride(),
+        *kpm_strides, Sk if has_docs else 0, *bias_strides, *out.stride(),
         Hkv, Sq, Sk, P, G, R, int(window),
         scale * LOG2E, a, c,
         bucket(R), bucket(Sk), key_base, keys_per_split,
@@ -449,16 +474,16 @@ def attention_forward(
     meta = dict(
         DK=Dk, DV=Dv, SPLIT_K=splits > 1,
         # a row may have seen nothing yet: no prefix or sink, and padding, a window or a document
-        # start hides a row's first keys, or a split of keys past its diagonal
-        MAYBE_EMPTY=splits > 1 or (P == 0 and sinks is None and (
+        # start hides a row's first keys, or a split of keys past its diagonal, or a -inf in the bias
+        MAYBE_EMPTY=splits > 1 or score_bias is not None or (P == 0 and sinks is None and (
             key_padding_mask is not None or Sk == 0 or has_docs or window > 0)),
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
         HAS_DOCS=has_docs, HAS_WINDOW=window > 0, HAS_SINKS=sinks is not None,
-        SOFTCAP=softcap > 0, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
+        SOFTCAP=softcap > 0, HAS_BIAS=score_bias is not None, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
         EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
         BLOCK_P=block_p(P, BLOCK_DK, BLOCK_DV),
     )
-    fits = smem_fits("fwd", meta, q.element_size(), q.device)
+    fits = smem_fits("fwd", meta, q.element_size(), q.device, bias.element_size() if score_bias is not None else 0)
     if R <= DECODE_ROWS:
         cfg = decode_config(R, BLOCK_DK + BLOCK_DV, fits)
     elif deterministic:

@@ -6,6 +6,7 @@ For query position i (absolute position a = i + Sk - Sq):
     hi(i) = a                        causal          (inclusive)
             end(i) - 1               packed document, not causal
             Sk - 1                   otherwise
+            and at most a + W - 1    window W, not causal (two-sided: |a - j| < W)
     lo(i) = max(0, start(i), a - W + 1)   (document start when packed; window W when given)
 
 A block of query rows needs only the keys in [min lo, max hi]; the keys in [max lo, min hi] are
@@ -41,6 +42,8 @@ def row_interval(i_row, row_ok, DocStart, DocEnd, causal_off, Sk, window,
             hi = tl.load(DocEnd + i_row, mask=row_ok, other=Sk) - 1
     if HAS_WINDOW:
         lo = tl.maximum(lo, a - window + 1)
+        if not CAUSAL:  # two-sided
+            hi = tl.minimum(hi, a + window - 1)
     return lo, hi
 
 
@@ -77,8 +80,9 @@ def key_block_rows(n0, n1, DocStart, DocEnd, causal_off, Sq, window, G,
                    BLOCK_M: tl.constexpr):
     """The packed rows the dk/dv kernel walks for keys [n0, n1): segments of the rows that see some
     key of the block, with the unmasked middle where rows see every key. Transposing the rule:
-    key j is seen by positions j - off <= i (causal), i <= j + W - 1 - off (window), i inside j's
-    document (packed; starts and ends never decrease along the row)."""
+    key j is seen by positions j - off <= i (causal), i <= j + W - 1 - off (window), also
+    j - W + 1 - off <= i (a two-sided window, not causal), i inside j's document (packed; starts and
+    ends never decrease along the row)."""
     i_lo = tl.zeros([], dtype=tl.int32)
     i_hi = tl.zeros([], dtype=tl.int32) + Sq
     f_lo = tl.zeros([], dtype=tl.int32)
@@ -89,6 +93,9 @@ def key_block_rows(n0, n1, DocStart, DocEnd, causal_off, Sq, window, G,
     if HAS_WINDOW:
         i_hi = tl.minimum(i_hi, n1 - 1 + window - causal_off)
         f_hi = tl.minimum(f_hi, n0 + window - causal_off)
+        if not CAUSAL:  # two-sided: rows from j - W + 1 - off on
+            i_lo = tl.maximum(i_lo, n0 - window + 1 - causal_off)
+            f_lo = tl.maximum(f_lo, n1 - window - causal_off)
     if HAS_DOCS:
         s0 = tl.load(DocStart + n0)
         s1 = tl.load(DocStart + n1 - 1)

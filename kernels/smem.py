@@ -25,8 +25,12 @@ def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize:
     memory. The forward and dq stream BLOCK_P prefix keys before the sequence keys, the dk/dv
     kernel's prefix programs keep BLOCK_P slots resident; loops and branches run one after the
     other, so the larger counts. With ATOMIC_DQ the dk/dv kernel also converts its fp32 dq tile for
-    the atomics (wgmma), or keeps k again for the mma.sync of the transposed dS tile. 1 KiB covers
-    barriers and small scratch."""
+    the atomics (wgmma), or keeps k again for the mma.sync of the transposed dS tile. A score bias
+    (HAS_BIAS, element size BIAS_ELSIZE) is one more streamed (rows, keys) tile: the forward and dq
+    keep one buffer of it when it starts the dot's accumulator, stages - 1 when it is added after a
+    softcap; the dk/dv kernel's transposed tile counts like its streamed operands (measured with
+    triton 3.9 on the bias variants of ``python -m bench compile``). 1 KiB covers barriers and small
+    scratch."""
     bm, bn, bp = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_P"]
     bdk, w = meta["BLOCK_DK"], meta["BLOCK_DK"] + meta["BLOCK_DV"]
     es = elsize
@@ -38,13 +42,17 @@ def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize:
     def score_tile(rows: int, cols: int) -> int:
         return 0 if uses_wgmma(rows, num_warps, es, precision) else rows * cols * es
 
+    bias_es = (meta.get("BIAS_ELSIZE") or es) if meta.get("HAS_BIAS") else 0
+    bias_buffers = max(num_stages - 1, 1) if meta.get("SOFTCAP") else 1
+
     if kernel == "fwd":
-        need = es * (bm * bdk + buffers(bm) * keys * w) + score_tile(bm, keys)
+        need = es * (bm * bdk + buffers(bm) * keys * w) + score_tile(bm, keys) + bias_es * bias_buffers * bm * keys
     elif kernel == "dq":
-        need = es * (bm * w + buffers(bm) * keys * w) + score_tile(bm, keys)
+        need = es * (bm * w + buffers(bm) * keys * w) + score_tile(bm, keys) + bias_es * bias_buffers * bm * keys
     elif kernel == "dkdv":
         def branch(resident: int) -> int:  # a key block (BLOCK_N) or a prefix block (BLOCK_P) program
-            return es * (resident * w + buffers(resident) * bm * w) + score_tile(resident, bm)
+            bias = bias_es * buffers(resident) * resident * bm
+            return es * (resident * w + buffers(resident) * bm * w) + score_tile(resident, bm) + bias
         # layer 0 (only the prefix gradient): the key-block branch is compiled out
         need = branch(bp) if meta.get("DO_SEQUENCE") is False else max(branch(bn), branch(bp))
         if meta.get("ATOMIC_DQ"):

@@ -13,8 +13,11 @@ The scores of the key blocks are joined only along the key axis, which is what o
 
 Visible sequence keys follow DESIGN.md's one rule: query i at absolute position a = i + Sk - Sq
 sees key j when lo(i) <= j <= hi(i) and j is not padding, with
-hi(i) = a (causal; Sk - 1 or the document's last key when not causal) and
+hi(i) = a (causal; Sk - 1 or the document's last key when not causal, and a + W - 1 under a window) and
 lo(i) = max(document start, a - W + 1).
+
+``score_bias`` (1|B, 1|Hq, Sq, P + Sk) is added to the scaled (and softcapped) scores: its first P
+columns to the prefix slots, the rest to the sequence keys.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def visible_sequence_keys(
         allowed = both(j <= a)
     if sliding_window is not None:
         allowed = both(j > a - sliding_window)
+        if not causal:  # two-sided: |a - j| < W
+            allowed = both(j < a + sliding_window)
     if doc_start is not None:  # Sq == Sk: query i's document bounds are those of position i
         allowed = both(j >= doc_start.to(device).long().unsqueeze(-1))
         if not causal:
@@ -84,16 +89,17 @@ def prefix_attention_torch(
     doc_start: torch.Tensor | None = None,
     doc_end: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    score_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference implementation. Inputs are assumed validated and cast (see ops.prefix_attention).
     Runs with autocast off: the inputs already carry the compute dtype, and fp32 math must stay fp32."""
     with torch.autocast(q.device.type, enabled=False):
         return _attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, prefix_index,
-                          softcap, sliding_window, doc_start, doc_end, sinks)
+                          softcap, sliding_window, doc_start, doc_end, sinks, score_bias)
 
 
 def _attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, prefix_index, softcap,
-               sliding_window, doc_start, doc_end, sinks):
+               sliding_window, doc_start, doc_end, sinks, score_bias):
     out_dtype = q.dtype
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     B, Hq, Sq, Dk = q.shape
@@ -111,6 +117,12 @@ def _attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, pre
     if softcap > 0:
         s_prefix = softcap * torch.tanh(s_prefix / softcap)
         s_seq = softcap * torch.tanh(s_seq / softcap)
+    if score_bias is not None:  # (1|B, 1|Hq, Sq, P + Sk) -> (1|B, Hkv, G, Sq, P + Sk), after the softcap
+        bias = score_bias.to(compute).expand(score_bias.shape[0], Hq, Sq, -1)
+        bias = bias.reshape(bias.shape[0], Hkv, G, Sq, bias.shape[-1])
+        P = pk.shape[-2]
+        s_prefix = s_prefix + bias[..., :P]
+        s_seq = s_seq + bias[..., P:]
     allowed = visible_sequence_keys(
         Sq, Sk, causal=causal, key_padding_mask=key_padding_mask, device=q.device,
         sliding_window=sliding_window, doc_start=doc_start, doc_end=doc_end,

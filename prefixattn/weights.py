@@ -4,7 +4,8 @@ The fused paths never materialize the (B, H, Sq, P + Sk) probabilities; a caller
 them from here, computed next to (not instead of) the attention output, with the same masking rule
 (``reference.visible_sequence_keys``). Column p < P is prefix slot p, column P + j sequence key j: the
 layout of PEFT's cache-based prefix, whose eager attention returns the same matrix. Sink logits (gpt-oss)
-join the softmax's denominator but get no column, as in transformers' eager attention.
+join the softmax's denominator but get no column, as in transformers' eager attention. A score bias
+(1|B, 1|Hq, Sq, P + Sk) is added after the softcap, as the op does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def attention_weights(
     doc_start: torch.Tensor | None = None,
     doc_end: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    score_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, Hq, Sq, P + Sk) softmax probabilities in q's dtype (computed in fp32 for half inputs)."""
     B, Hq, Sq, _ = q.shape
@@ -43,6 +45,11 @@ def attention_weights(
     blocks.append(s_seq)
     if softcap > 0:
         blocks = [softcap * torch.tanh(s / softcap) for s in blocks]
+    if score_bias is not None:  # columns [prefix; sequence], as (1|B, Hkv, G, Sq, P + Sk)
+        bias = score_bias.to(compute).expand(score_bias.shape[0], Hq, Sq, -1)
+        bias = bias.reshape(bias.shape[0], Hkv, G, Sq, -1)
+        P = bias.shape[-1] - Sk
+        blocks = [blocks[0] + bias[..., :P], blocks[1] + bias[..., P:]] if P else [blocks[0] + bias]
     allowed = visible_sequence_keys(Sq, Sk, causal=causal, key_padding_mask=key_padding_mask, device=q.device,
                                     sliding_window=sliding_window, doc_start=doc_start, doc_end=doc_end)
     if allowed is not None:

@@ -45,11 +45,13 @@ def document_ids(position_ids: torch.Tensor) -> list[list[int]]:
 
 
 def concat_reference(q, k, v, prefix_k, prefix_v, *, key_padding_mask=None, causal=True, scale=None,
-                     prefix_index=None, softcap=0.0, sliding_window=None, position_ids=None, sinks=None):
+                     prefix_index=None, softcap=0.0, sliding_window=None, position_ids=None, sinks=None,
+                     score_bias=None):
     """Float64 attention the way PEFT does it: expand the prefix over the batch, concatenate it in
     front of the sequence, repeat K/V over the GQA group, build an explicit mask (a loop over every
     query/key pair), softmax. Sinks are one more key column with the sink logit and a zero value.
-    Documents come from position_ids (packed rows; Sq == Sk).
+    Documents come from position_ids (packed rows; Sq == Sk). A sliding window with causal=False is
+    two-sided (|a - j| < W). score_bias (1|B, 1|Hq, Sq, P + Sk) is added after the softcap.
 
     Written independently of prefixattn.reference on purpose.
     """
@@ -74,6 +76,9 @@ def concat_reference(q, k, v, prefix_k, prefix_v, *, key_padding_mask=None, caus
     s = torch.einsum("bhid,bhjd->bhij", q, K) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if score_bias is not None:  # -inf hides a key (masked_fill: no NaN gradient through a row of -inf)
+        hidden = torch.isneginf(score_bias)
+        s = (s + score_bias.double().masked_fill(hidden, 0.0)).masked_fill(hidden, float("-inf"))
     docs = document_ids(position_ids) if position_ids is not None else None
     pad = key_padding_mask.tolist() if key_padding_mask is not None else None
     visible = []
@@ -86,6 +91,8 @@ def concat_reference(q, k, v, prefix_k, prefix_v, *, key_padding_mask=None, caus
                 ok = (not causal) or j <= a
                 if sliding_window is not None:
                     ok = ok and j > a - sliding_window
+                    if not causal:
+                        ok = ok and j < a + sliding_window
                 if docs is not None:
                     ok = ok and docs[b][j] == docs[b][i]
                 if pad is not None:
@@ -136,6 +143,7 @@ class Case:
     window: int = 0  # sliding window; 0 = none
     docs: bool = False  # packed rows: several documents per row (Sq == Sk)
     sinks: bool = False  # per-head attention sinks
+    bias: str = "none"  # score bias: none | batch (B, Hq) | shared (1, Hq) | scalar (1, 1) | inf (B, Hq, some -inf)
 
     @property
     def dv(self) -> int:
@@ -148,7 +156,8 @@ class Case:
                 + (f"-Dv{self.Dv}" if self.Dv else "")
                 + (f"-W{self.window}" if self.window else "")
                 + ("-docs" if self.docs else "")
-                + ("-sinks" if self.sinks else ""))
+                + ("-sinks" if self.sinks else "")
+                + (f"-bias_{self.bias}" if self.bias != "none" else ""))
 
 
 CASES = [
@@ -189,6 +198,29 @@ FEATURE_CASES = [
     Case(D=32, Dv=8, Sq=29, Sk=29, docs=True, sinks=True, prefix="row", Hq=6, Hkv=2),
 ]
 
+# An additive score bias (T5's position bias) over [prefix; sequence], with the other features
+BIAS_CASES = [
+    Case(Sq=37, Sk=37, D=80, bias="batch"),  # odd sizes
+    Case(Hq=2, Hkv=2, P=1, bias="shared"),  # a single prefix slot
+    Case(Sq=1, Sk=33, prefix="bank", padding="left", Hq=8, Hkv=2, bias="batch"),  # decode, GQA 4, bank
+    Case(Sq=9, Sk=40, prefix="row", bias="scalar"),  # chunked prefill, one bias for every head
+    Case(Sq=23, Sk=11, causal=False, padding="right", bias="shared"),  # encoder, Sq > Sk
+    Case(P=0, padding="empty_row", bias="inf"),  # -inf in the bias, rows that see nothing
+    Case(Sq=21, Sk=21, Hq=6, Hkv=2, P=17, softcap=4.0, bias="inf"),  # after the softcap; two prefix blocks
+    Case(Sq=30, Sk=30, docs=True, window=4, sinks=True, bias="batch", D=24, Dv=40),
+]
+
+# Two-sided windows (causal=False, key j visible when |a - j| < W: ModernBERT's local layers)
+TWO_SIDED_CASES = [
+    Case(Sq=37, Sk=37, causal=False, window=5, D=80),
+    Case(Sq=19, Sk=19, causal=False, window=7, padding="left", prefix="row"),
+    Case(Sq=23, Sk=11, causal=False, window=3),  # Sq > Sk: the first queries see nothing but the prefix
+    Case(Sq=1, Sk=33, causal=False, window=9, prefix="bank", Hq=8, Hkv=2),
+    Case(Sq=9, Sk=40, causal=False, window=16, P=1),
+    Case(Sq=30, Sk=30, causal=False, window=4, docs=True, P=0, padding="right"),
+    Case(Sq=21, Sk=21, causal=False, window=6, sinks=True, softcap=4.0, bias="shared"),
+]
+
 DOC_LENGTHS = [1, 19, 2, 1, 7, 11, 3]
 
 
@@ -219,6 +251,7 @@ class Inputs:
     idx: torch.Tensor | None
     sinks: torch.Tensor | None
     position_ids: torch.Tensor | None
+    bias: torch.Tensor | None = None
 
     @property
     def grad_inputs(self) -> tuple:
@@ -229,7 +262,7 @@ class Inputs:
     def common(self) -> dict:
         c = self.case
         return dict(key_padding_mask=self.mask, causal=c.causal, prefix_index=self.idx, softcap=c.softcap,
-                    sliding_window=c.window or None, sinks=self.sinks)
+                    sliding_window=c.window or None, sinks=self.sinks, score_bias=self.bias)
 
     def op_kwargs(self) -> dict:
         docs = None if self.position_ids is None else Documents.from_position_ids(self.position_ids)
@@ -265,11 +298,27 @@ def make_case(c: Case, dtype=torch.float32, device=DEVICE, requires_grad=True, g
             mask[0, :] = False
     sinks = torch.randn(c.Hq, **kw, generator=gen) if c.sinks else None
     position_ids = packed_position_ids(c.B, c.Sk, device) if c.docs else None
+    bias = make_bias(c, dtype, device, gen)
     tensors = [q, k, v, pk, pv] + ([sinks] if c.sinks else [])
     if requires_grad:
         for t in tensors:
             t.requires_grad_(True)
-    return Inputs(c, q, k, v, pk, pv, mask, prefix_index, sinks, position_ids)
+    return Inputs(c, q, k, v, pk, pv, mask, prefix_index, sinks, position_ids, bias)
+
+
+def make_bias(c: Case, dtype, device, gen=None) -> torch.Tensor | None:
+    """A score bias of the case's form, T5-sized values (a few units), never requiring grad. "inf"
+    hides random columns with -inf and every column of batch row 0, head 0, query 0 (that row then
+    sees nothing: 0 out, like an empty row)."""
+    if c.bias == "none":
+        return None
+    lead = {"batch": (c.B, c.Hq), "shared": (1, c.Hq), "scalar": (1, 1), "inf": (c.B, c.Hq)}[c.bias]
+    bias = 2.0 * torch.randn(*lead, c.Sq, c.P + c.Sk, dtype=torch.float32, device=device, generator=gen)
+    if c.bias == "inf":
+        hide = torch.rand(bias.shape, device=device, generator=gen) < 0.2
+        bias = bias.masked_fill(hide, float("-inf"))
+        bias[0, 0, 0] = float("-inf")
+    return bias.to(dtype)
 
 
 def make_inputs(c: Case, dtype=torch.float32, device=DEVICE, requires_grad=True, gen=None):

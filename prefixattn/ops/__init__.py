@@ -4,10 +4,12 @@ The math (DESIGN.md; what every backend computes), for query i of row b, head h,
 h // (Hq / Hkv), at absolute position a = i + Sk - Sq, with K = [prefix_k; k], V = [prefix_v; v]:
 
     s_j   = scale * q_i . K_j                       (softcap: s_j = c * tanh(s_j / c))
+            + bias_ij                               (score_bias: after the softcap; column j of [prefix; seq])
     mask  = prefix slot      -> always visible
             sequence key j   -> visible when lo(i) <= j <= hi(i) and key_padding_mask[b, j]
                                 hi(i) = a (causal) | Sk - 1 | the document's last key (packed, not causal)
                                 lo(i) = max(document start of i, a - W + 1)
+                                causal=False with a window W: also hi(i) <= a + W - 1 (|a - j| < W)
     out_i = sum_j exp(s_j - L_i) V_j,   L_i = log(sum_j exp(s_j) + exp(sink_h))    (sink: optional)
 
 The Triton path runs this as one online softmax over the prefix blocks then the sequence blocks,
@@ -47,6 +49,7 @@ def prefix_attention(
     sliding_window: int | None = None,
     documents: Documents | None = None,
     sinks: torch.Tensor | None = None,
+    score_bias: torch.Tensor | None = None,
     check_index: bool = True,
     backend: Backend = "auto",
     deterministic: bool = True,
@@ -63,18 +66,25 @@ def prefix_attention(
                              (N, Hkv, P, D.)    a bank, with prefix_index (B,) picking each row's entry
         key_padding_mask     (B, Sk) bool       True = real token; left or right padding
         sinks                (Hq,) float        per-head sink logit (natural log, not scaled)
+        score_bias           (1|B, 1|Hq, Sq, P + Sk)   added to the scores (T5's position bias)
         returns              (B, Hq, Sq, Dv)    in q's dtype (the autocast dtype under autocast)
 
     Query i of row b, head h attends to every prefix slot of KV head h // (Hq // Hkv), and to
     sequence key j when ``j <= a`` with ``a = i + (Sk - Sq)`` (causal aligned to the bottom right,
     so decode steps and chunked prefill work) and key j is not padding. ``causal=False`` drops
     the causal condition. ``sliding_window=W`` also hides keys ``j <= a - W`` (the prefix stays
-    visible). ``documents`` (a ``prefixattn.Documents``, Sq == Sk) restricts each query to the
-    keys of its own packed document. ``sinks`` adds ``exp(sink_h)`` to every softmax denominator
-    (gpt-oss); differentiable. Prefix keys are never rotated. ``scale`` defaults to Dk**-0.5.
-    ``softcap > 0`` applies ``c * tanh(s / c)`` to the scores (Gemma 2). A row that sees no key
-    (P = 0, no sink) returns 0. ``check_index=False`` skips the host read that range-checks
-    ``prefix_index`` (for callers that validated the ids once per step).
+    visible); with ``causal=False`` the window is two-sided: key j is visible when ``|a - j| < W``
+    (ModernBERT's local layers). ``documents`` (a ``prefixattn.Documents``, Sq == Sk) restricts
+    each query to the keys of its own packed document. ``sinks`` adds ``exp(sink_h)`` to every
+    softmax denominator (gpt-oss); differentiable. Prefix keys are never rotated. ``scale``
+    defaults to Dk**-0.5. ``softcap > 0`` applies ``c * tanh(s / c)`` to the scores (Gemma 2).
+    ``score_bias`` is added to the scaled (and softcapped) scores before the softmax, the way an
+    additive mask is: column p < P to prefix slot p, column P + j to sequence key j, broadcast over
+    a batch or head dim of 1 (T5's relative position bias, an ALiBi table). It may hold -inf (a hidden
+    key), never +inf or NaN. It gets no gradient: a bias that requires grad is a ValueError (detach
+    it). A row that sees no key (P = 0, no sink, or a bias of -inf everywhere) returns 0.
+    ``check_index=False`` skips the host read that range-checks ``prefix_index`` (for callers that
+    validated the ids once per step).
 
     Under torch.autocast, q, k, v and the prefix are cast to the autocast dtype (SDPA's rule);
     outside it, mixed dtypes are a TypeError.
@@ -94,7 +104,7 @@ def prefix_attention(
     checked = check_inputs(
         q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, prefix_index=prefix_index,
         causal=causal, scale=scale, softcap=softcap, sliding_window=sliding_window, documents=documents,
-        sinks=sinks, check_index=check_index, backend=backend,
+        sinks=sinks, check_index=check_index, backend=backend, score_bias=score_bias,
     )
     scale = checked.scale
     if prefix_k is None:
@@ -105,27 +115,30 @@ def prefix_attention(
         key_padding_mask = key_padding_mask.bool()
     doc_start = documents.start if documents is not None else None
     doc_end = documents.end if documents is not None else None
-    # a window that covers every key changes nothing
-    window = sliding_window if sliding_window is not None and sliding_window < k.shape[2] else None
+    # a window that covers every key changes nothing (two-sided: also the keys after the first query)
+    covers = (sliding_window is not None and sliding_window >= k.shape[2]
+              and (causal or sliding_window >= q.shape[2]))
+    window = None if sliding_window is None or covers else sliding_window
 
     impl = resolve_backend(backend, q, max(checked.dk, checked.dv))
     if impl == "torch" and not cpu_flash_usable(q, softcap) and sdpa_concat_applies(
         q.shape[2], k.shape[2], prefix_k.shape[-2], causal=causal, window=int(window or 0),
         documents=documents is not None, padded=key_padding_mask is not None, sinks=sinks is not None,
-        softcap=softcap,
+        softcap=softcap, biased=score_bias is not None,
     ):  # away from the fused CPU kernel: the device's own SDPA kernels, through autograd
         return sdpa_concat_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask,
-                                     causal=causal, scale=scale, prefix_index=prefix_index)
+                                     causal=causal, scale=scale, prefix_index=prefix_index,
+                                     score_bias=score_bias)
     inference = not torch.compiler.is_compiling() and not _needs_grad(q, k, v, prefix_k, prefix_v, sinks)
     if impl == "torch" and inference:  # generate(): no autograd node to build, nothing to save
         out, _ = torch_backend.attention_forward(
             q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-            causal, scale, float(softcap), int(window or 0), bool(deterministic),
+            causal, scale, float(softcap), int(window or 0), bool(deterministic), score_bias,
         )
         return out
     out, _ = PrefixAttentionFunction.apply(
         q, k, v, prefix_k, prefix_v, sinks, key_padding_mask, prefix_index, doc_start, doc_end,
-        causal, scale, float(softcap), int(window or 0), bool(deterministic), impl,
+        causal, scale, float(softcap), int(window or 0), bool(deterministic), impl, score_bias,
     )
     return out
 

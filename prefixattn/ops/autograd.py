@@ -41,16 +41,17 @@ def _forward_op(
     softcap: float,
     window: int,
     deterministic: bool,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels().attention_forward(
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-        causal, scale, softcap, window, deterministic,
+        causal, scale, softcap, window, deterministic, score_bias,
     )
 
 
 @_forward_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-      causal, scale, softcap, window, deterministic):
+      causal, scale, softcap, window, deterministic, score_bias=None):
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Sq, Hq, v.shape[-1])).transpose(1, 2)  # the kernel's (B, Sq, Hq, Dv) memory
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -81,17 +82,19 @@ def _backward_op(
     need_dprefix: bool,
     need_dsinks: bool,
     deterministic: bool,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernels().attention_backward(
         grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
         doc_start, doc_end, sinks, causal, scale, softcap, window,
-        need_dq, need_dkv, need_dprefix, need_dsinks, deterministic,
+        need_dq, need_dkv, need_dprefix, need_dsinks, deterministic, score_bias,
     )
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, doc_start, doc_end,
-      sinks, causal, scale, softcap, window, need_dq, need_dkv, need_dprefix, need_dsinks, deterministic):
+      sinks, causal, scale, softcap, window, need_dq, need_dkv, need_dprefix, need_dsinks, deterministic,
+      score_bias=None):
     need_dprefix = need_dprefix and prefix_k.shape[-2] > 0
     dq = torch.empty_like(q) if need_dq else q.new_empty((0,))
     dk = torch.empty_like(k) if need_dkv else q.new_empty((0,))
@@ -119,17 +122,18 @@ def _torch_forward_op(
     softcap: float,
     window: int,
     deterministic: bool,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = torch_backend.attention_forward(
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-        causal, scale, softcap, window, deterministic,
+        causal, scale, softcap, window, deterministic, score_bias,
     )
     return out.contiguous(), lse.contiguous()  # the layout the fake promises
 
 
 @_torch_forward_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-      causal, scale, softcap, window, deterministic):
+      causal, scale, softcap, window, deterministic, score_bias=None):
     B, Hq, Sq, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty((B, Hq, Sq, v.shape[-1])), q.new_empty((B, Hq, Sq), dtype=lse_dtype)
@@ -159,18 +163,20 @@ def _torch_backward_op(
     need_dprefix: bool,
     need_dsinks: bool,
     deterministic: bool,
+    score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = torch_backend.attention_backward(
         grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
         doc_start, doc_end, sinks, causal, scale, softcap, window,
-        need_dq, need_dkv, need_dprefix, need_dsinks, deterministic,
+        need_dq, need_dkv, need_dprefix, need_dsinks, deterministic, score_bias,
     )
     return tuple(g.contiguous() for g in grads)
 
 
 @_torch_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, doc_start, doc_end,
-      sinks, causal, scale, softcap, window, need_dq, need_dkv, need_dprefix, need_dsinks, deterministic):
+      sinks, causal, scale, softcap, window, need_dq, need_dkv, need_dprefix, need_dsinks, deterministic,
+      score_bias=None):
     need_dprefix = need_dprefix and prefix_k.shape[-2] > 0
 
     def like(t, needed):
@@ -195,18 +201,18 @@ def _implementation(impl: str, compiling: bool):
 
 class PrefixAttentionFunction(torch.autograd.Function):
     """Fused prefix attention. Saves q, k, v, out, lse and references to the prefix tensors. ``impl``:
-    "triton" (the kernels) or "torch" (torch_backend.py)."""
+    "triton" (the kernels) or "torch" (torch_backend.py). ``score_bias`` is a constant (no gradient)."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, sinks, key_padding_mask, prefix_index, doc_start, doc_end,
-                causal, scale, softcap, window, deterministic, impl="triton"):
+                causal, scale, softcap, window, deterministic, impl="triton", score_bias=None):
         forward, _ = _implementation(impl, torch.compiler.is_compiling())
         out, lse = forward(
             q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-            causal, scale, softcap, window, deterministic,
+            causal, scale, softcap, window, deterministic, score_bias,
         )
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, sinks, out, lse, key_padding_mask, prefix_index,
-                              doc_start, doc_end)
+                              doc_start, doc_end, score_bias)
         ctx.causal, ctx.scale, ctx.softcap, ctx.window = causal, scale, softcap, window
         ctx.deterministic, ctx.impl = deterministic, impl
         ctx.mark_non_differentiable(lse)
@@ -215,18 +221,18 @@ class PrefixAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         (q, k, v, prefix_k, prefix_v, sinks, out, lse, key_padding_mask, prefix_index,
-         doc_start, doc_end) = ctx.saved_tensors
+         doc_start, doc_end, score_bias) = ctx.saved_tensors
         need_q, need_k, need_v, need_pk, need_pv, need_sinks = ctx.needs_input_grad[:6]
         need_dkv = need_k or need_v
         need_dprefix = (need_pk or need_pv) and prefix_k.shape[-2] > 0
-        n_inputs = 16
+        n_inputs = 17
         if not (need_q or need_dkv or need_dprefix or need_sinks):
             return (None,) * n_inputs
         _, backward = _implementation(ctx.impl, torch.compiler.is_compiling())
         dq, dk, dv, dpk, dpv, dsinks = backward(
             grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
             doc_start, doc_end, sinks, ctx.causal, ctx.scale, ctx.softcap, ctx.window,
-            need_q, need_dkv, need_dprefix, need_sinks, ctx.deterministic,
+            need_q, need_dkv, need_dprefix, need_sinks, ctx.deterministic, score_bias,
         )
         if (need_pk or need_pv) and not need_dprefix:  # P == 0: the gradient of an empty prefix is empty
             dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)

@@ -65,6 +65,7 @@ def check_inputs(
     sinks: torch.Tensor | None,
     check_index: bool,
     backend: str,
+    score_bias: torch.Tensor | None = None,
 ) -> Checked:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
@@ -137,8 +138,6 @@ def check_inputs(
             raise TypeError(f"sliding_window must be an int or None, got {type(sliding_window).__name__}")
         if sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 (j visible if j > a - W), got {sliding_window}")
-        if not causal:
-            raise ValueError("sliding_window needs causal=True (the window ends at the query)")
 
     if documents is not None:
         if not isinstance(documents, Documents):
@@ -165,6 +164,10 @@ def check_inputs(
                              f"got {tuple(sinks.shape)}")
         _same_device("sinks", sinks, q)
 
+    if score_bias is not None:
+        P = prefix_k.shape[-2] if prefix_k is not None else 0
+        _check_score_bias(q, score_bias, B, Hq, Sq, P + Sk, backend)
+
     if scale is None:
         return Checked(1.0 / math.sqrt(Dk), Dk, Dv)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -172,6 +175,28 @@ def check_inputs(
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite positive number, got {scale}")
     return Checked(float(scale), Dk, Dv)
+
+
+def _check_score_bias(q, bias, B, Hq, Sq, columns, backend) -> None:
+    """(1|B, 1|Hq, Sq, P + Sk): a constant added to the scores; no gradient flows into it."""
+    _check_tensor("score_bias", bias)
+    if not bias.is_floating_point():
+        raise TypeError(f"score_bias must be a floating tensor, got {bias.dtype}")
+    if bias.dtype not in SUPPORTED_DTYPES and not (bias.dtype == torch.float64 and backend == "torch"):
+        raise TypeError(f"score_bias has dtype {bias.dtype}; supported: float16, bfloat16, float32 "
+                        "(float64 with backend='torch')")
+    if (bias.dim() != 4 or bias.shape[0] not in (1, B) or bias.shape[1] not in (1, Hq)
+            or tuple(bias.shape[2:]) != (Sq, columns)):
+        raise ValueError(
+            f"score_bias must have shape (1|B, 1|Hq, Sq, P + Sk) = (1|{B}, 1|{Hq}, {Sq}, {columns}): one "
+            f"column per prefix slot, then one per sequence key; got {tuple(bias.shape)}"
+        )
+    _same_device("score_bias", bias, q)
+    if bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "score_bias requires grad, but prefix_attention computes no gradient for it (a frozen "
+            "model's position bias); pass score_bias.detach() if it is meant to stay fixed"
+        )
 
 
 def _check_prefix(q, prefix_k, prefix_v, prefix_index, B, Hkv, Dk, Dv, check_index) -> None:

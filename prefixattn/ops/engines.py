@@ -3,7 +3,8 @@
 An engine attends rows of queries to one contiguous block of keys and returns ``(out, lse)``::
 
     s_ij = scale * q_i . k_j            (softcap c > 0: s_ij = c * tanh(s_ij / c))
-           + mask_ij                    (additive, 0 or -inf; optional, broadcast over heads)
+           + mask_ij                    (additive: 0 or -inf, or a score bias; optional, per head or
+                                         broadcast over the heads)
            -inf where j > i             (causal: top-left aligned, so only for square blocks)
     lse_i = log sum_j exp(s_ij)         (-inf for a row that sees no key; out_i = 0 there)
     out_i = sum_j exp(s_ij - lse_i) v_j
@@ -18,7 +19,8 @@ That is FlashAttention's identity: with ``P_ij = exp(s_ij - L_i)`` and ``Delta_i
 which needs nothing from the other blocks but ``O`` and ``L``. A row with ``L = +inf`` contributes nothing.
 
 Shapes: q (B, Hq, R, Dk), k (B, Hkv, K, Dk), v (B, Hkv, K, Dv), Hq a multiple of Hkv (query head h reads
-KV head h // (Hq / Hkv)), mask (B or 1, 1, R or 1, K); out (B, Hq, R, Dv) in q's dtype, lse fp32 (B, Hq, R).
+KV head h // (Hq / Hkv)), mask (B or 1, Hq or 1, R or 1, K); out (B, Hq, R, Dv) in q's dtype, lse fp32
+(B, Hq, R).
 dk, dv come back summed over the query heads of each KV head.
 
 Two engines:
@@ -198,7 +200,11 @@ def _scores(qc, k, r0, r1, mask, causal, scale, softcap):
         s = softcap * t
     if mask is not None:
         m = mask if mask.shape[-2] == 1 else mask[..., r0:r1, :]
-        s = s + m.unsqueeze(2).to(s.dtype)  # (B|1, 1, 1, r|1, K): over KV heads and the group
+        if m.shape[1] == 1:  # (B|1, 1, 1, r|1, K): over KV heads and the group
+            m = m.unsqueeze(2)
+        else:  # per query head: (B|1, Hkv, G, r|1, K)
+            m = m.reshape(m.shape[0], qc.shape[1], qc.shape[2], *m.shape[2:])
+        s = s + m.to(s.dtype)
     if causal:
         i = torch.arange(r0, r1, device=s.device).view(-1, 1)
         j = torch.arange(s.shape[-1], device=s.device).view(1, -1)

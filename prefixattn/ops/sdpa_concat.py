@@ -11,7 +11,9 @@ with ``is_causal`` and no mask at all: the queries get P zero rows in front, so 
 rule over (P + Sq, P + Sk) is exactly ours (every prefix slot, then sequence keys j <= i). With padding
 the mask is (B, 1, 1, P + Sk) for decode steps and causal=False, and a (B, 1, P + S, P + S) bool mask for
 padded causal rows, as PEFT's. K/V are repeated over the GQA group the way transformers does for SDPA
-(its GQA flag is not served by every fused kernel).
+(its GQA flag is not served by every fused kernel). A score bias becomes SDPA's float mask (in q's
+dtype, as SDPA requires), with padding and the causal rule written into it as -inf; with a bias and
+P = 0 a row may see nothing, so those calls go to the engines.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from .torch_backend import autocast_off, prefix_rows
 
 
 def sdpa_concat_applies(sq: int, sk: int, prefix_len: int, *, causal: bool, window: int, documents: bool,
-                        padded: bool, sinks: bool, softcap: float) -> bool:
-    if sinks or softcap or (prefix_len == 0 and padded) or prefix_len + sk == 0:
+                        padded: bool, sinks: bool, softcap: float, biased: bool = False) -> bool:
+    if sinks or softcap or (prefix_len == 0 and (padded or biased)) or prefix_len + sk == 0:
         return False
     return not window and not documents and (not causal or sq == sk or sq == 1)
 
 
-def sdpa_concat_attention(q, k, v, prefix_k, prefix_v, *, key_padding_mask, causal, scale, prefix_index):
+def sdpa_concat_attention(q, k, v, prefix_k, prefix_v, *, key_padding_mask, causal, scale, prefix_index,
+                          score_bias=None):
     """Differentiable (B, Hq, Sq, Dv) in q's dtype; inputs checked and cast by ``prefix_attention``."""
     with autocast_off(q):
         B, Hq, Sq, Dk = q.shape
@@ -44,12 +47,18 @@ def sdpa_concat_attention(q, k, v, prefix_k, prefix_v, *, key_padding_mask, caus
         square = causal and Sq > 1  # a decode step sees every key
         lead = P if square else 0
         queries = torch.cat([q.new_zeros(B, Hq, P, Dk), q], 2) if lead else q
-        mask = None
+        mask = visible = None
         if key_padding_mask is not None:
             visible = torch.cat([key_padding_mask.new_ones(B, P), key_padding_mask], 1).view(B, 1, 1, P + Sk)
-            if square:
-                visible = visible & torch.ones(lead + Sq, P + Sk, dtype=torch.bool, device=q.device).tril()
-            mask = visible
+        if square and (visible is not None or score_bias is not None):
+            tril = torch.ones(lead + Sq, P + Sk, dtype=torch.bool, device=q.device).tril()
+            visible = tril if visible is None else visible & tril
+        mask = visible
+        if score_bias is not None:
+            bias = score_bias.to(q.dtype)
+            if lead:  # the zero query rows in front see the prefix only (their output is dropped)
+                bias = torch.cat([bias.new_zeros(*bias.shape[:2], lead, bias.shape[3]), bias], 2)
+            mask = bias if visible is None else bias.masked_fill(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
                                              is_causal=square and mask is None, scale=scale)
         return out[:, :, lead:]

@@ -26,6 +26,11 @@ identity), only for the gradients asked for: a layer whose q, k, v need no gradi
 frozen model) runs the prefix block alone. The prefix gradient is summed over the batch (shared
 prefix) or added into the bank rows that ``prefix_index`` picked (the others get exact zeros).
 Sinks: dsink_h = -sum_{b,i} exp(sink_h - L_bhi) Delta_bhi, Delta = rowsum(dO * O).
+
+A score bias (1|B, 1|Hq, Sq, P + Sk) joins each block's additive mask: the block's rows and columns
+of it (the prefix block its first P columns), so a masked block's mask gains a head axis. It is a
+constant: the backward adds the same masks and computes no gradient for it. The two-sided window
+(causal=False with a window: |a - j| < W) narrows each tile's key range on both sides.
 """
 
 from __future__ import annotations
@@ -92,6 +97,16 @@ def key_mask(pad: torch.Tensor | None, dtype: torch.dtype, lead: int = 0) -> tor
     return mask.view(B, 1, 1, lead + Sk)
 
 
+def with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None, r0: int, r1: int, c0: int, c1: int,
+              dtype: torch.dtype) -> torch.Tensor | None:
+    """A block's additive mask plus the score bias's rows r0..r1 and columns c0..c1 (in ``dtype``):
+    (B|1, Hq|1, rows, cols), or the mask alone without a bias."""
+    if bias is None:
+        return mask
+    b = bias[:, :, r0:r1, c0:c1].to(dtype)
+    return b if mask is None else b + mask
+
+
 def rule_mask(r0: int, r1: int, k0: int, k1: int, sq: int, sk: int, *, causal: bool, window: int,
               pad: torch.Tensor | None, doc_start: torch.Tensor | None, doc_end: torch.Tensor | None,
               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -103,6 +118,8 @@ def rule_mask(r0: int, r1: int, k0: int, k1: int, sq: int, sk: int, *, causal: b
     vis = j <= a if causal else torch.ones(1, 1, 1, dtype=torch.bool, device=device)
     if window:
         vis = vis & (j > a - window)
+        if not causal:  # two-sided
+            vis = vis & (j < a + window)
     if doc_start is not None:  # Sq == Sk: query i's document is that of position i
         vis = vis & (j >= doc_start[:, r0:r1].unsqueeze(-1))
         if not causal:
@@ -144,6 +161,8 @@ def sequence_tiles(sq: int, sk: int, *, causal: bool, window: int, pad, doc_star
     for r0 in range(0, sq, ROWS_PER_TILE):
         r1 = min(sq, r0 + ROWS_PER_TILE)
         k1 = r1 + (sk - sq) if causal else sk  # one past the last row's last key
+        if window and not causal:  # two-sided: the last row sees up to a + W - 1
+            k1 = max(0, min(sk, r1 - 1 + (sk - sq) + window))
         k0 = max(0, r0 + (sk - sq) - window + 1) if window else 0
         mask = rule_mask(r0, r1, k0, k1, sq, sk, causal=causal, window=window, pad=pad, doc_start=doc_start,
                          doc_end=doc_end, dtype=dtype, device=device)
@@ -157,44 +176,61 @@ def sequence_tiles(sq: int, sk: int, *, causal: bool, window: int, pad, doc_star
 
 
 def attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, doc_start, doc_end, sinks,
-                      causal, scale, softcap, window, deterministic):
+                      causal, scale, softcap, window, deterministic, score_bias=None):
     """(out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) fp32 (fp64 for fp64 inputs), sinks included)."""
     with autocast_off(q):  # the inputs carry the compute dtype already
         engine = engine_for(q, softcap)
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         pk, pv = prefix_rows(prefix_k, B, prefix_index), prefix_rows(prefix_v, B, prefix_index)
+        P, ct = pk.shape[2], compute_dtype(q.dtype)
         if concat_applies(Sq, Sk, causal, window, doc_start is not None):
-            groups = [_concat_forward(engine, q, k, v, pk, pv, key_padding_mask, causal, scale, softcap)]
+            groups = [_concat_forward(engine, q, k, v, pk, pv, key_padding_mask, causal, scale, softcap,
+                                      score_bias)]
         else:
-            groups = [engine.forward(q, pk, pv, None, False, scale, softcap)] if pk.shape[2] else []
+            groups = [engine.forward(q, pk, pv, with_bias(None, score_bias, 0, Sq, 0, P, ct), False, scale,
+                                     softcap)] if P else []
             for tiles in sequence_tiles(Sq, Sk, causal=causal, window=window, pad=key_padding_mask,
                                         doc_start=doc_start, doc_end=doc_end, dtype=q.dtype, device=q.device):
-                groups.append(_tiles_forward(engine, q, k, v, tiles, scale, softcap))
-        return _merge(groups, sinks, q, may_be_empty=pk.shape[2] == 0 and sinks is None)
+                groups.append(_tiles_forward(engine, q, k, v, tiles, scale, softcap, score_bias, P))
+        # a row may see nothing: no prefix and no sink, or a bias that hides keys with -inf
+        may_be_empty = (P == 0 and sinks is None) or score_bias is not None
+        return _merge(groups, sinks, q, may_be_empty=may_be_empty)
 
 
-def _concat_forward(engine, q, k, v, pk, pv, pad, causal, scale, softcap):
+def concat_mask(pad, bias, P: int, lead_rows: int, q: torch.Tensor) -> torch.Tensor | None:
+    """The additive mask of the one call over [prefix; k]: padding (P visible slots in front) plus the
+    score bias, whose rows get ``lead_rows`` zero rows in front (the zero query rows of a causal call)."""
+    mask = key_mask(pad, q.dtype, lead=P)
+    if bias is None:
+        return mask
+    if lead_rows:
+        bias = torch.cat([bias.new_zeros(*bias.shape[:2], lead_rows, bias.shape[3]), bias], 2)
+    return with_bias(mask, bias, 0, bias.shape[2], 0, bias.shape[3], compute_dtype(q.dtype))
+
+
+def _concat_forward(engine, q, k, v, pk, pv, pad, causal, scale, softcap, bias):
     B, Hq, Sq, Dk = q.shape
     P = pk.shape[2]
     kernel_causal = causal and Sq > 1  # a decode step sees every key
     if P + k.shape[2] == 0:
         return _nothing(q, v)
     if P == 0:
-        return engine.forward(q, k, v, key_mask(pad, q.dtype), kernel_causal, scale, softcap)
+        return engine.forward(q, k, v, concat_mask(pad, bias, 0, 0, q), kernel_causal, scale, softcap)
     kc, vc = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-    mask = key_mask(pad, q.dtype, lead=P)
     if not kernel_causal:
-        return engine.forward(q, kc, vc, mask, False, scale, softcap)
+        return engine.forward(q, kc, vc, concat_mask(pad, bias, P, 0, q), False, scale, softcap)
     qc = torch.cat([q.new_zeros(B, Hq, P, Dk), q], 2)  # P rows in front: top-left causal = our rule
-    out, lse = engine.forward(qc, kc, vc, mask, True, scale, softcap)
+    out, lse = engine.forward(qc, kc, vc, concat_mask(pad, bias, P, P, q), True, scale, softcap)
     return out[:, :, P:], lse[:, :, P:]
 
 
-def _tiles_forward(engine, q, k, v, tiles, scale, softcap):
+def _tiles_forward(engine, q, k, v, tiles, scale, softcap, bias, P):
     parts = []
+    ct = compute_dtype(q.dtype)
     for t in tiles:
         if t.k1 > t.k0:
-            parts.append(engine.forward(q[:, :, t.r0:t.r1], k[:, :, t.k0:t.k1], v[:, :, t.k0:t.k1], t.mask,
+            mask = with_bias(t.mask, bias, t.r0, t.r1, P + t.k0, P + t.k1, ct)
+            parts.append(engine.forward(q[:, :, t.r0:t.r1], k[:, :, t.k0:t.k1], v[:, :, t.k0:t.k1], mask,
                                         t.causal, scale, softcap))
         else:
             parts.append(_nothing(q[:, :, t.r0:t.r1], v))
@@ -236,12 +272,13 @@ def _merge(groups, sinks, q, may_be_empty):
 
 def attention_backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
                        doc_start, doc_end, sinks, causal, scale, softcap, window,
-                       need_dq, need_dkv, need_dprefix, need_dsinks, deterministic):
+                       need_dq, need_dkv, need_dprefix, need_dsinks, deterministic, score_bias=None):
     """(dq, dk, dv, dprefix_k, dprefix_v, dsinks); an empty tensor for each gradient not asked for."""
     with autocast_off(q):
         engine = engine_for(q, softcap)
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         P = prefix_k.shape[-2]
+        ct = compute_dtype(q.dtype)
         need_dprefix = need_dprefix and P > 0
         do = grad_out.to(q.dtype)
         L = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows that saw nothing: every P_ij = 0
@@ -250,7 +287,7 @@ def attention_backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padd
         run_sequence = need_dq or need_dkv
         if run_sequence and concat_applies(Sq, Sk, causal, window, doc_start is not None):
             _concat_backward(engine, grads, do, q, k, v, pk, pv, out, L, key_padding_mask, causal, scale,
-                             softcap, need_dq)
+                             softcap, need_dq, score_bias)
         else:
             if run_sequence:
                 groups = sequence_tiles(Sq, Sk, causal=causal, window=window, pad=key_padding_mask,
@@ -260,12 +297,14 @@ def attention_backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padd
                         if t.k1 <= t.k0:
                             continue
                         rows, keys = slice(t.r0, t.r1), slice(t.k0, t.k1)
+                        mask = with_bias(t.mask, score_bias, t.r0, t.r1, P + t.k0, P + t.k1, ct)
                         dq, dk, dv = engine.backward(
                             do[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
-                            L[:, :, rows], t.mask, t.causal, scale, softcap, need_dq, need_dkv)
+                            L[:, :, rows], mask, t.causal, scale, softcap, need_dq, need_dkv)
                         grads.add(rows, keys, dq, dk, dv)
             if P and (need_dq or need_dprefix):
-                dq, dpk, dpv = engine.backward(do, q, pk, pv, out, L, None, False, scale, softcap, need_dq,
+                mask = with_bias(None, score_bias, 0, Sq, 0, P, ct)
+                dq, dpk, dpv = engine.backward(do, q, pk, pv, out, L, mask, False, scale, softcap, need_dq,
                                                True)
                 grads.add(slice(None), None, dq, None, None)
                 grads.add_prefix(dpk, dpv)
@@ -274,7 +313,6 @@ def attention_backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padd
 
         dsinks = empty()
         if need_dsinks and sinks is not None:
-            ct = compute_dtype(q.dtype)
             delta = (do.to(ct) * out.to(ct)).sum(-1)
             dsinks = -(torch.exp(sinks.to(L.dtype).view(1, -1, 1) - L) * delta).sum((0, 2)).to(sinks.dtype)
         dq = grads.dq.to(q.dtype) if need_dq else empty()
@@ -321,7 +359,7 @@ class _Grads:
         self.dpk, self.dpv = dpk, dpv
 
 
-def _concat_backward(engine, grads, do, q, k, v, pk, pv, out, L, pad, causal, scale, softcap, need_dq):
+def _concat_backward(engine, grads, do, q, k, v, pk, pv, out, L, pad, causal, scale, softcap, need_dq, bias):
     B, Hq, Sq, Dk = q.shape
     P = pk.shape[2]
     kernel_causal = causal and Sq > 1
@@ -330,12 +368,12 @@ def _concat_backward(engine, grads, do, q, k, v, pk, pv, out, L, pad, causal, sc
                   torch.zeros_like(v))
         return
     if P == 0:
-        mask = key_mask(pad, q.dtype)
+        mask = concat_mask(pad, bias, 0, 0, q)
         dq, dk, dv = engine.backward(do, q, k, v, out, L, mask, kernel_causal, scale, softcap, need_dq, True)
         grads.add(slice(None), slice(None), dq, dk, dv)
         return
     kc, vc = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-    mask = key_mask(pad, q.dtype, lead=P)
+    mask = concat_mask(pad, bias, P, P if kernel_causal else 0, q)
     if kernel_causal:
         # the P rows in front: zero dO, so they add nothing; L = +inf makes their P_ij exactly 0
         zeros = q.new_zeros(B, Hq, P, Dk)

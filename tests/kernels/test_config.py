@@ -86,6 +86,8 @@ def test_custom_op_fake_matches_the_kernel():
     torch.library.opcheck(autograd._forward_op, args, test_utils=("test_schema", "test_faketensor"))
     out, _ = autograd._forward_op(*args)
     assert out.shape == (1, 2, 5, 8) and out.transpose(1, 2).is_contiguous()
+    bias = torch.randn(1, 2, 5, 7, device=x.q.device)  # a score bias over the P + Sk columns
+    torch.library.opcheck(autograd._forward_op, (*args, bias), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_fp32_dot_precision_follows_torch():

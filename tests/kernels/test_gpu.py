@@ -1,5 +1,5 @@
-"""GPU-only checks: bf16/fp16 at real sizes, every head dim, windows, documents, sinks, Dk != Dv,
-determinism of the backward (in one process and across two)."""
+"""GPU-only checks: bf16/fp16 at real sizes, every head dim, windows (two-sided too), documents, sinks,
+score biases, Dk != Dv, determinism of the backward (in one process and across two)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ GPU_CASES = [
     Case(B=2, Hq=8, Hkv=4, Sq=600, Sk=600, P=32, D=64, docs=True, padding="right"),
     Case(B=2, Hq=8, Hkv=2, Sq=300, Sk=300, P=8, D=64, sinks=True, window=100),
     Case(B=2, Hq=8, Hkv=2, Sq=256, Sk=256, P=16, D=192, Dv=128, docs=True, sinks=True),
+    Case(B=2, Hq=8, Hkv=2, Sq=333, Sk=333, P=16, D=80, padding="left", bias="batch"),  # T5-like bias
+    Case(B=2, Hq=12, Hkv=12, Sq=400, Sk=400, P=8, D=64, causal=False, window=64, bias="shared"),
+    Case(B=4, Hq=16, Hkv=4, Sq=1, Sk=2048, P=32, D=128, bias="inf", prefix="bank"),  # decode, split-K
+    Case(B=2, Hq=8, Hkv=2, Sq=500, Sk=500, P=16, D=128, causal=False, window=128, padding="right"),
 ]
 
 

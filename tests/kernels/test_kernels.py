@@ -1,16 +1,19 @@
 """The Triton kernels (through the interpreter on CPU) against the float64 concat reference:
 forward and every gradient (the sinks' included), over shapes, GQA, padding, decode, prefix forms,
-causal or not, sliding windows, packed documents, sinks and Dk != Dv."""
+causal or not, sliding windows (two-sided when not causal), packed documents, sinks, score biases and
+Dk != Dv."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import (
+    BIAS_CASES,
     CASES,
     DEVICE,
     FEATURE_CASES,
     REL_TOL,
+    TWO_SIDED_CASES,
     Case,
     assert_close_rel,
     concat_reference,
@@ -56,7 +59,7 @@ def run_case(c: Case, dtype=torch.float32, device=DEVICE, tol=None, deterministi
     return out, grads, x.mask, idx
 
 
-@pytest.mark.parametrize("case", CASES + FEATURE_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + FEATURE_CASES + BIAS_CASES + TWO_SIDED_CASES, ids=str)
 def test_kernel_matches_float64_reference(case):
     out, grads, mask, idx = run_case(case)
     if case.padding == "empty_row" and case.P == 0:
@@ -160,6 +163,7 @@ NONDETERMINISTIC_CASES = [
     Case(Sq=37, Sk=37, D=80, softcap=4.0),
     Case(Sq=9, Sk=40, causal=False, padding="right", Hq=8),
     Case(P=0, padding="empty_row"),
+    Case(B=3, Sq=23, Sk=23, causal=False, window=5, prefix="bank", bias="inf"),
 ]
 
 
@@ -188,10 +192,11 @@ SPLIT_CASES = [
     Case(Sq=5, Sk=270, causal=False, padding="right", prefix="row"),
     Case(Sq=2, Sk=280, window=150, sinks=True, D=24, Dv=40, P=3),  # window across splits, sink in split 0
     Case(Sq=1, Sk=520, window=200, P=2, Hq=8, Hkv=2, padding="left"),  # splits start at the window
+    Case(Sq=2, Sk=280, causal=False, window=120, P=3, bias="inf"),  # two-sided window and a bias over splits
 ]
 
 
-@pytest.mark.parametrize("c,splits", list(zip(SPLIT_CASES, [3, 2, 3, 2, 3, 2], strict=True)),
+@pytest.mark.parametrize("c,splits", list(zip(SPLIT_CASES, [3, 2, 3, 2, 3, 2, 3], strict=True)),
                          ids=lambda x: str(x))
 def test_split_k_forward(c, splits, monkeypatch):
     # keys split over programs, partial results merged by logsumexp; the backward reads the merged lse

@@ -48,6 +48,8 @@ def visible(i, j, Sq, Sk, causal, window, docs):
     ok = (not causal) or j <= a
     if window:
         ok = ok and j > a - window
+        if not causal:  # two-sided
+            ok = ok and j < a + window
     if docs is not None:
         ok = ok and docs[i] == docs[j]
     return ok
@@ -63,6 +65,10 @@ PROBES = [
     (45, 45, 3, True, 6, True),
     (33, 33, 2, False, 0, True),
     (20, 30, 1, False, 0, False),
+    (37, 37, 2, False, 5, False),  # two-sided windows
+    (7, 70, 3, False, 20, False),
+    (23, 11, 1, False, 3, False),
+    (45, 45, 3, False, 6, True),
 ]
 
 
@@ -110,6 +116,7 @@ def test_walked_blocks_follow_the_intervals(Sq, Sk, G, causal, window, docs):
     Case(Sq=1, Sk=90, window=9, Hq=8, Hkv=2, prefix="bank"),  # decode with a window
     Case(Sq=3, Sk=75, window=20, P=0, sinks=True),  # a short chunk, no prefix
     Case(Sq=5, Sk=100, window=33, D=24, Dv=40),
+    Case(Sq=5, Sk=100, window=20, causal=False, bias="batch"),  # two-sided
 ], ids=str)
 def test_keys_outside_every_interval_are_never_loaded(c):
     """K/V of the key blocks no query sees are NaN: a kernel that loaded them (even masked, p * NaN)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    BIAS_CASES,
     CASES,
     DEVICE,
     FEATURE_CASES,
+    TWO_SIDED_CASES,
     Case,
     assert_close_rel,
     concat_reference,
@@ -20,7 +22,7 @@ import prefixattn
 from prefixattn.ops import resolve_backend
 
 
-@pytest.mark.parametrize("case", CASES + FEATURE_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + FEATURE_CASES + BIAS_CASES + TWO_SIDED_CASES, ids=str)
 def test_torch_backend_matches_reference(case):
     x = make_case(case)
     out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="torch")
@@ -41,6 +43,7 @@ def test_torch_backend_matches_reference(case):
     Case(B=1, Hq=2, Hkv=2, Sq=6, Sk=4, P=2, D=8, causal=False, softcap=2.0),
     Case(B=2, Hq=2, Hkv=1, Sq=9, Sk=9, P=2, D=4, Dv=6, window=3, sinks=True),
     Case(B=2, Hq=2, Hkv=2, Sq=8, Sk=8, P=1, D=4, docs=True, sinks=True, padding="right"),
+    Case(B=2, Hq=4, Hkv=2, Sq=7, Sk=7, P=2, D=4, causal=False, window=2, bias="inf", padding="left"),
 ], ids=str)
 def test_torch_backend_gradcheck(case):
     x = make_case(case, dtype=torch.float64)
@@ -143,7 +146,14 @@ def test_bad_input_is_a_clear_error(name, make, exc, msg):
     (dict(sliding_window=0), ValueError, "sliding_window must be >= 1"),
     (dict(sliding_window=-3), ValueError, "sliding_window must be >= 1"),
     (dict(sliding_window=2.5), TypeError, "sliding_window must be an int"),
-    (dict(sliding_window=4, causal=False, q=torch.randn(2, 4, 5, 16)), ValueError, "sliding_window needs causal"),
+    (dict(score_bias=torch.randn(2, 4, 5, 5)), ValueError, r"score_bias must have shape \(1\|B, 1\|Hq, Sq, P \+ Sk\)"),
+    (dict(score_bias=torch.randn(3, 4, 5, 8)), ValueError, "score_bias must have shape"),
+    (dict(score_bias=torch.randn(2, 2, 5, 8)), ValueError, "score_bias must have shape"),
+    (dict(score_bias=torch.randn(4, 5, 8)), ValueError, "score_bias must have shape"),
+    (dict(score_bias=torch.zeros(1, 4, 5, 8, dtype=torch.int32)), TypeError, "score_bias must be a floating"),
+    (dict(score_bias=torch.randn(1, 4, 5, 8, requires_grad=True)), ValueError, "score_bias requires grad"),
+    (dict(score_bias=torch.randn(1, 4, 5, 8, dtype=torch.float64)), TypeError, "score_bias has dtype"),
+    (dict(score_bias=torch.randn(1, 4, 5, 8, device="meta")), ValueError, "score_bias is on meta"),
     (dict(documents=torch.zeros(2, 5, dtype=torch.int32)), TypeError, "prefixattn.Documents"),
     (dict(documents=prefixattn.Documents.from_position_ids(torch.zeros(3, 5, dtype=torch.long))), ValueError,
      r"documents must have shape \(B, S\) = \(2, 5\)"),
@@ -186,7 +196,9 @@ def test_check_index_false_skips_the_range_check(monkeypatch):
     dict(documents=prefixattn.Documents.from_position_ids(torch.tensor([[0, 1, 0, 1, 2]] * 2))),
     dict(sinks=torch.randn(4)),
     dict(v=torch.randn(2, 2, 5, 8), prefix_v=torch.randn(2, 3, 8)),
-], ids=["window", "documents", "sinks", "Dk!=Dv"])
+    dict(score_bias=torch.randn(1, 4, 5, 8)),
+    dict(sliding_window=2, causal=False),
+], ids=["window", "documents", "sinks", "Dk!=Dv", "score_bias", "two-sided window"])
 def test_every_feature_runs_on_the_kernels(kwargs, monkeypatch):
     """No feature falls back to torch: auto picks the kernels, and they agree with the torch backend."""
     import prefixattn.kernels as kernels
@@ -202,6 +214,27 @@ def test_every_feature_runs_on_the_kernels(kwargs, monkeypatch):
     assert calls, "backend='auto' did not run the kernels"
     ref = prefixattn.prefix_attention(**args, backend="torch")
     assert_close_rel(out, ref, 2e-3, "out")
+
+
+def test_score_bias_that_requires_grad_is_fine_without_autograd():
+    """Only a bias whose gradient autograd would need is refused: under no_grad (generate) it runs."""
+    args = _good()
+    bias = torch.randn(1, 4, 5, 8, requires_grad=True)
+    with torch.no_grad():
+        out = prefixattn.prefix_attention(**args, score_bias=bias, backend="torch")
+    assert_close_rel(out, concat_reference(**args, score_bias=bias.detach()), 1e-5, "out")
+
+
+def test_a_wide_two_sided_window_changes_nothing_only_when_it_covers_every_pair():
+    """W >= Sk and W >= Sq covers every (query, key) pair; W >= Sk alone does not when Sq > Sk (the
+    first queries sit before key 0 and see only the prefix)."""
+    args = _with(q=torch.randn(2, 4, 12, 16))
+    plain = prefixattn.prefix_attention(**args, causal=False, backend="torch")
+    wide = prefixattn.prefix_attention(**args, causal=False, sliding_window=12, backend="torch")
+    assert torch.equal(wide, plain)
+    narrow = prefixattn.prefix_attention(**args, causal=False, sliding_window=6, backend="torch")
+    assert_close_rel(narrow, concat_reference(**args, causal=False, sliding_window=6), 1e-5, "W=Sk+1 < Sq")
+    assert not torch.allclose(narrow, plain)
 
 
 def test_autocast_computes_in_the_autocast_dtype():
@@ -258,6 +291,7 @@ def test_bad_input_fails_before_any_kernel(monkeypatch):
     ("triton", Case(Sq=9, Sk=9, padding="left")),
     ("torch", Case(Sq=9, Sk=9, padding="left")),
     ("triton", Case(Sq=9, Sk=9, D=16, Dv=8, docs=True, sinks=True, window=4)),
+    ("triton", Case(Sq=9, Sk=9, causal=False, window=3, bias="batch", padding="left")),
 ], ids=lambda x: str(x))
 def test_torch_compile_fullgraph(backend, case):
     """No graph breaks: the kernels are custom ops with fake implementations (Documents as an input)."""
@@ -280,3 +314,16 @@ def test_torch_compile_fullgraph(backend, case):
     assert_close_rel(loss.detach(), ref.detach(), 1e-5, "loss")
     for g, r in zip(grads, ref_grads, strict=True):
         assert_close_rel(g, r, 1e-5, "grad")
+
+
+def test_attention_weights_carry_the_bias_and_the_two_sided_window():
+    """output_attentions' weights over [prefix; sequence] times [prefix_v; v] give the reference output."""
+    from prefixattn.weights import attention_weights
+
+    x = make_case(Case(Sq=11, Sk=11, causal=False, window=3, bias="inf", padding="left"), dtype=torch.float64,
+                  requires_grad=False)
+    w = attention_weights(x.q, x.k, x.pk, scale=x.case.D ** -0.5, causal=False, key_padding_mask=x.mask,
+                          sliding_window=3, score_bias=x.bias)
+    G = x.case.Hq // x.case.Hkv
+    values = torch.cat([x.pv.unsqueeze(0).expand(x.case.B, -1, -1, -1), x.v], 2).repeat_interleave(G, 1)
+    assert_close_rel(w @ values, concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs()), 1e-12, "out")

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CASES, FEATURE_CASES, REL_TOL, Case, assert_close_rel, concat_reference, make_case
+from helpers import (
+    BIAS_CASES,
+    CASES,
+    FEATURE_CASES,
+    REL_TOL,
+    TWO_SIDED_CASES,
+    Case,
+    assert_close_rel,
+    concat_reference,
+    make_case,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefixattn
@@ -25,8 +35,10 @@ MORE_CASES = [
     Case(Sq=37, Sk=37, D=80, P=1, padding="left", Dv=48),
     Case(Sq=37, Sk=37, P=3, window=5, docs=True, padding="right", prefix="bank"),
     Case(Sq=37, Sk=37, P=0, causal=False, padding="empty_row"),
+    Case(Sq=9, Sk=40, padding="left", bias="batch", P=1),  # chunked prefill, per-tile bias slices
+    Case(Sq=37, Sk=37, causal=False, padding="right", bias="inf", window=9),
 ]
-ALL_CASES = CASES + FEATURE_CASES + MORE_CASES
+ALL_CASES = CASES + FEATURE_CASES + BIAS_CASES + TWO_SIDED_CASES + MORE_CASES
 
 
 @pytest.fixture(params=["cpu_flash", "sdpa", "chunked"])
@@ -83,6 +95,7 @@ def test_bf16_matches_reference(engine, case):
     Case(Sq=1, Sk=300, P=3, D=80, padding="left", sinks=True),  # past DECODE_CONCAT_KEYS: the cache in place
     Case(Sq=1, Sk=300, P=0, padding="empty_row"),
     Case(Sq=1, Sk=300, prefix="bank", window=7, Hq=8, Hkv=2),
+    Case(Sq=1, Sk=300, P=2, bias="inf", padding="left"),
 ], ids=str)
 def test_decode_over_a_long_cache(engine, case):
     assert case.Sk > torch_backend.DECODE_CONCAT_KEYS
@@ -303,7 +316,7 @@ def test_torch_compile_prefix_gradient_only(engine):
         assert_close_rel(g, r, 1e-5, "grad")
 
 
-@pytest.mark.parametrize("case", CASES + FEATURE_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + FEATURE_CASES + BIAS_CASES + TWO_SIDED_CASES, ids=str)
 def test_reference_module_is_an_oracle(case):
     """prefixattn/reference.py (plain torch, materialized scores) agrees in float64 with the loop-built
     reference of tests/helpers.py, and the fast path agrees with it: two independent statements."""
@@ -316,7 +329,7 @@ def test_reference_module_is_an_oracle(case):
         x.q, x.k, x.v, x.pk, x.pv, key_padding_mask=kw["key_padding_mask"], causal=case.causal,
         scale=case.D ** -0.5, prefix_index=x.idx, softcap=case.softcap, sliding_window=case.window or None,
         doc_start=None if docs is None else docs.start, doc_end=None if docs is None else docs.end,
-        sinks=x.sinks,
+        sinks=x.sinks, score_bias=x.bias,
     )
     assert_close_rel(ref, concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs()), 1e-12, "reference")
     out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="torch")
