@@ -46,6 +46,10 @@ from .engines import compute_dtype, engine_for
 ROWS_PER_TILE = 256
 # Decode steps over at most this many cached keys copy them behind the prefix (one kernel call).
 DECODE_CONCAT_KEYS = 256
+# Calls with at most this many query rows (decode steps, short verification chunks) in float32/float64
+# run as plain matmuls over the prefix and the cache in place: their scores are (B, H, rows, P + Sk),
+# small, and one fused-kernel call costs more in fixed overhead than the whole matmul path.
+SMALL_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,9 @@ def attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         pk, pv = prefix_rows(prefix_k, B, prefix_index), prefix_rows(prefix_v, B, prefix_index)
         P, ct = pk.shape[2], compute_dtype(q.dtype)
+        if small_rows_apply(q, Sq, doc_start is not None):
+            return _small_rows_forward(q, k, v, pk, pv, key_padding_mask, causal, scale, softcap, window,
+                                       score_bias, sinks)
         if concat_applies(Sq, Sk, causal, window, doc_start is not None):
             groups = [_concat_forward(engine, q, k, v, pk, pv, key_padding_mask, causal, scale, softcap,
                                       score_bias)]
@@ -195,6 +202,39 @@ def attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
         # a row may see nothing: no prefix and no sink, or a bias that hides keys with -inf
         may_be_empty = (P == 0 and sinks is None) or score_bias is not None
         return _merge(groups, sinks, q, may_be_empty=may_be_empty)
+
+
+def small_rows_apply(q: torch.Tensor, sq: int, documents: bool) -> bool:
+    """Decode steps (and other calls of a few rows) in float32/float64: ``_small_rows_forward``. Half
+    precision keeps the fused kernel, which accumulates the scores in float32."""
+    return sq <= SMALL_ROWS and not documents and q.dtype in (torch.float32, torch.float64)
+
+
+def _small_rows_forward(q, k, v, pk, pv, pad, causal, scale, softcap, window, bias, sinks):
+    """Few query rows: the scores against [prefix; k] as two matmuls (K/V read in place, the GQA group's
+    query heads stacked as rows of their KV head), the rule's mask on the (rows, Sk) scores, one softmax
+    over P + Sk columns (sinks in its denominator), and the output as two matmuls. Returns (out, lse)."""
+    B, Hq, Sq, Dk = q.shape
+    Hkv, Sk, P = k.shape[1], k.shape[2], pk.shape[2]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G * Sq, Dk)  # rows (g, i) of KV head h
+    scores = torch.cat([qg @ pk.transpose(-1, -2), qg @ k.transpose(-1, -2)], -1).view(B, Hq, Sq, P + Sk)
+    scores = scores * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    if pad is not None or window or (causal and Sq > 1):
+        seq = rule_mask(0, Sq, 0, Sk, Sq, Sk, causal=causal, window=window, pad=pad, doc_start=None,
+                        doc_end=None, dtype=scores.dtype, device=q.device)
+        scores[..., P:] += seq
+    lse = torch.logsumexp(scores, -1)
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1))
+    weights = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0).unsqueeze(-1))  # empty rows: 0
+    weights = weights.view(B, Hkv, G * Sq, P + Sk)
+    out = weights[..., :P] @ pv + weights[..., P:] @ v
+    return out.view(B, Hq, Sq, v.shape[-1]), lse
 
 
 def concat_mask(pad, bias, P: int, lead_rows: int, q: torch.Tensor) -> torch.Tensor | None:
