@@ -17,7 +17,7 @@ REFUSALS: dict[str, str] = {
                                  "builds (BigBird-Pegasus)",
     "no attention module": "no attention at all (FNet mixes tokens with Fourier transforms)",
     "no num_hidden_layers": "no num_hidden_layers for PEFT's layout, and an encoder prefixattn cannot probe "
-                            "or a two-sided window",
+                            "or whose two-sided window disagrees with its own mask (T5Gemma)",
 }
 
 ENCODERS: dict[str, str] = {

@@ -136,10 +136,11 @@ def two_sided_window(module: nn.Module, window: int) -> int:
     half = _mask_half_width(module)
     if half is None or window != half + 1:
         raise ValueError(
-            f"prefixattn: {type(module).__name__} hands the attention function a two-sided sliding window of "
-            f"{window}, but its own bidirectional mask shows |i - j| <= {half} (config.sliding_window), which "
-            f"{'is not the same window' if half is not None else 'prefixattn cannot read'}; prefixattn takes "
-            "two-sided windows that follow ModernBERT's convention (sliding_window = config.sliding_window + 1)")
+            f"prefixattn: {type(module).__name__} hands the attention function a two-sided sliding window "
+            f"of {window}, but its own bidirectional mask shows |i - j| <= {half} (config.sliding_window), "
+            f"which {'is not the same window' if half is not None else 'prefixattn cannot read'}; prefixattn "
+            "takes two-sided windows that follow ModernBERT's convention (sliding_window = "
+            "config.sliding_window + 1)")
     return window
 
 

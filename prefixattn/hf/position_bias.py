@@ -106,9 +106,9 @@ def layer_score_bias(module: nn.Module, position_bias: torch.Tensor | None, pref
         return None
     if position_bias.shape[-1] != prefix_length + key_length:
         raise RuntimeError(
-            f"prefixattn: {type(module).__name__} got a position bias over {position_bias.shape[-1]} keys, but "
-            f"it attends over {prefix_length} prefix slots and {key_length} keys; the module that computes its "
-            "bias was not prepared for the prefix")
+            f"prefixattn: {type(module).__name__} got a position bias over {position_bias.shape[-1]} keys, "
+            f"but it attends over {prefix_length} prefix slots and {key_length} keys; the module that "
+            "computes its bias was not prepared for the prefix")
     if position_bias.requires_grad and position_bias.is_leaf:
         # a constant that asks for a gradient only to pass through gradient checkpointing (T5's zeros)
         position_bias = position_bias.detach()
