@@ -12,8 +12,8 @@ Refused with a clear error: families with their own attention code, attention th
 gives the interface a meaning of its own (``families.unsupported_attention``: learned sparse-key
 indexers, compressed sparse attention, differential attention), score inputs the op does not implement
 (a learned position bias other than T5's, per-token sinks), 4-D attention masks, static (compileable)
-caches, packed rows with a KV cache, head dims over 256 with ``backend="triton"``, nonzero attention dropout in training
-(unless ``ignore_attention_dropout=True``, which runs without it).
+caches, packed rows with a KV cache, head dims over 256 with ``backend="triton"``, nonzero attention
+dropout in training (unless ``ignore_attention_dropout=True``, which runs without it).
 """
 
 from __future__ import annotations
