@@ -62,6 +62,11 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "falcon_h1": _MAMBA,
     "granitemoehybrid": {**_MAMBA, "layer_types": ["linear_attention", "full_attention"]},
     "codegen": {"rotary_dim": 8},
+    # two-sided local windows narrower than the sweep's rows (|i - j| <= 2), so that the window shows
+    **{f: {"local_attention": 4} for f in ("modernbert", "modernvbert")},
+    **{f: {"sliding_window": 2} for f in ("neomme", "openai_privacy_filter", "ultrabert", "ultravbert")},
+    # (its decoder depth defaults to 12 whatever num_layers says; its config maps no head_dim to d_kv)
+    "switch_transformers": {"num_decoder_layers": 2, "d_kv": 16},
     "gptj": {"rotary_dim": 8},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
     # a looped model (input layers, recurrent layers run n_recurrent_loops times, output layers); its config

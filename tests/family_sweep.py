@@ -199,14 +199,16 @@ def record_attention_calls(calls: list[LayerCall]):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from prefixattn.hf.attention import padding_mask
+    from prefixattn.hf.position_bias import is_t5_attention
     from prefixattn.hf.state import IMPL_NAME as name
 
     real = ALL_ATTENTION_FUNCTIONS[name]
 
     def recorder(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         out, weights = real(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        calls.append(LayerCall(module, query.detach(), key.detach(), value.detach(), padding_mask(attention_mask),
-                               scaling, kwargs, out.detach()))
+        mask = padding_mask(attention_mask, is_t5_attention(module))
+        calls.append(LayerCall(module, query.detach(), key.detach(), value.detach(), mask, scaling, kwargs,
+                               out.detach()))
         return out, weights
 
     AttentionInterface.register(name, recorder)
@@ -244,6 +246,8 @@ def _mask_4d(call: LayerCall, P: int) -> torch.Tensor:
     window = call.kwargs.get("sliding_window")
     if window:
         visible = visible & (j > i - window)
+        if not _is_causal(call.module):  # two-sided (ModernBERT's local layers)
+            visible = visible & (j < i + window)
     visible = visible.view(1, 1, Sq, Sk).expand(B, 1, Sq, Sk)
     if call.mask is not None:
         visible = visible & call.mask.bool().view(B, 1, 1, Sk)
@@ -251,8 +255,10 @@ def _mask_4d(call: LayerCall, P: int) -> torch.Tensor:
     return torch.zeros(full.shape, dtype=torch.float64).masked_fill(~full, torch.finfo(torch.float64).min)
 
 
-def reference_layer(call: LayerCall, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
-    """float64 reference output (B, Sq, Hq, Dv) of one recorded layer call."""
+def reference_layer(call: LayerCall, pk: torch.Tensor, pv: torch.Tensor,
+                    score_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 reference output (B, Sq, Hq, Dv) of one recorded layer call (``score_bias``: T5's position
+    bias over [prefix; keys], built by the caller)."""
     from helpers import concat_reference
 
     B = call.query.shape[0]
@@ -260,7 +266,7 @@ def reference_layer(call: LayerCall, pk: torch.Tensor, pv: torch.Tensor) -> torc
     k = torch.cat([pk.double().unsqueeze(0).expand(B, -1, -1, -1), call.key.double()], dim=2)
     v = torch.cat([pv.double().unsqueeze(0).expand(B, -1, -1, -1), call.value.double()], dim=2)
     eager = getattr(sys.modules[type(call.module).__module__], "eager_attention_forward", None)
-    if eager is not None and hasattr(call.module, "num_key_value_groups"):
+    if eager is not None and hasattr(call.module, "num_key_value_groups") and score_bias is None:
         kwargs = {k_: v_ for k_, v_ in call.kwargs.items() if k_ not in ("prefixattn_step",)}
         # by keyword: the eager functions do not all take (scaling, dropout) in that order (Gemma 4)
         out, _ = eager(call.module, q, k, v, _mask_4d(call, pk.shape[1]), scaling=call.scaling, dropout=0.0,
@@ -268,7 +274,8 @@ def reference_layer(call: LayerCall, pk: torch.Tensor, pv: torch.Tensor) -> torc
         return out
     out = concat_reference(call.query, call.key, call.value, pk, pv, key_padding_mask=call.mask,
                            causal=_is_causal(call.module), scale=call.scaling,
-                           softcap=call.kwargs.get("softcap") or 0.0)
+                           softcap=call.kwargs.get("softcap") or 0.0,
+                           sliding_window=call.kwargs.get("sliding_window"), score_bias=score_bias)
     return out.transpose(1, 2)
 
 

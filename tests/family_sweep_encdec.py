@@ -438,9 +438,36 @@ def compare_with_reference(ours, inputs: dict) -> None:
             Hkv = call.key.shape[1]
             pk = call.key.new_zeros(Hkv, 0, call.key.shape[3])
             pv = call.value.new_zeros(Hkv, 0, call.value.shape[3])
-        check(call.out, reference_layer(call, pk, pv), f"{type(call.module).__name__} at site {site}")
+        bias = t5_reference_bias(call, calls, pk.shape[1])
+        check(call.out, reference_layer(call, pk, pv, bias), f"{type(call.module).__name__} at site {site}")
     if not prefixed:
         raise Mismatch("no attention call read a prefix")
+
+
+def t5_reference_bias(call, calls: list, P: int) -> torch.Tensor | None:
+    """T5's position bias over [prefix; keys] for one recorded call, built from the model's own bias table
+    (the class's ``compute_bias``, not the instance's), or None for attention without one. PEFT's rule: the
+    prefix at positions 0..P-1, query i at P + past + i, i.e. ``compute_bias(Sq, P + Sk, P + past)``; the
+    sequence columns must equal the model's bias without a prefix, ``compute_bias(Sq, Sk, past)``.
+    Cross-attention has no table (T5 hands it zeros): its prefix columns are 0. The table's owner: the
+    module itself, else the module that computed the bias this one was handed (T5's layer 0)."""
+    bias = call.kwargs.get("position_bias")
+    if bias is None:
+        return None
+    owner = call.module if call.module.has_relative_attention_bias else next(
+        (c.module for c in calls if c.kwargs.get("position_bias") is bias and c.module.has_relative_attention_bias),
+        None)
+    Sq, Sk = call.query.shape[2], call.key.shape[2]
+    if owner is None:
+        if bias.abs().max() != 0:
+            raise Mismatch(f"{type(call.module).__name__}: a position bias without a table that is not zeros")
+        return torch.zeros(1, bias.shape[1], Sq, P + Sk, dtype=torch.float64)
+    compute = type(owner).compute_bias
+    with torch.no_grad():
+        full = compute(owner, Sq, P + Sk, past_seen_tokens=P + Sk - Sq).double()
+        alone = compute(owner, Sq, Sk, past_seen_tokens=Sk - Sq).double()
+    check(full[..., P:], alone, "T5's bias: the sequence columns with and without a prefix")
+    return full
 
 
 def write_readme_section(readme_path: str) -> None:

@@ -114,3 +114,18 @@ def tiny_encoder(family: str = "bert", head: str = "ForSequenceClassification", 
             "ForQuestionAnswering": "AutoModelForQuestionAnswering", "ForMaskedLM": "AutoModelForMaskedLM",
             "Model": "AutoModel"}[head]
     return getattr(transformers, auto).from_config(config, attn_implementation="eager").eval()
+
+
+def tiny_t5(family: str = "t5", seed: int = 0, **overrides):
+    """A tiny T5-family seq2seq LM (t5, mt5, umt5, switch_transformers; eager attention, eval mode, no
+    dropout) with few relative-position buckets, so that nearby positions get different biases."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    torch.manual_seed(seed)
+    extra = {"num_experts": 2, "expert_capacity": 16, "num_sparse_encoder_layers": 1,
+             "num_sparse_decoder_layers": 1, "router_jitter_noise": 0.0} if family == "switch_transformers" else {}
+    config = AutoConfig.for_model(
+        family, vocab_size=97, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        pad_token_id=1, eos_token_id=2, decoder_start_token_id=0, **extra, **overrides)
+    return AutoModelForSeq2SeqLM.from_config(config, attn_implementation="eager").eval()

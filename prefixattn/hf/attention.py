@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..documents import Documents
 from ..ops import prefix_attention
 from ..weights import attention_weights
+from .position_bias import is_t5_attention, layer_score_bias
 from .sites import CAUSAL_ATTR, PROBE_ATTR, SITE_ATTR
 from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
 
@@ -53,15 +54,20 @@ def prefix_mask_function(batch_size: int, q_length: int, kv_length: int, q_offse
     return mask[:, None, None, :].expand(mask.shape[0], 1, q_length, kv_length)
 
 
-def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+def padding_mask(attention_mask: torch.Tensor | None, extended: bool = False) -> torch.Tensor | None:
     """The (B, Sk) padding mask from what a layer hands the attention function: the view
-    ``prefix_mask_function`` made (possibly sliced over the queries) or a 2-D mask. Anything else is a
-    mask of the model's own (the pre-hook refuses a caller's 4-D mask before)."""
+    ``prefix_mask_function`` made (possibly sliced over the queries) or a 2-D mask. ``extended``: also the
+    additive (B, 1, 1, Sk) mask ``(1 - mask) * dtype.min`` that a T5-family stack builds itself (Switch
+    Transformers' encoder): 0 is a real key. Anything else is a mask of the model's own (the pre-hook
+    refuses a caller's 4-D mask before)."""
     if attention_mask is None or attention_mask.dim() == 2:
         return attention_mask
     if (attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1
             and (attention_mask.stride(2) == 0 or attention_mask.shape[2] == 1)):
         return attention_mask[:, 0, 0, :]
+    if (extended and attention_mask.dim() == 4 and attention_mask.is_floating_point()
+            and attention_mask.shape[1:3] == (1, 1)):
+        return attention_mask[:, 0, 0, :] == 0
     raise ValueError(
         "prefixattn takes a (batch, keys) padding mask; the layer got a "
         f"{attention_mask.dim()}-D attention mask of its own (custom 4-D masks are not supported)"
@@ -85,25 +91,57 @@ def _unpatched_documents(query: torch.Tensor, key: torch.Tensor, attention_mask:
 
 # Keywords a layer may hand the attention function that change the scores and that prefixattn does not
 # implement (Inkling's learned relative position bias, Inkling 2's per-token sink logits): refused, never
-# ignored. Any other floating (.., Sq, Sk) tensor is taken for a score bias too.
+# ignored. Any other floating (.., Sq, Sk) tensor is taken for a score bias too. T5-style attention's
+# ``position_bias`` is taken (position_bias.py).
 # (Other tensors pass through the interface untouched: labels, token type ids, ...)
 UNSUPPORTED_KWARGS = frozenset({"position_bias", "sinks", "attention_bias", "attn_bias", "alibi", "bias",
                                 "relative_position_bias", "score_mod"})
 HANDLED_KWARGS = frozenset({"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "s_aux", "cache_position"})
 
 
-def unhandled_inputs(kwargs: dict[str, Any], query_length: int, key_length: int) -> list[str]:
+def unhandled_inputs(kwargs: dict[str, Any], query_length: int, key_length: int,
+                     handled: frozenset[str] = HANDLED_KWARGS) -> list[str]:
     """Names of the keywords of an attention call that would change the scores and that prefixattn does
     not implement."""
     out = []
     for name, x in kwargs.items():
-        if x is None or name in HANDLED_KWARGS:
+        if x is None or name in handled:
             continue
         bias_like = (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4
                      and tuple(x.shape[-2:]) == (query_length, key_length))
         if name in UNSUPPORTED_KWARGS or bias_like:
             out.append(name)
     return sorted(out)
+
+
+def _mask_half_width(module: nn.Module) -> int | None:
+    """The half-width of a bidirectional layer's own sliding-window mask: transformers'
+    ``create_bidirectional_sliding_window_mask`` shows key j when ``|i - j| <= config.sliding_window``
+    (the layer's config; per layer where the config is: NeoMME)."""
+    config = getattr(module, "config", None)
+    try:
+        half = getattr(config, "sliding_window", None)
+    except Exception:  # AmbiguousGlobalPerLayerAttributeError: a per-layer config
+        layers, layer_idx = getattr(config, "per_layer_config", None), getattr(module, "layer_idx", None)
+        half = None if layers is None or not isinstance(layer_idx, int) else layers[layer_idx].sliding_window
+    return half if isinstance(half, int) else None
+
+
+def two_sided_window(module: nn.Module, window: int) -> int:
+    """The op's W (key j visible when ``|i - j| < W``) for a bidirectional layer that hands over
+    ``sliding_window=window``. ModernBERT-style layers hand over their mask's half-width + 1 (flash
+    attention's inclusive bound): W is that. A layer whose kwarg disagrees with its own mask (T5Gemma's
+    encoder hands over the half-width: its eager mask shows |i - j| <= W, its flash path |i - j| < W) is
+    refused, as is one whose mask prefixattn cannot read."""
+    half = _mask_half_width(module)
+    if half is None or window != half + 1:
+        raise ValueError(
+            f"prefixattn: {type(module).__name__} hands the attention function a two-sided sliding window "
+            f"of {window}, but its own bidirectional mask shows |i - j| <= {half} (config.sliding_window), "
+            f"which {'is not the same window' if half is not None else 'prefixattn cannot read'}; prefixattn "
+            "takes two-sided windows that follow ModernBERT's convention (sliding_window = "
+            "config.sliding_window + 1)")
+    return window
 
 
 # while the shape probe of an encoder or encoder-decoder runs: the modules that called this function without
@@ -138,7 +176,8 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
     if state is not None and not has_site and not isinstance(layer_idx, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by "
                            "layer_idx")
-    attention_mask = padding_mask(attention_mask)
+    t5 = is_t5_attention(module)
+    attention_mask = padding_mask(attention_mask, extended=t5)
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         raise ValueError(f"prefixattn: padding mask has {attention_mask.shape[-1]} keys, the layer has "
                          f"{key.shape[2]}")
@@ -149,17 +188,19 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             "or patch with ignore_attention_dropout=True to train without it"
         )
 
-    unhandled = unhandled_inputs(kwargs, query.shape[2], key.shape[2])
+    unhandled = unhandled_inputs(kwargs, query.shape[2], key.shape[2],
+                                 HANDLED_KWARGS | {"position_bias"} if t5 else HANDLED_KWARGS)
     if unhandled:
         raise ValueError(f"{type(module).__name__} hands the attention function {unhandled}, attention "
                          "inputs prefixattn does not implement (a learned position bias, per-token sinks, "
                          "...); ignoring them would be silently wrong")
+    # with causal=False the op's window is two-sided (key j visible when |i - j| < W), which is what
+    # transformers' bidirectional sliding-window layers ask for (ModernBERT: |i - j| <= window // 2, handed
+    # over as sliding_window = window // 2 + 1)
     window = kwargs.get("sliding_window")
     causal = bool(module.__dict__.get(CAUSAL_ATTR, getattr(module, "is_causal", True)))
     if window and not causal:
-        raise ValueError(f"{type(module).__name__} asks for a sliding window in bidirectional attention (a "
-                         "two-sided local window, ModernBERT style), which prefixattn's attention does not "
-                         "implement (its windows look back only)")
+        window = two_sided_window(module, int(window))
     plan = kwargs.get(STEP_KWARG)
     backend = "auto" if state is None else state.backend
     pk = pv = index = documents = None
@@ -193,11 +234,13 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
 
     softcap = float(kwargs.get("softcap") or 0.0)
     window = int(window) if window else None
+    score_bias = layer_score_bias(module, kwargs.get("position_bias"), 0 if pk is None else pk.shape[-2],
+                                  key.shape[2]) if t5 else None
     # learned attention sinks (gpt-oss, granite_swa, flint): transformers passes them as ``s_aux``
     out = prefix_attention(
         query, key, value, pk, pv, key_padding_mask=attention_mask, causal=causal, scale=scaling,
         prefix_index=index, softcap=softcap, sliding_window=window, documents=documents,
-        sinks=kwargs.get("s_aux"), check_index=False, backend=backend,
+        sinks=kwargs.get("s_aux"), score_bias=score_bias, check_index=False, backend=backend,
     )
     weights = None
     if plan is not None and plan.output_attentions:  # (unpatched: transformers refuses output_attentions)
@@ -205,7 +248,8 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             query, key, pk, scale=query.shape[-1] ** -0.5 if scaling is None else scaling, causal=causal,
             key_padding_mask=attention_mask, prefix_index=index, softcap=softcap, sliding_window=window,
             doc_start=None if documents is None else documents.start,
-            doc_end=None if documents is None else documents.end, sinks=kwargs.get("s_aux"))
+            doc_end=None if documents is None else documents.end, sinks=kwargs.get("s_aux"),
+            score_bias=score_bias)
     # the triton backend's output is (B, Sq, Hq, D) in memory: the transpose is then free
     return out.transpose(1, 2).contiguous(), weights
 

@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch.nn as nn
 
+from .position_bias import is_t5_attention
+
 PositionRule = Literal["arange", "mask_cumsum"]
 
 
@@ -103,11 +105,11 @@ def unsupported_attention(model: nn.Module) -> str | None:
         if isinstance(getattr(module, "compressor", None), nn.Module):
             return ("its compressed sparse attention (DeepSeek V4 style) attends over compressed key blocks "
                     "of its own; a prefix has no place there")
-        if getattr(module, "has_relative_attention_bias", None) is not None or isinstance(
-                getattr(module, "relative_attention_bias", None), nn.Module):
-            return ("its attention adds a learned relative position bias to the scores (T5 style: "
-                    "position_bias), which prefixattn's attention does not take yet (the prefix's columns of "
-                    "that bias need the score-bias support of issue 20)")
+        if (getattr(module, "has_relative_attention_bias", None) is not None or isinstance(
+                getattr(module, "relative_attention_bias", None), nn.Module)) and not is_t5_attention(module):
+            return ("its attention adds a learned relative position bias to the scores that is not T5's "
+                    "(T5's compute_bias(query_length, key_length, past_seen_tokens), whose columns for the "
+                    "prefix prefixattn computes): prefixattn cannot place the prefix in it")
         if hasattr(module, "lambda_q1") and hasattr(module, "lambda_init"):
             return ("differential attention (DiffLlama) calls the attention function on split value heads "
                     "and subtracts two softmaxes; a prefix would enter both with a different meaning")

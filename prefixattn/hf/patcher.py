@@ -11,9 +11,9 @@ encoder-decoders by module and role (``sites.py``, ``roles.py``).
 Refused with a clear error: families with their own attention code, attention that
 gives the interface a meaning of its own (``families.unsupported_attention``: learned sparse-key
 indexers, compressed sparse attention, differential attention), score inputs the op does not implement
-(a learned position bias, per-token sinks), 4-D attention masks, static (compileable) caches, packed
-rows with a KV cache, head dims over 256 with ``backend="triton"``, nonzero attention dropout in training
-(unless ``ignore_attention_dropout=True``, which runs without it).
+(a learned position bias other than T5's, per-token sinks), 4-D attention masks, static (compileable)
+caches, packed rows with a KV cache, head dims over 256 with ``backend="triton"``, nonzero attention
+dropout in training (unless ``ignore_attention_dropout=True``, which runs without it).
 """
 
 from __future__ import annotations
@@ -321,6 +321,7 @@ def patch_model(
         model.set_attn_implementation(IMPL_NAME)
         if model.config._attn_implementation != IMPL_NAME:
             raise ValueError(f"{type(model).__name__} refused attn_implementation={IMPL_NAME!r}")
+        _switch_detached_configs(state)
         if kind == "seq2seq":
             roles.check_own_encoder(model, structure, state.previous_impl, IMPL_NAME)
 
@@ -357,6 +358,21 @@ def patch_model(
     return model
 
 
+def _switch_detached_configs(state: PatchState) -> None:
+    """Configs of stacks and attention modules that ``set_attn_implementation`` did not reach (T5's stacks
+    hold deep copies of the model's config, which transformers 5.17 leaves as they were): switch them too,
+    remembering what they had (``detach`` restores it)."""
+    seen: set[int] = set()
+    for module in (*state.stack_owners, *state.tagged_modules):
+        config = getattr(module, "config", None)
+        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation"):
+            continue
+        seen.add(id(config))
+        if config._attn_implementation != IMPL_NAME:
+            state.previous_config_impls.append((config, config._attn_implementation))
+            config._attn_implementation = IMPL_NAME
+
+
 def _save_only_the_prefix(model: nn.Module, state: PatchState) -> None:
     """model.save_pretrained() (and so the HF Trainer's checkpoints) writes the prefix, not the frozen model:
     transformers drops the state-dict keys listed in the instance's ``_keys_to_ignore_on_save``."""
@@ -384,6 +400,9 @@ def detach(model: nn.Module, state: PatchState) -> None:
     state.tagged_modules.clear()
     if model.config._attn_implementation == IMPL_NAME and state.previous_impl is not None:
         model.set_attn_implementation(state.previous_impl)
+    for config, impl in state.previous_config_impls:
+        config._attn_implementation = impl
+    state.previous_config_impls.clear()
     if MODULE_NAME in model._modules:
         del model._modules[MODULE_NAME]
     if state.wrapped_prepare:

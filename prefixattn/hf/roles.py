@@ -26,6 +26,7 @@ import torch.nn as nn
 from ..ops import MAX_HEAD_DIM
 from ..prefix import PeftLayout, PrefixConfig
 from .hooks import add_pre_hook
+from .position_bias import attach_position_bias, detach_position_bias
 from .positions import find_position_embedding, hook_position_embedding, unhook_position_embedding
 from .probe import capture, input_device, probe_token
 from .sites import (
@@ -115,10 +116,14 @@ def attach(model: nn.Module, state: PatchState, sites: str) -> Structure:
                          "AttentionInterface (attention code of its own), so sites='all' cannot prefix it; "
                          "sites='decoder' (PEFT's) leaves the encoder alone and works")
     assign_sites(structure, sites, num_layers)
+    by_role: dict[str, list[nn.Module]] = {}
     for site in structure.sites:
         site.module.__dict__[STATE_ATTR] = state
         state.tagged_modules.append(site.module)
         state.site_modules.append(site.module)
+        by_role.setdefault(site.role, []).append(site.module)
+    prefixed = {site.role for site in structure.sites if site.module.__dict__[SITE_ATTR] is not None}
+    state.bias_modules.extend(attach_position_bias(by_role, prefixed, state))  # T5's position bias
     for stack in structure.stacks:
         stack.owner.__dict__[STATE_ATTR] = state
         state.stack_owners.append(stack.owner)
@@ -134,6 +139,9 @@ def attach(model: nn.Module, state: PatchState, sites: str) -> Structure:
             state.position_modules.append(embedding)
         elif "position_ids" in inspect.signature(stack.owner.forward).parameters:
             add_pre_hook(stack.owner, positions="owner")
+        elif any(m in state.bias_modules for m in stack.layers.modules()):
+            # T5: no absolute positions; its relative position bias places the prefix (position_bias.py)
+            add_pre_hook(stack.owner, positions="none")
         else:
             raise ValueError(f"{type(stack.owner).__name__} numbers its positions without a position "
                              "embedding that takes a cache length, and its forward takes no position_ids; "
@@ -311,6 +319,8 @@ def detach_roles(state: PatchState) -> None:
     """Undo ``attach``'s tags and position hooks (the stack owners' pre-hooks go with the patcher's)."""
     untag(state.site_modules)
     state.site_modules.clear()
+    detach_position_bias(state.bias_modules)
+    state.bias_modules.clear()
     for module in state.position_modules:
         unhook_position_embedding(module)
     state.position_modules.clear()

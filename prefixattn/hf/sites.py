@@ -176,7 +176,9 @@ _CROSS_NAME = re.compile(r"cross|encoder_attn|encdec", re.IGNORECASE)
 def _decoder_role(name: str, module: nn.Module) -> Role:
     if _CROSS_NAME.search(name):
         return "cross"
-    return "cross" if getattr(module, "is_causal", True) is False and "self" not in name else "decoder"
+    # (UMT5 on transformers 5.17 builds its decoder's "SelfAttention" with is_causal=False)
+    cross = getattr(module, "is_causal", True) is False and "self" not in name.lower()
+    return "cross" if cross else "decoder"
 
 
 def mark_decoder_roles(layers: list[nn.Module]) -> list[nn.Module]:

@@ -48,6 +48,10 @@ class PatchState:
     position_modules: list[nn.Module] = field(default_factory=list)
     site_modules: list[nn.Module] = field(default_factory=list)
     sites: str = ""
+    # T5-style attention whose position bias counts the prefix in, or is zeros (position_bias.py)
+    bias_modules: list[nn.Module] = field(default_factory=list)
+    # (config, its attention implementation) of sub-configs that set_attn_implementation did not reach
+    previous_config_impls: list[tuple[Any, Any]] = field(default_factory=list)
     # explicit position_ids get P added (PEFT's CAUSAL_LM); its encoder task types hand them on unchanged
     shift_explicit_positions: bool = True
 
