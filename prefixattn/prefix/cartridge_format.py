@@ -23,13 +23,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from .config import PrefixConfig
-from .files import atomic_write, read_tensors, save_tensors
+from .files import read_tensors, save_tensors
 from .native import FORMAT_NAME, FORMAT_VERSION
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME, read_peft_adapter
+from .peft_format import CONFIG_NAME, read_peft_adapter, write_adapter
 
 # The adapter-config fields PEFT's compose_cartridge_adapters requires to agree
 _SAME_MODEL = ("task_type", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")
@@ -67,24 +66,8 @@ def _compose_adapters(paths: list[Path], output: Path) -> None:
     rows = torch.cat([emb for _, emb, _ in read], dim=0)
     raw = json.loads((paths[0] / CONFIG_NAME).read_text())  # the first adapter's config as written
     raw.update(num_virtual_tokens=rows.shape[0], num_frozen_tokens=first["num_frozen_tokens"])
-    output.mkdir(parents=True, exist_ok=True)
-    tensors = {"prompt_embeddings": rows.contiguous()}
-    staged: list[tuple[str, Path]] = []
-    try:
-        writers = (
-            (WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})),
-            (CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")),
-        )
-        for name, write in writers:
-            tmp = output / f".{name}.staged"
-            atomic_write(tmp, write)
-            staged.append((name, tmp))
-        for name, tmp in staged:
-            os.replace(tmp, output / name)
-        staged.clear()
-    finally:
-        for _, tmp in staged:
-            tmp.unlink(missing_ok=True)
+    write_adapter(output, {"prompt_embeddings": rows.contiguous()},
+                  json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
 def _read_prefix_file(path: Path) -> tuple[PrefixConfig, torch.Tensor]:

@@ -161,15 +161,19 @@ def save_peft(model: nn.Module, save_directory: str | os.PathLike, *, prefix_id:
     tensors = {"prompt_embeddings": kv_to_peft_rows(kv, c).cpu()}
     tensors.update({k: v.cpu().contiguous() for k, v in head_tensors(owner, module, PEFT_PREFIX).items()})
     cfg = _peft_config_dict(c, layout, owner, peft_type)
-    directory = Path(save_directory)
+    write_adapter(Path(save_directory), tensors, json.dumps(cfg, indent=2) + "\n")
+
+
+def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], config_text: str) -> None:
+    """Write a PEFT adapter directory (weights + config) so that an error leaves no partial adapter:
+    both files are staged as temporary files, then renamed into place."""
     directory.mkdir(parents=True, exist_ok=True)
-    # Stage both files, then rename them into place: an error leaves no partial adapter behind.
     staged: list[tuple[str, Path]] = []
     try:
         writers = (
             (WEIGHTS_NAME,
              lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})),
-            (CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n")),
+            (CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text)),
         )
         for name, write in writers:
             tmp = directory / f".{name}.staged"
