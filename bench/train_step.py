@@ -411,7 +411,12 @@ def run_decode(spec: ModelSpec, B: int, prompt: int, P: int, device: torch.devic
     """One greedy decode step (B rows, one new token each, a KV cache of ``prompt`` tokens) of PEFT
     prefix tuning and of the patched model, interleaved; the cache is cropped back after every step so
     each step sees the same cache. PEFT's step is what its generate() runs: the prefix as the first P
-    cache entries, the attention mask P + prompt + 1 long, positions from P."""
+    cache entries, the attention mask P + prompt + 1 long, positions from P. The patched model's is what
+    its generate() runs: a fresh DynamicCache handed to the prefill (which on the torch backend then holds
+    each row's prefix in front, and a step is one SDPA call per layer; on CUDA the kernels read it in
+    place), the attention mask prompt + 1 long."""
+    from transformers import DynamicCache
+
     import prefixattn
 
     model, snapshot = peft_prefix_model(spec, P, device, dtype)
@@ -428,8 +433,10 @@ def run_decode(spec: ModelSpec, B: int, prompt: int, P: int, device: torch.devic
         out = base(input_ids=ids, attention_mask=torch.ones(B, P + prompt, dtype=torch.long, device=device),
                    past_key_values=peft_cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        ours = patched(input_ids=ids, use_cache=True)
-        our_cache = ours.past_key_values
+        # as generate() does: a fresh DynamicCache handed in (on the torch backend the patched model then
+        # keeps each row's prefix in it, as PEFT does; decode_cache.py)
+        our_cache = DynamicCache(config=base.config)
+        patched(input_ids=ids, use_cache=True, past_key_values=our_cache)
 
     def peft_step() -> torch.Tensor:
         logits = base(input_ids=token, past_key_values=peft_cache, use_cache=True,

@@ -291,6 +291,26 @@ def compare_with_reference(ours) -> None:
         check(call.out, reference_layer(call, pk, pv), f"layer {call.module.layer_idx} attention output")
 
 
+def compare_decode_with_full(ours) -> None:
+    """generate() on the torch backend keeps the prefix in the KV cache where the patch-time probe allows
+    (``prefixattn/hf/decode_cache.py``): its decode steps' logits must equal the full forward's."""
+    from prefixattn.hf.decode_cache import PrefixedCacheLayer
+    from prefixattn.hf.state import get_state
+
+    if not get_state(ours).cache_layers:
+        return
+    ids, _ = right_padded_batch(_vocab(ours))
+    ids = ids[:, :4]  # real tokens on both rows
+    with torch.no_grad():
+        out = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                            do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        full = ours(input_ids=out.sequences[:, :-1]).logits
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    if not any(isinstance(layer, PrefixedCacheLayer) for layer in getattr(cache, "layers", [])):
+        return  # generate() made another kind of cache (BERT-style LMs: not causal, compared above)
+    check(out.logits[1], full[:, -1], "logits of a decode step over a cache that holds the prefix")
+
+
 def classify(model_type: str, backend: str = "torch") -> str:
     """Build, prefix-tune and compare one family; returns its class (see the module docstring)."""
     import prefixattn
@@ -306,9 +326,13 @@ def classify(model_type: str, backend: str = "torch") -> str:
         return f"refused: {e}"
     if peft_model is not None:
         compare_with_peft(peft_model, ours)
-        return "match_peft"
-    compare_with_reference(ours)
-    return "match_reference"
+        outcome = "match_peft"
+    else:
+        compare_with_reference(ours)
+        outcome = "match_reference"
+    if backend == "torch":
+        compare_decode_with_full(ours)
+    return outcome
 
 
 def write_readme_section(readme_path: str) -> None:

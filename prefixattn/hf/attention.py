@@ -3,7 +3,9 @@
 The mask function hands the attention function the 2-D (B, Sk) padding mask (or None without padding).
 The attention function runs once per layer: it looks its layer's prefix up in the step plan (built once
 per step by the pre-hook, ``hooks.py``) and calls ``prefixattn.prefix_attention`` with the sequence K/V
-(the KV cache holds the sequence only; the prefix never enters it). It does no host sync (the plan
+(the KV cache holds the sequence only, except for generate() on the torch backend, where
+``decode_cache.py`` keeps each row's prefix in front of it, as PEFT does, and a decode step is one SDPA
+call). It does no host sync (the plan
 checked a bank's ids, so the op skips its own check: ``check_index=False``) and no copy of the prefix
 unless a layer runs in another dtype or on another device than the plan expected.
 """
@@ -22,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..documents import Documents
 from ..ops import prefix_attention
 from ..weights import attention_weights
+from .decode_cache import decode_over_cache
 from .position_bias import is_t5_attention, layer_score_bias
 from .sites import CAUSAL_ATTR, PROBE_ATTR, SITE_ATTR
 from .state import IMPL_NAME, STATE_ATTR, STEP_KWARG, PatchState
@@ -159,6 +162,27 @@ def recording_untagged_calls() -> Iterator[list[nn.Module]]:
         _untagged_calls = None
 
 
+# what a decode step over a cache that holds the prefix may carry and still be one plain SDPA call
+_DECODE_KWARGS = frozenset({"position_ids", "cache_position", "is_causal", STEP_KWARG})
+
+
+def _plain_decode_step(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float, step: Any,
+                       kwargs: dict[str, Any]) -> bool:
+    """A decode step (one query row: it sees every cached key, causal or not) with nothing that changes
+    the scores: no window, softcap, sinks, bias or other keyword, no dropout, weights or autocast."""
+    return (query.shape[2] == 1 and query.dtype == key.dtype and not step.output_attentions
+            and not step.autocast and step.documents is None and not (dropout and module.training)
+            and not any(_may_change_scores(name, x) for name, x in kwargs.items()))
+
+
+def _may_change_scores(name: str, x: Any) -> bool:
+    """Any tensor but positions (a bias, sinks, ...), or the scalars the op reads (a window, a softcap)."""
+    if x is None or name in _DECODE_KWARGS:
+        return False
+    return isinstance(x, torch.Tensor) or (name in ("sliding_window", "softcap") and bool(x))
+
+
 def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -176,6 +200,22 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
     if state is not None and not has_site and not isinstance(layer_idx, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; prefixattn routes by "
                            "layer_idx")
+    # generate() on the torch backend: a cache that holds this layer's prefix in front of the sequence
+    # (decode_cache.py) hands over [prefix; seq]; the prefix rows are split off as views
+    step = kwargs.get(STEP_KWARG) or (state.plan if state is not None else None)
+    held = step.cached.get(site) if step is not None and step.cached and site is not None else None
+    if held is not None:
+        if key is not held.keys:
+            raise RuntimeError(
+                f"prefixattn: {type(module).__name__} (layer {site}) did not attend over its KV cache's "
+                "keys, which hold its prefix; this model cannot keep the prefix in the cache")
+        if _plain_decode_step(module, query, key, attention_mask, dropout, step, kwargs):
+            # one query row sees every cached key but padding: one SDPA call, as PEFT's decode step
+            out = decode_over_cache(query, key, value, held.prefix_len, padding_mask(attention_mask),
+                                    scaling)
+            return out.transpose(1, 2).contiguous(), None
+        cached_pk, cached_pv = key[:, :, :held.prefix_len], value[:, :, :held.prefix_len]
+        key, value = key[:, :, held.prefix_len:], value[:, :, held.prefix_len:]
     t5 = is_t5_attention(module)
     attention_mask = padding_mask(attention_mask, extended=t5)
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
@@ -219,7 +259,9 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
         if plan is None or plan.capture:
             raise RuntimeError("prefixattn: no prefix for this forward pass; call the patched model (or its "
                                "base model), not a layer directly")
-        if site is not None:
+        if held is not None:
+            pk, pv = cached_pk, cached_pv  # already each row's, in the cache's dtype
+        elif site is not None:
             pk, pv, index = plan.layer(site)
         documents = plan.documents
         if pk is not None and (pk.device != query.device or (pk.dtype != query.dtype and not plan.autocast)):

@@ -15,12 +15,14 @@ are shifted there (``positions.py``); an encoder's explicit ``position_ids`` are
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 import torch.nn as nn
 
 from .adapters import active_prefix
+from .decode_cache import held_prefix_layers, prefixed_cache_layers
 from .plan import CAPTURE_PLAN, StepInputs, StepPlan, build_plan, check_prefix_ids, compute_dtype
 from .state import STATE_ATTR, STEP_KWARG, PatchState
 
@@ -158,8 +160,19 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 
     if config.projection and module.training and torch.is_grad_enabled():
         _refuse_reentrant_checkpointing(state)
-    plan = build_plan(state.prefix, inputs, compute_dtype(device, _activation_dtype(state, embeds)),
-                      state.shared_kv)
+    held = held_prefix_layers(cache) if state.kind == "causal" else {}
+    if held and not torch.is_grad_enabled() and held.keys() >= state.prefix.layer_slot.keys():
+        # a generate() step on the torch backend whose cache holds every layer's prefix: nothing to
+        # compute or lay out (the bank's ids are still checked)
+        plan = StepPlan(documents=inputs.documents(config), autocast=torch.is_autocast_enabled(device.type),
+                        output_attentions=inputs.output_attentions, cached=held)
+    else:
+        plan = build_plan(state.prefix, inputs, compute_dtype(device, _activation_dtype(state, embeds)),
+                          state.shared_kv)
+        if state.kind == "causal":
+            cached = prefixed_cache_layers(cache, plan.layers, state.backend, batch, state.cache_layers)
+            if cached:
+                plan = dataclasses.replace(plan, cached=cached)
     state.plan = plan
     kwargs[STEP_KWARG] = plan
     return (), kwargs

@@ -36,7 +36,7 @@ from .families import resolve_family
 from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
 from .hooks import add_pre_hook, remove_pre_hooks
 from .positions import find_position_embedding, hook_position_embedding
-from .probe import capture, init_from_text, input_device, probe_token
+from .probe import capture, init_from_text, input_device, layers_attending_over_their_cache, probe_token
 from .saved import SavePretrainedWithPrefix
 from .sites import mark_decoder_roles, model_kind
 from .state import IMPL_NAME, STATE_ATTR, PatchState, get_state
@@ -191,6 +191,8 @@ def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, n
                          "AttentionInterface; cannot patch it")
     state.shared_kv = _shared_kv_layers(captured)
     state.first_layer = min(captured)
+    if not state.shared_kv:
+        state.cache_layers = layers_attending_over_their_cache(model, state)
     shapes = {i: (k.shape[1], k.shape[3], v.shape[3]) for i, (k, v) in captured.items()
               if i not in state.shared_kv}
     own = sorted(shapes)

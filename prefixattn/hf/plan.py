@@ -36,6 +36,7 @@ class StepPlan:
     packed). ``autocast``: the step runs under torch.autocast (the op casts q/k/v itself). ``capture``
     marks a probing / init-from-text pass (the frozen model, no prefix). ``output_attentions``: the caller
     asked for the attention weights (computed beside the output, ``prefixattn.weights``).
+    ``cached``: the layers whose KV cache holds the prefix (generate() on the torch backend).
     """
 
     layers: dict[int, LayerPrefix] = field(default_factory=dict)
@@ -44,6 +45,9 @@ class StepPlan:
     autocast: bool = False
     capture: bool = False
     output_attentions: bool = False
+    # layers whose KV cache holds their prefix in front of the sequence (``decode_cache.py``):
+    # layer_idx -> that cache layer (its ``prefix_len`` first rows are the prefix)
+    cached: dict[int, Any] = field(default_factory=dict)
 
     def layer(self, layer_idx: int) -> LayerPrefix:
         return self.layers.get(layer_idx, _NO_PREFIX)

@@ -53,6 +53,33 @@ def capture(model: nn.Module, state: PatchState, inputs: list[int] | Callable[[]
         model.train(was_training)
 
 
+def layers_attending_over_their_cache(model: nn.Module, state: PatchState) -> frozenset[int]:
+    """The layers whose attention reads the very tensors its ``DynamicLayer`` holds after the cache's own
+    update: where generate() on the torch backend may keep the prefix in the cache (``decode_cache.py``).
+    Not: layers that cache another form (latent attention caches its compressed keys), copy or transform
+    the cached tensors, use another kind of cache layer, or a model whose probe fails (then none)."""
+    import inspect
+
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    base = state.base_model
+    try:
+        name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        cache = DynamicCache(config=model.config)
+        ids = torch.tensor([[probe_token(model)]], dtype=torch.long, device=input_device(model))
+        captured = capture(model, state, lambda: base(input_ids=ids, use_cache=True, **{name: cache}))
+    except Exception:  # a model that needs another cache: it keeps the prefix out of its cache
+        return frozenset()
+    layers = set()
+    for i, (k, v) in captured.items():
+        layer = cache.layers[i] if isinstance(i, int) and i < len(cache.layers) else None
+        if (type(layer) is DynamicLayer and layer.is_initialized and k.shape == layer.keys.shape
+                and v.shape == layer.values.shape and k.data_ptr() == layer.keys.data_ptr()
+                and v.data_ptr() == layer.values.data_ptr()):
+            layers.add(i)
+    return frozenset(layers)
+
+
 def probe_token(model: nn.Module) -> int:
     """A harmless token id for the shape probe (BOS when there is one, never the pad token)."""
     cfg = model.config

@@ -37,6 +37,9 @@ class PatchState:
     # layer -> the layer whose keys and values it attends over (KV sharing), found by the shape probe
     shared_kv: dict[int, int] = field(default_factory=dict)
     wrapped_prepare: bool = False
+    # decoder layers whose attention reads its DynamicLayer's own tensors (probe.py): generate() on the
+    # torch backend may keep their prefix in the cache (decode_cache.py)
+    cache_layers: frozenset[int] = frozenset()
 
     # the first attention layer (the one whose KV cache length numbers positions): a site key
     first_layer: SiteKey = 0
