@@ -28,6 +28,10 @@ of ``generate()`` (one new token per row over a KV cache of a prompt), PEFT (its
 positions from P, as its generate() does) against the patched model; logits compared, steps
 interleaved. Records: suite ``decode``, mode ``decode_step``.
 
+``run_decode_tokens``: 32 greedy tokens in a row after a fresh prefill (the cache grows as in
+generate()), per-token time, PEFT against the patched model; the generated tokens must agree.
+Records: suite ``decode``, mode ``decode_tokens``.
+
 ``python -m bench train_step`` runs one configuration from the command line (for example the
 head-dim-512 case on a GPU: ``--model wide512``) and writes its records as JSON.
 """
@@ -398,6 +402,7 @@ def run_train_bench(
                               interleave)
     if device.type == "cpu" and not quick:
         records += run_decode(spec, CPU_BENCH["B"], 256, P, device, dtype, backend, rounds=31, log=log)
+        records += run_decode_tokens(spec, CPU_BENCH["B"], 256, P, device, dtype, backend, rounds=7, log=log)
     return records
 
 
@@ -486,6 +491,81 @@ def run_decode(spec: ModelSpec, B: int, prompt: int, P: int, device: torch.devic
     return records
 
 
+def run_decode_tokens(spec: ModelSpec, B: int, prompt: int, P: int, device: torch.device, dtype: torch.dtype,
+                      backend: str, rounds: int, tokens: int = 32, log: Any = print) -> list[dict[str, Any]]:
+    """``tokens`` greedy decode steps in a row, as generate() runs them (the cache grows by one row per
+    step; ``run_decode`` re-times one step over a cache cropped back), PEFT against the patched model.
+    Each round starts from a fresh prefill of the same prompt (not timed); the rounds alternate between
+    the providers. Records: suite ``decode``, mode ``decode_tokens``, ``ms`` per generated token; the
+    generated tokens must be the same."""
+    from transformers import DynamicCache
+
+    import prefixattn
+
+    model, snapshot = peft_prefix_model(spec, P, device, dtype)
+    model.prompt_encoder.load_state_dict(snapshot)
+    model.eval()
+    base = model.get_base_model()
+    patched = prefixattn.patch(copy.deepcopy(model), backend=backend).eval()
+    ids = torch.randint(0, spec.vocab, (B, prompt), generator=torch.Generator().manual_seed(2)).to(device)
+    ones = torch.ones(B, P + prompt + tokens, dtype=torch.long, device=device)
+
+    def peft_tokens() -> tuple[float, torch.Tensor]:
+        cache = model.get_prompt(batch_size=B)  # PEFT's generate(): the prefix as the first P entries
+        logits = base(input_ids=ids, attention_mask=ones[:, :P + prompt], past_key_values=cache,
+                      use_cache=True).logits
+        return _greedy(lambda tok, n: base(input_ids=tok, past_key_values=cache, use_cache=True,
+                                           attention_mask=ones[:, :P + n]).logits, logits, prompt)
+
+    def our_tokens() -> tuple[float, torch.Tensor]:
+        cache = DynamicCache(config=base.config)  # generate()'s fresh cache
+        logits = patched(input_ids=ids, attention_mask=ones[:, :prompt], past_key_values=cache,
+                         use_cache=True).logits
+        return _greedy(lambda tok, n: patched(input_ids=tok, past_key_values=cache, use_cache=True,
+                                              attention_mask=ones[:, :n]).logits, logits, prompt)
+
+    def _greedy(step: Any, logits: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+        out = []
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            token = logits[:, -1:].argmax(-1)
+            out.append(token)
+            n += 1
+            logits = step(token, n)
+        sync(device)
+        return (time.perf_counter() - t0) * 1e3 / tokens, torch.cat(out, 1)
+
+    providers = {"peft_sdpa": peft_tokens, "prefixattn": our_tokens}
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    generated: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name, fn in providers.items():
+                ms, toks = fn()
+                if r:  # round 0 warms up
+                    times[name].append(ms)
+                generated[name] = toks
+    same = torch.equal(generated["prefixattn"], generated["peft_sdpa"])
+    records = []
+    for name in providers:
+        med = statistics.median(times[name])
+        records.append({
+            "suite": "decode", "provider": name, "mode": "decode_tokens", "B": B, "H": spec.heads,
+            "Hkv": spec.kv_heads, "S": prompt, "Sq": 1, "Sk": prompt + tokens, "P": P, "D": spec.head_dim,
+            "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "model": spec.name,
+            "layers": spec.layers, "hidden": spec.hidden, "ms": med,
+            "ms_all": [round(t, 3) for t in times[name]],
+            "tflops": None, "peak_mem_mb": None, "tokens_per_s": B / (med * 1e-3), "ref": "peft_sdpa",
+            "agree": same, "speedup_paired": paired_speedup(times["peft_sdpa"], times[name]),
+            "speedup_paired_vs": "peft_sdpa", "status": "ok", "reason": None,
+        })
+        log(f"{name:>12} {tokens} greedy tokens B={B} after a prompt of {prompt}: {med:.2f} ms/token"
+            + ("" if same else "  ** GENERATES OTHER TOKENS **"))
+    free_memory(device)
+    return records
+
+
 # ---------------------------------------------------------------------------------------------------
 # python -m bench train_step
 # ---------------------------------------------------------------------------------------------------
@@ -528,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                               providers=providers, interleave=not gpu)
     if args.decode:
         records += run_decode(spec, B, min(seqs), P, device, dtype, args.backend, rounds=max(args.steps, 11))
+        records += run_decode_tokens(spec, B, min(seqs), P, device, dtype, args.backend,
+                                     rounds=max(args.steps // 2, 5))
     ok = all(r["status"] in ("ok", "skipped") and r.get("agree", True) is not False for r in records)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -166,21 +166,23 @@ def recording_untagged_calls() -> Iterator[list[nn.Module]]:
 _DECODE_KWARGS = frozenset({"position_ids", "cache_position", "is_causal", STEP_KWARG})
 
 
-def _plain_decode_step(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-                       attention_mask: torch.Tensor | None, dropout: float, step: Any,
+def _plain_decode_step(module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float, step: Any,
                        kwargs: dict[str, Any]) -> bool:
     """A decode step (one query row: it sees every cached key, causal or not) with nothing that changes
-    the scores: no window, softcap, sinks, bias or other keyword, no dropout, weights or autocast."""
-    return (query.shape[2] == 1 and query.dtype == key.dtype and not step.output_attentions
-            and not step.autocast and step.documents is None and not (dropout and module.training)
-            and not any(_may_change_scores(name, x) for name, x in kwargs.items()))
-
-
-def _may_change_scores(name: str, x: Any) -> bool:
-    """Any tensor but positions (a bias, sinks, ...), or the scalars the op reads (a window, a softcap)."""
-    if x is None or name in _DECODE_KWARGS:
+    the scores: no window, softcap, sinks, bias (any tensor keyword but positions), no dropout, weights
+    or autocast. (Runs per layer per generated token: a plain loop, no generator.)"""
+    if (query.shape[2] != 1 or query.dtype != key.dtype or step.output_attentions or step.autocast
+            or step.documents is not None or (dropout and module.training)):
         return False
-    return isinstance(x, torch.Tensor) or (name in ("sliding_window", "softcap") and bool(x))
+    for name, x in kwargs.items():
+        if x is None or name in _DECODE_KWARGS:
+            continue
+        if isinstance(x, torch.Tensor) or (x and name in _SCORE_SCALARS):
+            return False
+    return True
+
+
+_SCORE_SCALARS = frozenset({"sliding_window", "softcap"})
 
 
 def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -209,7 +211,7 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
             raise RuntimeError(
                 f"prefixattn: {type(module).__name__} (layer {site}) did not attend over its KV cache's "
                 "keys, which hold its prefix; this model cannot keep the prefix in the cache")
-        if _plain_decode_step(module, query, key, attention_mask, dropout, step, kwargs):
+        if _plain_decode_step(module, query, key, dropout, step, kwargs):
             # one query row sees every cached key but padding: one SDPA call, as PEFT's decode step
             out = decode_over_cache(query, key, value, held.prefix_len, padding_mask(attention_mask),
                                     scaling)

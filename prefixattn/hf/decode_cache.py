@@ -7,8 +7,9 @@ every step would first concatenate [prefix; keys] (a copy of the whole cache, as
 itself on a CPU), or run two softmax blocks and merge them. PEFT pays neither: its cache already holds the
 prefix. So for these layers prefixattn does the same, once, when generate() hands the model a fresh
 DynamicCache under no_grad: the layer's cache object becomes a ``PrefixedCacheLayer`` that starts with
-the B prefix rows; the cache's own append then grows [prefix; seq] (the copy transformers makes every
-step anyway), and a decode step is one SDPA call over the cache's tensor, as PEFT's is.
+the B prefix rows and grows [prefix; seq], and a decode step is one SDPA call over the cache's tensor,
+as PEFT's is. It appends in place into buffers with rows to spare, where transformers' DynamicLayer
+copies the whole cache every step.
 
 What stays the same: the cache reports the sequence length only (``get_seq_length``, mask sizes, crop,
 positions), so positions, masks and a continued generation are those of the sequence-only cache; the
@@ -35,21 +36,60 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ..ops import resolve_backend
 from ..ops.torch_backend import prefix_rows
 
+# rows a full buffer grows by: at least this many, or 1/16 of what it holds (the slack stays small and a
+# decode step copies its new row, not the whole cache as DynamicLayer's concatenation does)
+MIN_GROWTH = 64
+
 
 class PrefixedCacheLayer(DynamicLayer):
     """A DynamicLayer whose tensors are [prefix rows; sequence]: (B, Hkv, P + S, D). Everything that
-    measures or cuts the cache counts the sequence only."""
+    measures or cuts the cache counts the sequence only.
+
+    ``keys`` / ``values`` are views of the first P + S rows of buffers with some rows to spare: an update
+    writes its new rows in place (DynamicLayer concatenates, copying the whole cache every step) and the
+    buffers grow by ``max(MIN_GROWTH, rows / 16)`` when full. Whatever replaces ``keys`` with a tensor
+    of its own (beam reordering, batch selection) gets a fresh buffer at the next update."""
 
     def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
         super().__init__()
         self.prefix_k, self.prefix_v = prefix_k, prefix_v  # (B, Hkv, P, D*), detached
         self.prefix_len = prefix_k.shape[-2]
+        self._k_buf: torch.Tensor | None = None
+        self._v_buf: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.keys = self.prefix_k.to(device=key_states.device, dtype=key_states.dtype)
         self.values = self.prefix_v.to(device=value_states.device, dtype=value_states.dtype)
+        self._k_buf = self._v_buf = None
         self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, new = self.keys.shape[-2], key_states.shape[-2]
+        if not self._in_buffer(n + new):
+            self._rebuffer(n + new)
+        self._k_buf[:, :, n:n + new].copy_(key_states)
+        self._v_buf[:, :, n:n + new].copy_(value_states)
+        self.keys, self.values = self._k_buf[:, :, :n + new], self._v_buf[:, :, :n + new]
+        return self.keys, self.values
+
+    def _in_buffer(self, rows: int) -> bool:
+        """keys/values are the buffers' leading rows, and the buffers hold ``rows``."""
+        buf = self._k_buf
+        return (buf is not None and rows <= buf.shape[-2] and self.keys.data_ptr() == buf.data_ptr()
+                and self.keys.shape[0] == buf.shape[0] and self.values.data_ptr() == self._v_buf.data_ptr())
+
+    def _rebuffer(self, rows: int) -> None:
+        capacity = rows + max(MIN_GROWTH, rows // 16)
+        n = self.keys.shape[-2]
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            buf = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            buf[:, :, :n].copy_(old)
+            setattr(self, "_k_buf" if name == "keys" else "_v_buf", buf)
 
     def get_seq_length(self) -> int:
         if not self.is_initialized or self.keys is None:
@@ -58,17 +98,17 @@ class PrefixedCacheLayer(DynamicLayer):
 
     def reset(self) -> None:
         # dropped, not zeroed (transformers before 5.24 zeroes): the next update puts the prefix back
-        self.keys = self.values = None
+        self.keys = self.values = self._k_buf = self._v_buf = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
-        length = self.get_seq_length()
+        if not self.is_initialized:
+            return
+        length = self.keys.shape[-2] - self.prefix_len
         if tokens_to_remove > 0:  # transformers' legacy form: the length to keep
-            tokens_to_remove = -max(0, length - tokens_to_remove)
-        remove = min(-tokens_to_remove, length)  # never into the prefix
-        if remove > 0:
-            self.keys = self.keys[..., : self.keys.shape[-2] - remove, :]
-            self.values = self.values[..., : self.values.shape[-2] - remove, :]
+            tokens_to_remove = min(0, tokens_to_remove - length)
+        keep = self.keys.shape[-2] - min(-tokens_to_remove, length)  # never into the prefix
+        self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:

@@ -81,7 +81,7 @@ def _positions(state: PatchState, kwargs: dict, batch: int, length: int,
         full = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
         pos = full.cumsum(1) * full - 1
         return pos[:, -length:]
-    return (torch.arange(length, device=device) + past + P).unsqueeze(0)
+    return torch.arange(past + P, past + P + length, device=device).unsqueeze(0)
 
 
 def _activation_dtype(state: PatchState, embeds: torch.Tensor | None) -> torch.dtype | None:

@@ -116,6 +116,10 @@ def test_crop_and_reset_count_the_sequence_only():
         assert cache.layers[0].keys.shape[-2] == 3 + 5
         again = _step(ours, ids[:, 5:6], mask[:, :6], cache)
         assert_close_rel(again[:, -1], full[:, 5], 1e-10, "step after crop")
+        cache.crop(4)  # the legacy form: the length to keep
+        assert cache.get_seq_length() == 4 and cache.layers[0].keys.shape[-2] == 3 + 4
+        cache.crop(10)  # longer than the cache: nothing to cut
+        assert cache.get_seq_length() == 4
         cache.crop(-100)  # never into the prefix
         assert cache.get_seq_length() == 0 and cache.layers[0].keys.shape[-2] == 3
         cache.reset()
@@ -170,3 +174,29 @@ def test_layers_that_cache_another_form_keep_the_prefix_out(family):
         full = ours(input_ids=out.sequences[:, :-1]).logits
     assert not any(isinstance(layer, PrefixedCacheLayer) for layer in getattr(_cache_of(out), "layers", []))
     assert_close_rel(out.logits[1], full[:, -1], 1e-4, "second generated token's logits")
+
+
+def test_appends_in_place_and_grows_past_the_spare_rows():
+    """80 one-token steps (past MIN_GROWTH spare rows, so the buffers grow) and a beam-style reorder (the
+    layer then re-buffers) equal the full forward, float64."""
+    from prefixattn.hf.decode_cache import MIN_GROWTH
+
+    ours = _model()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 90, (2, 4 + MIN_GROWTH + 16), generator=g)
+    order = torch.tensor([1, 0])
+    with torch.no_grad():
+        full = ours(input_ids=ids).logits
+        full_swapped = ours(input_ids=ids[order]).logits
+        cache = DynamicCache(config=ours.config)
+        got = [_step(ours, ids[:, :4], None, cache)]
+        layer = cache.layers[0]
+        first_buffer = layer._k_buf
+        for t in range(4, ids.shape[1] - 1):
+            got.append(_step(ours, ids[:, t:t + 1], None, cache))
+            assert layer.keys.data_ptr() == layer._k_buf.data_ptr()  # a view of the buffer, no copy
+        assert layer._k_buf is not first_buffer and layer._k_buf.shape[-2] >= 3 + ids.shape[1] - 1
+        cache.reorder_cache(order)
+        last = _step(ours, ids[order, -1:], None, cache)
+    assert_close_rel(torch.cat(got, 1), full[:, :-1], 1e-10, "one-token steps vs full forward")
+    assert_close_rel(last[:, -1], full_swapped[:, -1], 1e-10, "step after reordering the batch")
