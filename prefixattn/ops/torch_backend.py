@@ -46,6 +46,8 @@ from .engines import compute_dtype, engine_for
 ROWS_PER_TILE = 256
 # Decode steps over at most this many cached keys copy them behind the prefix (one kernel call).
 DECODE_CONCAT_KEYS = 256
+# a causal square runs as one call over [prefix; k] while P * this <= S (concat_applies)
+CONCAT_PREFIX_RATIO = 8
 # Calls with at most this many query rows (decode steps, short verification chunks) in float32/float64
 # run as plain matmuls over the prefix and the cache in place: their scores are (B, H, rows, P + Sk),
 # small, and one fused-kernel call costs more in fixed overhead than the whole matmul path.
@@ -135,16 +137,21 @@ def rule_mask(r0: int, r1: int, k0: int, k1: int, sq: int, sk: int, *, causal: b
     return mask.unsqueeze(1)
 
 
-def concat_applies(sq: int, sk: int, causal: bool, window: int, documents: bool) -> bool:
+def concat_applies(sq: int, sk: int, causal: bool, window: int, documents: bool, prefix_len: int) -> bool:
     """[prefix; k] in one call: prefill / training rows, encoders, and decode steps over a short cache.
     A decode step over a longer cache attends the prefix on its own instead: copying the whole cache
     into [prefix; k] costs more than the second call and the merge (crossover near 256 keys, measured
-    on a CPU: bench/results/cpu-train-*.md)."""
+    on a CPU: bench/results/cpu-train-*.md). A causal square takes P zero query rows in front, which
+    attend (causally) over the prefix too: (P + S)^2 / 2 pairs against P S + S^2 / 2 for two calls and
+    a merge, so a long prefix (P > S / 8; cartridges) runs as two calls (measured on a CPU, fwd + bwd:
+    S = 1024: P = 64 concatenated 16 ms vs 20 ms, P = 256 23 vs 21 ms; S = 256, P = 2048: 56 vs 12 ms)."""
     if window or documents:
         return False
     if sq == 1:
         return sk <= DECODE_CONCAT_KEYS
-    return not causal or sq == sk
+    if not causal:
+        return True
+    return sq == sk and prefix_len * CONCAT_PREFIX_RATIO <= sq
 
 
 def sequence_tiles(sq: int, sk: int, *, causal: bool, window: int, pad, doc_start, doc_end, dtype,
@@ -190,7 +197,7 @@ def attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
         if small_rows_apply(q, Sq, doc_start is not None):
             return _small_rows_forward(q, k, v, pk, pv, key_padding_mask, causal, scale, softcap, window,
                                        score_bias, sinks)
-        if concat_applies(Sq, Sk, causal, window, doc_start is not None):
+        if concat_applies(Sq, Sk, causal, window, doc_start is not None, P):
             groups = [_concat_forward(engine, q, k, v, pk, pv, key_padding_mask, causal, scale, softcap,
                                       score_bias)]
         else:
@@ -325,7 +332,7 @@ def attention_backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padd
         pk, pv = prefix_rows(prefix_k, B, prefix_index), prefix_rows(prefix_v, B, prefix_index)
         grads = _Grads(q, k, v, pk, pv)
         run_sequence = need_dq or need_dkv
-        if run_sequence and concat_applies(Sq, Sk, causal, window, doc_start is not None):
+        if run_sequence and concat_applies(Sq, Sk, causal, window, doc_start is not None, P):
             _concat_backward(engine, grads, do, q, k, v, pk, pv, out, L, key_padding_mask, causal, scale,
                              softcap, need_dq, score_bias)
         else:
