@@ -19,8 +19,11 @@ that is not the plain decode step, so every feature keeps the op's exact rule.
 Where it is not used (the cache then holds the sequence only): CUDA layers the kernels take, training
 (the cached prefix rows carry no gradient; a cache that holds them is refused under grad), caches other
 than a fresh ``DynamicCache`` of plain ``DynamicLayer`` s (sliding-window layers evict old rows, and would
-evict the prefix; static, offloaded, quantized and encoder-decoder caches), models whose layers share
-KV, and a cache the caller built before (its first call made it). The prefix in the cache is the one of
+evict the prefix; static, offloaded, quantized and encoder-decoder caches), layers that the patch-time
+probe found not attending over their cache layer's own tensors (latent attention caches a compressed
+form, Dory copies its cache: ``probe.layers_attending_over_their_cache``), models whose layers share
+KV, and a cache made inside a forward (``use_cache=True`` without one) or filled before under the
+patch-free path. The prefix in the cache is the one of
 the call that created it (PEFT's semantics too): a bank's ``prefix_ids`` or the prefix weights changed
 while continuing from that cache do not reach the cached rows.
 """
