@@ -335,15 +335,31 @@ def classify(model_type: str, backend: str = "torch") -> str:
     return outcome
 
 
+def replace_readme_section(readme_path: str, begin: str, end_marker: str, section: str) -> None:
+    """Replace the README text from ``begin`` to ``end_marker`` (both included) with ``section``."""
+    with open(readme_path) as f:
+        text = f.read()
+    start, end = text.index(begin), text.index(end_marker) + len(end_marker)
+    with open(readme_path, "w") as f:
+        f.write(text[:start] + section + text[end:])
+
+
+def classify_timed(classify, model_type: str, seconds: int) -> tuple[str, float]:
+    """A family's outcome (or the exception that ended it, on one line) and the seconds it took."""
+    t0 = time.time()
+    try:
+        with time_limit(seconds):
+            result = classify(model_type)
+    except Exception as e:
+        result = f"{type(e).__name__}: {e}"
+    return " ".join(result.split()), time.time() - t0
+
+
 def write_readme_section(readme_path: str) -> None:
     """Replace README's generated family list with the one rendered from tests/family_table.py."""
     from family_table import README_BEGIN, README_END, readme_section
 
-    with open(readme_path) as f:
-        text = f.read()
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    with open(readme_path, "w") as f:
-        f.write(text[:start] + readme_section() + text[end:])
+    replace_readme_section(readme_path, README_BEGIN, README_END, readme_section())
 
 
 def main(argv: list[str]) -> None:
@@ -359,13 +375,8 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     for model_type in argv or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        t0 = time.time()
-        try:
-            with time_limit(60):
-                result = classify(model_type)
-        except Exception as e:
-            result = f"{type(e).__name__}: {e}"
-        print(f"{model_type:28s} {time.time() - t0:5.1f}s {' '.join(result.split())[:200]}", flush=True)
+        result, seconds = classify_timed(classify, model_type, 60)
+        print(f"{model_type:28s} {seconds:5.1f}s {result[:200]}", flush=True)
 
 
 if __name__ == "__main__":

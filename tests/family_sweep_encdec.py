@@ -33,7 +33,6 @@ import contextlib
 import copy
 import os
 import sys
-import time
 
 import torch
 from family_sweep import (
@@ -41,9 +40,10 @@ from family_sweep import (
     FamilyTimeout,
     Mismatch,
     check,
+    classify_timed,
     record_attention_calls,
     reference_layer,
-    time_limit,
+    replace_readme_section,
 )
 from tiny_encdec import P, peft_prefix_rows, peft_twin
 
@@ -474,11 +474,7 @@ def write_readme_section(readme_path: str) -> None:
     """Replace README's generated list of encoder and encoder-decoder families."""
     from family_table_encdec import README_BEGIN, README_END, readme_section
 
-    with open(readme_path) as f:
-        text = f.read()
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    with open(readme_path, "w") as f:
-        f.write(text[:start] + readme_section() + text[end:])
+    replace_readme_section(readme_path, README_BEGIN, README_END, readme_section())
 
 
 def main(argv: list[str]) -> None:
@@ -499,13 +495,8 @@ def main(argv: list[str]) -> None:
     if which != "--encoders":
         jobs += [("seq2seq", f, classify_seq2seq) for f in (names or seq2seq_families())]
     for kind, model_type, classify in jobs:
-        t0 = time.time()
-        try:
-            with time_limit(120):
-                result = classify(model_type)
-        except Exception as e:
-            result = f"{type(e).__name__}: {e}"
-        print(f"{kind:8s} {model_type:26s} {time.time() - t0:5.1f}s {' '.join(result.split())[:220]}", flush=True)
+        result, seconds = classify_timed(classify, model_type, 120)
+        print(f"{kind:8s} {model_type:26s} {seconds:5.1f}s {result[:220]}", flush=True)
 
 
 if __name__ == "__main__":

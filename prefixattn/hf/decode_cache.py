@@ -87,12 +87,7 @@ class PrefixedCacheLayer(DynamicLayer):
 
     def _rebuffer(self, rows: int) -> None:
         capacity = rows + max(MIN_GROWTH, rows // 16)
-        n = self.keys.shape[-2]
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            buf = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
-            buf[:, :, :n].copy_(old)
-            setattr(self, "_k_buf" if name == "keys" else "_v_buf", buf)
+        self._k_buf, self._v_buf = _grown(self.keys, capacity), _grown(self.values, capacity)
 
     def get_seq_length(self) -> int:
         if not self.is_initialized or self.keys is None:
@@ -131,6 +126,13 @@ class PrefixedCacheLayer(DynamicLayer):
         if self.is_initialized:
             self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
             self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+
+
+def _grown(rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A (B, H, capacity, D) buffer that starts with ``rows``."""
+    buf = rows.new_empty(*rows.shape[:2], capacity, rows.shape[-1])
+    buf[:, :, :rows.shape[-2]].copy_(rows)
+    return buf
 
 
 def held_prefix_layers(cache: Any) -> dict[int, PrefixedCacheLayer]:
