@@ -106,9 +106,24 @@ def find_cpu_flash_problem() -> str | None:
         return f"probe call failed: {type(e).__name__}: {e}"
 
 
+_NOT_PROBED = object()
+_CPU_FLASH_PROBLEM: object = _NOT_PROBED
+
+
 def cpu_flash_problem() -> str | None:
-    """``find_cpu_flash_problem()`` as found when this module was imported (a few milliseconds, once:
-    torch.compile must see a constant here, not trace the probe)."""
+    """``find_cpu_flash_problem()``, found on the first call and kept: nothing runs at import (the probe
+    pulls in much of torch's CPU kernel machinery). Under torch.compile the first call runs the probe
+    eagerly (a graph break, once); later traces read the kept answer as a constant."""
+    found = _CPU_FLASH_PROBLEM
+    if found is _NOT_PROBED:
+        # decorated here, not at definition: torch.compiler.disable imports dynamo (seconds at import)
+        found = (torch.compiler.disable(_probe_once) if torch.compiler.is_compiling() else _probe_once)()
+    return found  # type: ignore[return-value]
+
+
+def _probe_once() -> str | None:
+    global _CPU_FLASH_PROBLEM
+    _CPU_FLASH_PROBLEM = find_cpu_flash_problem()
     return _CPU_FLASH_PROBLEM
 
 
@@ -141,8 +156,6 @@ def _probe(fwd, bwd) -> str | None:
         return "probe: backward given a merged softmax differs from autograd"
     return None
 
-
-_CPU_FLASH_PROBLEM = find_cpu_flash_problem()
 
 
 def _pad_last(t: torch.Tensor, d: int) -> torch.Tensor:
