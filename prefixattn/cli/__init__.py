@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any
 
+from .. import __version__
 from .info import cmd_info
 
 
@@ -165,6 +166,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The command's parser; ``defaults=False`` leaves out every train option that was not given (so
     ``--resume`` can tell an option given on the command line from a default)."""
     ap = argparse.ArgumentParser(prog="prefixattn", description="Fused prefix-tuning attention: tools.")
+    ap.add_argument("--version", action="version", version=f"prefixattn {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="{info,train,serve}")
     sub.required = True
 
