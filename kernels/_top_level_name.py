@@ -25,11 +25,10 @@ def hand_over_to_installed_kernels() -> None:
     search = [entry for entry in sys.path if not _is_repo_root(entry)]
     spec = importlib.machinery.PathFinder.find_spec("kernels", search)
     if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels': this checkout's kernels/ folder is prefixattn.kernels, and Hugging "
-            "Face's `kernels` package (which transformers >= 5.25 imports) is not installed",
-            name="kernels",
-        )
+        # No installed `kernels` (transformers < 5.25 does not need one). Raising here would break
+        # transformers' own probe, which imports whatever `find_spec("kernels")` finds and reads its
+        # __version__; an empty module without one reads as "not available", which is the truth.
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module
     spec.loader.exec_module(module)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The package as a user gets it: build the sdist and, from it, the wheel (python -m build: so a file
+# missing from the sdist shows), install the wheel into a clean venv outside the checkout (CPU torch
+# first, then the wheel with its declared dependencies at the pinned versions), and from another
+# directory run `prefixattn --version`, the main job, and scripts/wheel_smoke.py (the op, the kernels
+# shipped in the wheel, patch + a training step + generate, unpatch). CI runs it (README's test command).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CHECKOUT=$PWD
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/prefixattn-wheel.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+PY=${PYTHON:-python3}
+
+echo "== build (sdist, then the wheel from the sdist) =="
+"$PY" -m venv "$WORK/build-env"
+"$WORK/build-env/bin/python" -m pip install -q -c scripts/constraints.txt build
+"$WORK/build-env/bin/python" -m build -q --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1 || {
+    cat "$WORK/build.log"; exit 1; }
+ls "$WORK/dist"
+version=$("$WORK/build-env/bin/python" -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
+wheel=$(ls "$WORK"/dist/prefixattn-"$version"-*.whl)
+for f in LICENSE prefixattn/py.typed prefixattn/kernels/forward.py; do
+    "$WORK/build-env/bin/python" -m zipfile -l "$wheel" | grep -q "$f" || { echo "the wheel lacks $f"; exit 1; }
+done
+
+echo "== a clean venv with the wheel =="
+"$PY" -m venv "$WORK/venv"
+torch_pin=$(grep -m1 '^torch==' scripts/constraints.txt | cut -d= -f3)
+"$WORK/venv/bin/python" -m pip install -q "torch==$torch_pin"
+"$WORK/venv/bin/python" -m pip install -q -c scripts/constraints.txt "$wheel"
+
+cd "$WORK"  # from another directory: nothing of the checkout on sys.path
+echo "== prefixattn --version =="
+got=$("$WORK/venv/bin/prefixattn" --version)
+echo "$got"
+[ "$got" = "prefixattn $version" ] || { echo "expected 'prefixattn $version'"; exit 1; }
+echo "== the main job: prefixattn train =="
+"$WORK/venv/bin/prefixattn" train --out "$WORK/run" --no-plot
+[ -s "$WORK/run/prefix.safetensors" ] || { echo "the main job wrote no prefix.safetensors"; ls -R "$WORK/run"; exit 1; }
+echo "== the op, patch + a training step + generate =="
+"$WORK/venv/bin/python" "$CHECKOUT/scripts/wheel_smoke.py" "$CHECKOUT"
+echo "wheel smoke test: passed"
