@@ -31,8 +31,6 @@ VENV_BIN = Path(sys.executable).parent
 # Issue 30 item 3: blocks that do not run as written yet, fixed one by one. Strict: an entry that runs
 # fails until it is removed from here.
 KNOWN_BROKEN = {
-    "the-op-1": "a hard-coded device='cuda'",
-    "the-op-2": "a fragment: prefixattn, q, k, v, position_ids, cu_seqlens never defined",
     "prefix-tune-a-hugging-face-model-1": "no placeholders named; torch, ids, mask, base_model, peft_model undefined",
     "a-bank-of-prefixes-mixed-tasks-in-one-batch-1": "a fragment: model and ids undefined",
     "encoders-and-encoder-decoders-1": "save_peft right after sites='all', which it refuses by design",
@@ -54,18 +52,15 @@ STAND_INS = {
     "corpus.txt": "corpus",
 }
 
-
 def _byte_tokenizer():
     from transformers import ByT5Tokenizer
 
     return ByT5Tokenizer(extra_ids=0)  # pad 0, eos 1, unk 2; 259 ids; saves its own files
 
-
 def _save(model, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
 
 def _causal_lm(path: Path) -> Path:
     from tiny_models import tiny_model
@@ -78,7 +73,6 @@ def _causal_lm(path: Path) -> Path:
     model.generation_config.bos_token_id = None
     return _save(model, tok, path)
 
-
 def _classifier(path: Path) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -88,7 +82,6 @@ def _classifier(path: Path) -> Path:
                         attention_probs_dropout_prob=0.0, pad_token_id=0, num_labels=3)
     torch.manual_seed(0)
     return _save(BertForSequenceClassification(config).eval(), tok, path)
-
 
 def _seq2seq(path: Path) -> Path:
     from transformers import T5Config, T5ForConditionalGeneration
@@ -100,15 +93,12 @@ def _seq2seq(path: Path) -> Path:
     torch.manual_seed(0)
     return _save(T5ForConditionalGeneration(config).eval(), tok, path)
 
-
 _WORDS = "the prefix learns a task while the model stays frozen and small models train fast".split()
-
 
 def _text_jsonl(path: Path) -> Path:
     lines = [{"text": " ".join(_WORDS[(i + j) % len(_WORDS)] for j in range(6))} for i in range(40)]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
-
 
 def _qa_jsonl(path: Path) -> Path:
     lines = [{"prompt": f"What comes after {w}? ", "completion": _WORDS[(i + 1) % len(_WORDS)]}
@@ -116,22 +106,18 @@ def _qa_jsonl(path: Path) -> Path:
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
-
 def _corpus(path: Path) -> Path:
     path.write_text(" ".join(_WORDS * 4) + "\n")
     return path
 
-
 BUILDERS = {"causal_lm": _causal_lm, "classifier": _classifier, "seq2seq": _seq2seq,
             "text_jsonl": _text_jsonl, "qa_jsonl": _qa_jsonl, "corpus": _corpus}
-
 
 @pytest.fixture(scope="session")
 def stand_ins(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("readme-stand-ins")
     suffix = {"text_jsonl": ".jsonl", "qa_jsonl": ".jsonl", "corpus": ".txt"}
     return {kind: build(root / (kind + suffix.get(kind, ""))) for kind, build in BUILDERS.items()}
-
 
 def _place(block: Block, stand_ins: dict[str, Path], cwd: Path) -> None:
     for name in block.placeholders:
@@ -143,7 +129,6 @@ def _place(block: Block, stand_ins: dict[str, Path], cwd: Path) -> None:
         else:
             shutil.copyfile(source, target)
 
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k != "TRITON_INTERPRET" and not k.startswith(("PREFIXATTN_", "PYTEST_", "PYTHONPATH"))}
@@ -151,7 +136,6 @@ def _env() -> dict[str, str]:
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
     return env
-
 
 def test_every_block_is_classified():
     problems = [f"README.md:{b.line} ({b.id}): {p}" for b in BLOCKS for p in b.problems()]
@@ -166,7 +150,6 @@ def test_every_block_is_classified():
     assert len(skipped) <= MAX_SKIPPED, [f"{b.id}: {b.skip_reason}" for b in skipped]
     assert len(RUN_BLOCKS) - len(skipped) >= 10, "the README's runnable examples went missing"
 
-
 def test_the_parser_refuses_what_it_cannot_classify():
     text = ("# T\n```\nx\n```\n```py\nx\n```\n<!-- readme-test: skip: -->\n```bash\nx\n```\n"
             "<!-- readme-test: replace: y => z -->\n```bash\nx\n```\n<!-- readme-test: nope -->\n```python\nx\n```\n"
@@ -175,7 +158,6 @@ def test_the_parser_refuses_what_it_cannot_classify():
     assert [b.id for b in blocks] == ["t-1", "t-2", "t-3", "t-4", "t-5", "t-6"]
     assert all(b.problems() for b in blocks[:5]), [b.problems() for b in blocks]
     assert not blocks[5].problems() and blocks[5].skip_reason == "needs a GPU"
-
 
 def test_the_ci_commands_at_the_top_are_what_ci_runs():
     top = BLOCKS[0]
@@ -191,7 +173,6 @@ def test_the_ci_commands_at_the_top_are_what_ci_runs():
     assert "bash scripts/setup.sh && .venv/bin/prefixattn train" in top.code  # the main job
     for script in re.findall(r"scripts/[\w.]+\.sh", top.code):
         assert (REPO / script).is_file(), script
-
 
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=[b.id for b in RUN_BLOCKS])
 def test_readme_block_runs(block: Block, request, tmp_path):
