@@ -31,7 +31,6 @@ VENV_BIN = Path(sys.executable).parent
 # Issue 30 item 3: blocks that do not run as written yet, fixed one by one. Strict: an entry that runs
 # fails until it is removed from here.
 KNOWN_BROKEN = {
-    "a-bank-of-prefixes-mixed-tasks-in-one-batch-1": "a fragment: model and ids undefined",
     "encoders-and-encoder-decoders-1": "save_peft right after sites='all', which it refuses by design",
     "training-with-trl-and-the-hf-trainer-1": "bf16 on a CPU without use_cpu; path, dataset, tokenizer undefined",
     "lora-and-a-prefix-on-one-model-1": "rebuilds on a base that is already patched; base, args undefined",
