@@ -31,7 +31,6 @@ VENV_BIN = Path(sys.executable).parent
 # Issue 30 item 3: blocks that do not run as written yet, fixed one by one. Strict: an entry that runs
 # fails until it is removed from here.
 KNOWN_BROKEN = {
-    "training-with-trl-and-the-hf-trainer-1": "bf16 on a CPU without use_cpu; path, dataset, tokenizer undefined",
     "lora-and-a-prefix-on-one-model-1": "rebuilds on a base that is already patched; base, args undefined",
     "cartridges-1": "a SyntaxError ('...' as an argument)",
     "the-prefixattn-command-1": "DIR, train.jsonl undefined; the last command collides with an earlier --out",
@@ -127,12 +126,12 @@ def _place(block: Block, stand_ins: dict[str, Path], cwd: Path) -> None:
         else:
             shutil.copyfile(source, target)
 
-def _env() -> dict[str, str]:
+def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k != "TRITON_INTERPRET" and not k.startswith(("PREFIXATTN_", "PYTEST_", "PYTHONPATH"))}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
+               HF_HOME=str(home), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
     return env
 
 def test_every_block_is_classified():
@@ -190,7 +189,7 @@ def test_readme_block_runs(block: Block, request, tmp_path):
     script.write_text(code if block.lang == "python" else "set -euo pipefail\n" + code)
     cmd = [sys.executable, str(script)] if block.lang == "python" else ["bash", str(script)]
     try:
-        done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+        done = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path / ".hf-home"), capture_output=True, text=True,
                               timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"README.md:{block.line} ({block.id}) ran past {TIMEOUT_S} s\n{e.stdout}\n{e.stderr}")
