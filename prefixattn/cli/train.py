@@ -43,7 +43,7 @@ from prefixattn.prefix import find_prefix
 from . import data as D
 from . import kinds
 from .callbacks import CadenceFromArguments, ProgressCallback
-from .model import DTYPES, build_base_model, check_model_dir
+from .model import DTYPES, build_base_model, check_model_dir, check_tokenizer_source
 from .outputs import give_normal_modes, write_json_atomic
 from .plot import plot_losses
 from .resume import PATHS, absolute, settings_for_resume
@@ -70,6 +70,7 @@ class TrainConfig:
 
     out: str = "runs/prefixattn-train"
     model: str | None = None
+    tokenizer: str | None = None  # a tokenizer directory for --model (default: the model directory's)
     data: str | None = None
     steps: int = 100
     batch_size: int = 16
@@ -140,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"--out {self.out}: a file, not a directory")
         if self.model is not None:
             check_model_dir(self.model)
+        check_tokenizer_source(self.model, self.tokenizer)
+        if self.model is not None:
             kind = kinds.model_kind(self.model)
             kinds.check_options(kind, self.data, self.packing)
             if self.cartridge and kind != "causal":
@@ -159,9 +162,9 @@ class TrainConfig:
     def _check_prefix_kind(self) -> None:
         if self.frozen_tokens is not None and not self.cartridge:
             raise ValueError("--frozen-tokens is a cartridge option: add --cartridge")
-        if self.frozen_tokens is not None and not 0 <= self.frozen_tokens <= self.prefix_tokens:
-            raise ValueError(f"--frozen-tokens must be in [0, --prefix-tokens {self.prefix_tokens}], got "
-                             f"{self.frozen_tokens}")
+        if self.frozen_tokens is not None and not 0 <= self.frozen_tokens < self.prefix_tokens:
+            raise ValueError(f"--frozen-tokens must be in [0, --prefix-tokens {self.prefix_tokens} - 1] (at "
+                             f"least one token trains), got {self.frozen_tokens}")
         if self.prefix_projection and (self.cartridge or self.init_text):
             other = "--cartridge" if self.cartridge else "--init-text"
             raise ValueError(f"--prefix-projection cannot be combined with {other}: the MLP's output cannot "
@@ -405,7 +408,7 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     global_batch = cfg.batch_size * size * cfg.grad_accum
 
     kind = kinds.model_kind(cfg.model)
-    base, tokenizer = build_base_model(cfg.model, cfg.dtype, cfg.seed, kinds.AUTO_CLASS[kind])
+    base, tokenizer = build_base_model(cfg.model, cfg.dtype, cfg.seed, kinds.AUTO_CLASS[kind], cfg.tokenizer)
     train_ds, eval_ds, described = build_datasets(cfg, tokenizer, global_batch,
                                                   kinds.line_encoder(kind, base))
     resume_from = prepare_out(cfg, out, main)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import ByT5Tokenizer
 
 import prefixattn
 from prefixattn.cli import main
@@ -246,6 +247,7 @@ def test_latent_attention_model_trains_without_a_peft_adapter(tmp_path, capsys):
     torch.manual_seed(0)
     model_dir = tmp_path / "deepseek"
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    ByT5Tokenizer(extra_ids=0).save_pretrained(model_dir)
     out = tmp_path / "run"
     rc, printed, err = run_cli(["train", "--model", model_dir, "--out", out, "--steps", 2, "--batch-size", 2,
                                 "--save-every", 1, *TINY], capsys)
@@ -268,6 +270,7 @@ def _tiny_model_dir(path: Path) -> Path:
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
                                  pad_token_id=0, eos_token_id=1, bos_token_id=None)).save_pretrained(path)
+    ByT5Tokenizer(extra_ids=0).save_pretrained(path)  # the ids the model was "trained" on: bytes
     return path
 
 

@@ -132,8 +132,13 @@ def test_patch_refuses_bad_cartridge_options():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="num_frozen_tokens is a cartridge option"):
         prefixattn.patch(model, num_prefix_tokens=4, num_frozen_tokens=1)
-    with pytest.raises(ValueError, match=r"num_frozen_tokens must be in \[0, num_prefix_tokens=4\]"):
-        prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, num_frozen_tokens=5)
+    # every token frozen (or more) would leave a zero-size trainable parameter: refused, naming both numbers
+    for frozen in (4, 5):
+        with pytest.raises(ValueError, match=f"num_frozen_tokens={frozen} leaves nothing to train with "
+                                             "num_prefix_tokens=4"):
+            prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, num_frozen_tokens=frozen)
+    with pytest.raises(ValueError, match="num_frozen_tokens must be >= 0, got -1"):
+        prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, num_frozen_tokens=-1)
     with pytest.raises(ValueError, match="cannot be MLP-reparameterized"):
         prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, prefix_projection=True)
     with pytest.raises(TypeError, match="cartridge must be a bool"):
