@@ -28,6 +28,7 @@ Output directory::
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -382,6 +383,25 @@ def sharding(trainer: Any) -> str:
     return ""
 
 
+def finished_outputs(out: Path, step: int) -> dict[str, Any] | None:
+    """The summary of a run whose outputs were all written at ``step`` (run.json is written last), or None."""
+    try:
+        doc = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    summary = doc.get("summary") if isinstance(doc, dict) else None
+    return summary if isinstance(summary, dict) and summary.get("step") == step else None
+
+
+def finished_run(model: Any, checkpoint: Path) -> list[dict[str, Any]]:
+    """A complete run's final checkpoint, without training: its prefix (and head) loaded into ``model``;
+    returns its log history."""
+    from transformers import TrainerState
+
+    prefixattn.load_prefix(model, checkpoint / "prefix.safetensors")
+    return TrainerState.load_from_json(str(checkpoint / "trainer_state.json")).log_history
+
+
 def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary. Raises ValueError on bad settings or data,
     before any training step. ``given``: the options the command line set; with ``--resume`` the others
@@ -458,18 +478,29 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         say(f"note: the Trainer did not enable FSDP ({cfg.fsdp!r}) on {args.device}: it runs as plain data "
             f"parallelism (FSDP through the Trainer needs GPUs)")
+    at = read_marker(resume_from)["step"] if resume_from is not None else 0
+    complete = resume_from is not None and at >= cfg.steps
     if resume_from is not None:
-        at = read_marker(resume_from)["step"]
         say(f"resuming from {resume_from} (step {at})" + (
-            f": the run is complete (--steps {cfg.steps}), nothing to train; its outputs are written again "
-            f"(a larger --steps trains further)" if at == cfg.steps else ""))
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            f": the run is complete (--steps {cfg.steps}), nothing to train (a larger --steps trains "
+            f"further)" if complete else ""))
+    written = finished_outputs(out, at) if complete else None
+    if written is not None:  # the run's outputs stay as they are
+        say(f"its outputs are in {out}")
+        return written
+    if complete:  # killed after its last checkpoint, before its outputs: they are written from it
+        # not the Trainer: resumed at max_steps it still ran a step on data whose epochs do not divide
+        # the steps (JSONL), changing the prefix of a finished run
+        history = finished_run(model, resume_from)
+        step = at
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        history, step = trainer.state.log_history, trainer.state.global_step
 
-    history = trainer.state.log_history
     evals = [r for r in history if "eval_loss" in r]
     summary: dict[str, Any] = {
         "out": str(out),
-        "step": trainer.state.global_step,
+        "step": step,
         "eval_loss_start": evals[0]["eval_loss"] if evals else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "eval_accuracy_start": evals[0].get("eval_accuracy") if evals else None,

@@ -335,3 +335,32 @@ def test_training_arguments_build_on_this_transformers(tmp_path):
         assert bool(getattr(args, "activation_checkpointing", args.gradient_checkpointing)) is on
         assert args.gradient_checkpointing is on  # 5.24 mirrors the new name into the old one
         assert args.use_cpu
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_prefix(tmp_path, capsys):
+    """--resume of a complete run on JSONL data (whose epochs do not divide the steps) stops without a
+    training step: the Trainer, resumed at max_steps, used to train step 6/5 and change the prefix."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"item {i} is {i * 7 % 13}"}) for i in range(11)) + "\n")
+    out = tmp_path / "run"
+    assert run_cli(["train", "--out", out, "--data", data, "--steps", 5, "--batch-size", 4, "--save-every", 5,
+                    "--eval-every", 5, *TINY], capsys)[0] == 0
+    before = {name: (out / name).read_bytes() for name in ("prefix.safetensors", "adapter/adapter_model.safetensors")}
+    history = run_json(out)["log_history"]
+    rc, printed, err = run_cli(["train", "--out", out, "--resume"], capsys)
+    assert rc == 0, err
+    assert "the run is complete (--steps 5), nothing to train" in printed
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert run_json(out)["log_history"] == history and run_json(out)["summary"]["step"] == 5
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]
+    # killed after its last checkpoint, before its outputs: they are written from that checkpoint
+    for name in ("prefix.safetensors", "run.json"):
+        (out / name).unlink()
+    rc, printed, err = run_cli(["train", "--out", out, "--resume"], capsys)
+    assert rc == 0 and "nothing to train" in printed, err
+    torch.testing.assert_close(load_file(out / "prefix.safetensors"), load_file(out / "checkpoint-5" / "prefix.safetensors"),
+                               rtol=0, atol=0)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != b""
+    # the checkpoint's history: all but the Trainer's closing record (total_flos, train_loss)
+    assert run_json(out)["log_history"] == [r for r in history if "total_flos" not in r]
+    assert run_json(out)["summary"]["step"] == 5
