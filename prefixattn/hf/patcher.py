@@ -279,6 +279,13 @@ def patch_model(
     kind = model_kind(model)
     sites = roles.check_sites(sites, kind)
     task, head_names = roles.task_type(model, kind)
+    if cartridge and task != "CAUSAL_LM":
+        # refused here rather than at save_peft, after a whole training run
+        raise ValueError(f"cartridge=True is for causal LMs; {type(model).__name__} is a {task} model, whose "
+                         "cartridge could not be saved as a PEFT adapter (prefixattn writes CARTRIDGE "
+                         "adapters of causal LMs only, and PEFT's own seq2seq CARTRIDGE model cannot be "
+                         "saved back either). Patch it with a prefix (cartridge=False): save_peft writes it "
+                         "as PREFIX_TUNING")
     if kind == "seq2seq" and layers is not None:
         raise ValueError("layers= chooses the layers of a decoder-only or encoder model; an encoder-decoder "
                          "carries its prefix where sites= says (PEFT has no per-layer choice either)")
