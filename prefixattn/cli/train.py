@@ -28,6 +28,7 @@ Output directory::
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -215,8 +216,8 @@ def build_datasets(cfg: TrainConfig, tokenizer: Any, global_batch: int,
     return train, evals, train.describe()
 
 
-def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
-    """Check OUT against --resume / --overwrite; returns the checkpoint to resume from."""
+def checkpoint_to_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    """Check OUT against --resume / --overwrite (nothing written); returns the checkpoint to resume from."""
     done = latest_complete(out)
     if done is not None and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{out} already holds a checkpoint ({done.name}): pass --resume to continue it "
@@ -226,6 +227,12 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
     if cfg.resume and read_marker(done)["step"] > cfg.steps:
         raise ValueError(f"--resume: the checkpoint is already at step {read_marker(done)['step']}, past "
                          f"--steps {cfg.steps}; pass a larger --steps to train further")
+    return done if cfg.resume else None
+
+
+def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> None:
+    """Make OUT ready for the run (once everything has been checked): --overwrite deletes what a previous
+    run wrote, --resume what a killed run left half-written."""
     if main:
         if cfg.overwrite and out.exists():
             # only what a run writes: OUT may be a directory holding other things
@@ -240,7 +247,18 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
         elif cfg.resume:
             remove_incomplete(out)  # what a killed run left half-written
         out.mkdir(parents=True, exist_ok=True)
-    return done if cfg.resume else None
+
+
+def check_attention_dropout(model: Any, cfg: TrainConfig) -> None:
+    """Refuse, before any evaluation or step, a model whose attention dropout the fused attention would
+    refuse at the first training step (patch() found it: the model was loaded in eval mode)."""
+    from prefixattn.hf.patcher import attention_dropout
+
+    dropout = attention_dropout(model)
+    if dropout and not cfg.ignore_attention_dropout:
+        raise ValueError(f"--model {cfg.model} has attention dropout {dropout} in training, which "
+                         "prefixattn's fused attention does not implement: pass --ignore-attention-dropout "
+                         "to train without it (or set the attention dropout in its config.json to 0)")
 
 
 def check_packing(model: Any) -> None:
@@ -431,20 +449,26 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     base, tokenizer = build_base_model(cfg.model, cfg.dtype, cfg.seed, kinds.AUTO_CLASS[kind], cfg.tokenizer)
     train_ds, eval_ds, described = build_datasets(cfg, tokenizer, global_batch,
                                                   kinds.line_encoder(kind, base))
-    resume_from = prepare_out(cfg, out, main)
-    if cfg.model is None and main and not (out / "base_model" / "config.json").is_file():
-        # OUT is self-contained: PEFT can load OUT/adapter onto OUT/base_model
-        base.save_pretrained(out / "base_model")
-        tokenizer.save_pretrained(out / "base_model")
-        give_normal_modes(out / "base_model")
+    resume_from = checkpoint_to_resume(cfg, out)
+    # the demo's base model as it is before patching (saved below: a patched model saves its prefix)
+    demo_base = copy.deepcopy(base) if cfg.model is None and main else None
     init, init_note = prefix_init(cfg, train_ds, tokenizer, resuming=resume_from is not None)
     model = prefixattn.patch(base, num_prefix_tokens=cfg.prefix_tokens,
                              prefix_projection=cfg.prefix_projection, backend=cfg.backend,
                              ignore_attention_dropout=cfg.ignore_attention_dropout,
                              cartridge=cfg.cartridge, num_frozen_tokens=cfg.frozen_tokens, **init)
+    check_attention_dropout(model, cfg)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.packing:
         check_packing(model)
+    # every check passed: only now is OUT touched
+    prepare_out(cfg, out, main)
+    if demo_base is not None and not (out / "base_model" / "config.json").is_file():
+        # OUT is self-contained: PEFT can load OUT/adapter onto OUT/base_model
+        demo_base.save_pretrained(out / "base_model")
+        tokenizer.save_pretrained(out / "base_model")
+        give_normal_modes(out / "base_model")
+    del demo_base
 
     args = training_arguments(cfg, out, resuming=resume_from is not None)
     progress = ProgressCallback()

@@ -124,3 +124,11 @@ def test_wrong_lines_and_options_for_these_kinds(tmp_path, capsys):
     assert rc != 0 and "bad.jsonl:1: missing field 'prompt'" in err
     rc, _, err = run_cli(["train", "--model", bart, "--out", tmp_path / "c", *FAST], capsys)
     assert rc != 0 and "encoder-decoder: pass --data" in err
+    # BERT's default attention dropout (0.1): refused at the start, before the step-0 evaluation, naming
+    # the command's own flag; nothing written
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"text": "ab" * (1 + i % 3), "label": i % 2}) for i in range(4)) + "\n")
+    rc, printed, err = run_cli(["train", "--model", bert, "--data", good, "--out", tmp_path / "d", *FAST], capsys)
+    assert rc == 2 and f"--model {bert} has attention dropout 0.1 in training" in err, err
+    assert "pass --ignore-attention-dropout" in err and "ignore_attention_dropout=True" not in err, err
+    assert "eval loss" not in printed + err and not (tmp_path / "d").exists()
