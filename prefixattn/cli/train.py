@@ -61,6 +61,7 @@ from .trainer import (
 )
 
 # what a run writes into OUT (and all that --overwrite deletes), besides checkpoint-N directories
+# (loss.tmp.png: the plot's temporary name in runs of versions before the plot went through atomic_write)
 OUTPUTS = ("base_model", "adapter", "prefix.safetensors", "run.json", "loss.png", "loss.tmp.png", "runs")
 SCHEDULES = ("constant", "linear", "cosine")
 EVAL_EXAMPLES = 64  # held-out examples of the built-in task
