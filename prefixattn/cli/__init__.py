@@ -94,6 +94,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, metavar="DIR",
                    help="local Hugging Face model directory (default: the embedded tiny Llama, saved to "
                         "OUT/base_model)")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="local tokenizer directory for --model (default: the model directory's own; a "
+                        "model directory without tokenizer files needs it)")
     g.add_argument("--data", default=None, metavar="FILE",
                    help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} lines; the last '
                         "10%% are held out for evaluation (default: the built-in successor task)")

@@ -1,6 +1,8 @@
 """The base model and tokenizer of ``prefixattn train``: the embedded demo model (no download: a tiny
 Llama-style model built from a config with seeded weights and transformers' ByT5Tokenizer, which is
-byte-level and needs no files), or a local Hugging Face model directory, checked before loading."""
+byte-level and needs no files), or a local Hugging Face model directory, checked before loading, with its
+own tokenizer or the one ``--tokenizer`` names (never the byte tokenizer: token ids mean what the model
+was trained on, so a model without tokenizer files is refused rather than fed byte ids)."""
 
 from __future__ import annotations
 
@@ -55,11 +57,39 @@ def check_model_dir(model_dir: str) -> None:
                          f"(none of {', '.join(WEIGHT_FILES)})")
 
 
+def has_tokenizer_files(directory: str) -> bool:
+    return any(Path(directory, f).is_file() for f in TOKENIZER_FILES)
+
+
+def check_tokenizer_source(model_dir: str | None, tokenizer_dir: str | None) -> None:
+    """Where the tokenizer of a run comes from, checked before anything loads: the demo's byte tokenizer
+    (no --model, no --tokenizer), --tokenizer DIR, or the --model directory's own files."""
+    if tokenizer_dir is not None:
+        if model_dir is None:
+            raise ValueError("--tokenizer is for --model: the embedded demo model has its own byte-level "
+                             "tokenizer")
+        if not Path(tokenizer_dir).is_dir():
+            raise ValueError(f"--tokenizer {tokenizer_dir}: no such directory (a local tokenizer directory, "
+                             "as tokenizer.save_pretrained writes)")
+        if not has_tokenizer_files(tokenizer_dir):
+            raise ValueError(f"--tokenizer {tokenizer_dir}: no tokenizer files (none of "
+                             f"{', '.join(TOKENIZER_FILES)})")
+        return
+    if model_dir is not None and not has_tokenizer_files(model_dir):
+        files = ", ".join(TOKENIZER_FILES)
+        raise ValueError(f"--model {model_dir} has no tokenizer files (none of {files}), "
+                         "and token ids only mean something to the model in its own tokenizer: pass "
+                         "--tokenizer DIR (the directory of the tokenizer the model was trained with), or "
+                         f"save that tokenizer into {model_dir} (tokenizer.save_pretrained)")
+
+
 def build_base_model(model_dir: str | None, dtype: str, seed: int,
-                     auto_class: str = "AutoModelForCausalLM") -> tuple[Any, Any]:
+                     auto_class: str = "AutoModelForCausalLM",
+                     tokenizer_dir: str | None = None) -> tuple[Any, Any]:
     """(frozen base model, tokenizer). The embedded model's weights are a function of the seed, so
     every process of a distributed run, and a resumed run, builds the same one. ``auto_class``: the
-    transformers Auto class that loads ``model_dir`` (``kinds.AUTO_CLASS``)."""
+    transformers Auto class that loads ``model_dir`` (``kinds.AUTO_CLASS``); ``tokenizer_dir``: where
+    the tokenizer is, when not in ``model_dir``."""
     import transformers
     from transformers import LlamaForCausalLM
 
@@ -69,21 +99,21 @@ def build_base_model(model_dir: str | None, dtype: str, seed: int,
         model = LlamaForCausalLM(tiny_llama_config(len(tokenizer))).to(DTYPES[dtype])
         return model, tokenizer
     check_model_dir(model_dir)
+    check_tokenizer_source(model_dir, tokenizer_dir)
     model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=DTYPES[dtype])
-    return model, load_tokenizer(model_dir, model)
+    return model, load_tokenizer(tokenizer_dir or model_dir, model)
 
 
-def load_tokenizer(model_dir: str, model: Any) -> Any:
-    """The model directory's tokenizer, or the byte tokenizer when it has none and the vocab allows it."""
-    if any(Path(model_dir, f).is_file() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
+def load_tokenizer(directory: str, model: Any) -> Any:
+    """The tokenizer saved in ``directory`` (checked by ``check_tokenizer_source``), with a pad token, and
+    no ids beyond the model's vocabulary."""
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-        return tok
-    tok = byte_tokenizer()
-    if model.config.vocab_size >= len(tok):
-        return tok
-    raise ValueError(f"--model {model_dir} has no tokenizer files and its vocabulary "
-                     f"({model.config.vocab_size}) is too small for byte tokens ({len(tok)})")
+    tok = AutoTokenizer.from_pretrained(directory)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > vocab:
+        raise ValueError(f"the tokenizer in {directory} has {len(tok)} tokens, more than the model's "
+                         f"{vocab} embeddings: it is not this model's tokenizer")
+    return tok

@@ -1,9 +1,10 @@
 """What ``prefixattn train`` writes: JSON written atomically, and files with the modes a plain ``open()``
 would give them.
 
-Atomic writers make a temporary file and rename it. safetensors >= 0.8 (whose ``save_file`` renames a
-private temporary file: every ``model.safetensors`` the Trainer or ``save_pretrained`` writes) creates that
-file with mode 0600, and the rename keeps it (prefixattn's own ``atomic_write`` fixes its outputs). A run's
+Atomic writes (``prefix.files.atomic_write``, the project's one writer) make a temporary file and rename
+it. safetensors >= 0.8 (whose ``save_file`` renames a private temporary file: every ``model.safetensors``
+the Trainer or ``save_pretrained`` writes) creates that file with mode 0600, and the rename keeps it
+(``atomic_write`` fixes its own outputs). A run's
 outputs are meant to be shared (a checkpoint read by another user, a base model served from it), so every
 file the run wrote gets ``0666 & ~umask`` (0644 under the usual umask 022), as if it had been written in
 place. Directories are made with ``mkdir``, which applies the umask already.
@@ -17,7 +18,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..prefix.files import normal_file_mode
+from ..prefix.files import atomic_write, normal_file_mode
 
 
 def give_normal_modes(*paths: Path) -> None:
@@ -35,10 +36,6 @@ def give_normal_modes(*paths: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON so that readers see the old file or the whole new one (``prefix.files.atomic_write``)."""
+    text = json.dumps(data, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from ..prefix.files import atomic_write
 
 
 def plot_losses(log_history: list[dict[str, Any]], path: Path) -> Path | None:
@@ -32,8 +33,8 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     ax.legend()
     ax.set_title("prefix tuning: loss")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path

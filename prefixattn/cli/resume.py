@@ -22,7 +22,7 @@ MAY_CHANGE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints",
 # what the command does, not what it trains: never taken from the checkpoint
 NOT_SETTINGS = frozenset({"out", "resume", "overwrite"})
 # settings that are paths: compared (and saved) as absolute paths, so a run resumes from any directory
-PATHS = ("model", "data", "init_text")
+PATHS = ("model", "tokenizer", "data", "init_text")
 DECAYING = ("linear", "cosine")
 
 
@@ -31,8 +31,9 @@ def flag(name: str) -> str:
 
 
 def shown(name: str, value: Any) -> str:
-    if value is None and name in ("model", "data"):
-        return "the embedded model" if name == "model" else "the built-in task"
+    if value is None and name in ("model", "data", "tokenizer"):
+        return {"model": "the embedded model", "data": "the built-in task",
+                "tokenizer": "the model directory's"}[name]
     if name == "plot":
         return "given" if value is False else "not given"
     if isinstance(value, bool):

@@ -28,6 +28,8 @@ Output directory::
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import math
 import os
 import shutil
@@ -43,7 +45,7 @@ from prefixattn.prefix import find_prefix
 from . import data as D
 from . import kinds
 from .callbacks import CadenceFromArguments, ProgressCallback
-from .model import DTYPES, build_base_model, check_model_dir
+from .model import DTYPES, build_base_model, check_model_dir, check_tokenizer_source
 from .outputs import give_normal_modes, write_json_atomic
 from .plot import plot_losses
 from .resume import PATHS, absolute, settings_for_resume
@@ -59,6 +61,7 @@ from .trainer import (
 )
 
 # what a run writes into OUT (and all that --overwrite deletes), besides checkpoint-N directories
+# (loss.tmp.png: the plot's temporary name in runs of versions before the plot went through atomic_write)
 OUTPUTS = ("base_model", "adapter", "prefix.safetensors", "run.json", "loss.png", "loss.tmp.png", "runs")
 SCHEDULES = ("constant", "linear", "cosine")
 EVAL_EXAMPLES = 64  # held-out examples of the built-in task
@@ -70,6 +73,7 @@ class TrainConfig:
 
     out: str = "runs/prefixattn-train"
     model: str | None = None
+    tokenizer: str | None = None  # a tokenizer directory for --model (default: the model directory's)
     data: str | None = None
     steps: int = 100
     batch_size: int = 16
@@ -140,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"--out {self.out}: a file, not a directory")
         if self.model is not None:
             check_model_dir(self.model)
+        check_tokenizer_source(self.model, self.tokenizer)
+        if self.model is not None:
             kind = kinds.model_kind(self.model)
             kinds.check_options(kind, self.data, self.packing)
             if self.cartridge and kind != "causal":
@@ -159,9 +165,9 @@ class TrainConfig:
     def _check_prefix_kind(self) -> None:
         if self.frozen_tokens is not None and not self.cartridge:
             raise ValueError("--frozen-tokens is a cartridge option: add --cartridge")
-        if self.frozen_tokens is not None and not 0 <= self.frozen_tokens <= self.prefix_tokens:
-            raise ValueError(f"--frozen-tokens must be in [0, --prefix-tokens {self.prefix_tokens}], got "
-                             f"{self.frozen_tokens}")
+        if self.frozen_tokens is not None and not 0 <= self.frozen_tokens < self.prefix_tokens:
+            raise ValueError(f"--frozen-tokens must be in [0, --prefix-tokens {self.prefix_tokens} - 1] (at "
+                             f"least one token trains), got {self.frozen_tokens}")
         if self.prefix_projection and (self.cartridge or self.init_text):
             other = "--cartridge" if self.cartridge else "--init-text"
             raise ValueError(f"--prefix-projection cannot be combined with {other}: the MLP's output cannot "
@@ -211,8 +217,8 @@ def build_datasets(cfg: TrainConfig, tokenizer: Any, global_batch: int,
     return train, evals, train.describe()
 
 
-def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
-    """Check OUT against --resume / --overwrite; returns the checkpoint to resume from."""
+def checkpoint_to_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    """Check OUT against --resume / --overwrite (nothing written); returns the checkpoint to resume from."""
     done = latest_complete(out)
     if done is not None and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{out} already holds a checkpoint ({done.name}): pass --resume to continue it "
@@ -222,6 +228,12 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
     if cfg.resume and read_marker(done)["step"] > cfg.steps:
         raise ValueError(f"--resume: the checkpoint is already at step {read_marker(done)['step']}, past "
                          f"--steps {cfg.steps}; pass a larger --steps to train further")
+    return done if cfg.resume else None
+
+
+def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> None:
+    """Make OUT ready for the run (once everything has been checked): --overwrite deletes what a previous
+    run wrote, --resume what a killed run left half-written."""
     if main:
         if cfg.overwrite and out.exists():
             # only what a run writes: OUT may be a directory holding other things
@@ -236,7 +248,18 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
         elif cfg.resume:
             remove_incomplete(out)  # what a killed run left half-written
         out.mkdir(parents=True, exist_ok=True)
-    return done if cfg.resume else None
+
+
+def check_attention_dropout(model: Any, cfg: TrainConfig) -> None:
+    """Refuse, before any evaluation or step, a model whose attention dropout the fused attention would
+    refuse at the first training step (patch() found it: the model was loaded in eval mode)."""
+    from prefixattn.hf.patcher import attention_dropout
+
+    dropout = attention_dropout(model)
+    if dropout and not cfg.ignore_attention_dropout:
+        raise ValueError(f"--model {cfg.model} has attention dropout {dropout} in training, which "
+                         "prefixattn's fused attention does not implement: pass --ignore-attention-dropout "
+                         "to train without it (or set the attention dropout in its config.json to 0)")
 
 
 def check_packing(model: Any) -> None:
@@ -379,6 +402,25 @@ def sharding(trainer: Any) -> str:
     return ""
 
 
+def finished_outputs(out: Path, step: int) -> dict[str, Any] | None:
+    """The summary of a run whose outputs were all written at ``step`` (run.json is written last), or None."""
+    try:
+        doc = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    summary = doc.get("summary") if isinstance(doc, dict) else None
+    return summary if isinstance(summary, dict) and summary.get("step") == step else None
+
+
+def finished_run(model: Any, checkpoint: Path) -> list[dict[str, Any]]:
+    """A complete run's final checkpoint, without training: its prefix (and head) loaded into ``model``;
+    returns its log history."""
+    from transformers import TrainerState
+
+    prefixattn.load_prefix(model, checkpoint / "prefix.safetensors")
+    return TrainerState.load_from_json(str(checkpoint / "trainer_state.json")).log_history
+
+
 def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary. Raises ValueError on bad settings or data,
     before any training step. ``given``: the options the command line set; with ``--resume`` the others
@@ -405,23 +447,29 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     global_batch = cfg.batch_size * size * cfg.grad_accum
 
     kind = kinds.model_kind(cfg.model)
-    base, tokenizer = build_base_model(cfg.model, cfg.dtype, cfg.seed, kinds.AUTO_CLASS[kind])
+    base, tokenizer = build_base_model(cfg.model, cfg.dtype, cfg.seed, kinds.AUTO_CLASS[kind], cfg.tokenizer)
     train_ds, eval_ds, described = build_datasets(cfg, tokenizer, global_batch,
                                                   kinds.line_encoder(kind, base))
-    resume_from = prepare_out(cfg, out, main)
-    if cfg.model is None and main and not (out / "base_model" / "config.json").is_file():
-        # OUT is self-contained: PEFT can load OUT/adapter onto OUT/base_model
-        base.save_pretrained(out / "base_model")
-        tokenizer.save_pretrained(out / "base_model")
-        give_normal_modes(out / "base_model")
+    resume_from = checkpoint_to_resume(cfg, out)
+    # the demo's base model as it is before patching (saved below: a patched model saves its prefix)
+    demo_base = copy.deepcopy(base) if cfg.model is None and main else None
     init, init_note = prefix_init(cfg, train_ds, tokenizer, resuming=resume_from is not None)
     model = prefixattn.patch(base, num_prefix_tokens=cfg.prefix_tokens,
                              prefix_projection=cfg.prefix_projection, backend=cfg.backend,
                              ignore_attention_dropout=cfg.ignore_attention_dropout,
                              cartridge=cfg.cartridge, num_frozen_tokens=cfg.frozen_tokens, **init)
+    check_attention_dropout(model, cfg)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.packing:
         check_packing(model)
+    # every check passed: only now is OUT touched
+    prepare_out(cfg, out, main)
+    if demo_base is not None and not (out / "base_model" / "config.json").is_file():
+        # OUT is self-contained: PEFT can load OUT/adapter onto OUT/base_model
+        demo_base.save_pretrained(out / "base_model")
+        tokenizer.save_pretrained(out / "base_model")
+        give_normal_modes(out / "base_model")
+    del demo_base
 
     args = training_arguments(cfg, out, resuming=resume_from is not None)
     progress = ProgressCallback()
@@ -455,18 +503,29 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
     if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         say(f"note: the Trainer did not enable FSDP ({cfg.fsdp!r}) on {args.device}: it runs as plain data "
             f"parallelism (FSDP through the Trainer needs GPUs)")
+    at = read_marker(resume_from)["step"] if resume_from is not None else 0
+    complete = resume_from is not None and at >= cfg.steps
     if resume_from is not None:
-        at = read_marker(resume_from)["step"]
         say(f"resuming from {resume_from} (step {at})" + (
-            f": the run is complete (--steps {cfg.steps}), nothing to train; its outputs are written again "
-            f"(a larger --steps trains further)" if at == cfg.steps else ""))
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            f": the run is complete (--steps {cfg.steps}), nothing to train (a larger --steps trains "
+            f"further)" if complete else ""))
+    written = finished_outputs(out, at) if complete else None
+    if written is not None:  # the run's outputs stay as they are
+        say(f"its outputs are in {out}")
+        return written
+    if complete:  # killed after its last checkpoint, before its outputs: they are written from it
+        # not the Trainer: resumed at max_steps it still ran a step on data whose epochs do not divide
+        # the steps (JSONL), changing the prefix of a finished run
+        history = finished_run(model, resume_from)
+        step = at
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        history, step = trainer.state.log_history, trainer.state.global_step
 
-    history = trainer.state.log_history
     evals = [r for r in history if "eval_loss" in r]
     summary: dict[str, Any] = {
         "out": str(out),
-        "step": trainer.state.global_step,
+        "step": step,
         "eval_loss_start": evals[0]["eval_loss"] if evals else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "eval_accuracy_start": evals[0].get("eval_accuracy") if evals else None,

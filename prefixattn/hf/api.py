@@ -69,7 +69,9 @@ def patch(
         ignore_attention_dropout: train without the model's attention dropout instead of refusing it.
         cartridge: make the prefix a cartridge (PEFT's CARTRIDGE type: a raw prefix, often thousands of
             tokens, whose first ``num_frozen_tokens`` never train; ``save_peft`` writes it as CARTRIDGE).
-        num_frozen_tokens: a cartridge's frozen leading tokens (default 1, PEFT's: an attention sink).
+            Causal LMs only.
+        num_frozen_tokens: a cartridge's frozen leading tokens (default 1, PEFT's: an attention sink),
+            fewer than ``num_prefix_tokens``.
             They get no gradient and no optimizer step (weight decay included): bitwise unchanged.
     """
     if is_peft_prefix_model(model) and peft_type_name(model.active_peft_config) not in PEFT_PREFIX_TYPES:

@@ -223,7 +223,10 @@ def prefix_attention_function(module: nn.Module, query: torch.Tensor, key: torch
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         raise ValueError(f"prefixattn: padding mask has {attention_mask.shape[-1]} keys, the layer has "
                          f"{key.shape[2]}")
-    if dropout and module.training and not (state is not None and state.ignore_attention_dropout):
+    if dropout and module.training and state is not None and state.capture is not None:
+        # patch()'s shape probe, with the attention modules in training mode: what training will ask for
+        state.attention_dropout = max(state.attention_dropout, float(dropout))
+    elif dropout and module.training and not (state is not None and state.ignore_attention_dropout):
         raise ValueError(
             f"{type(module).__name__} asks for attention dropout {dropout} in training, which "
             "prefixattn's fused attention does not implement. Set the config's attention dropout to 0, "

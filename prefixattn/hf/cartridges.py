@@ -36,9 +36,13 @@ def cartridge_options(cartridge: Any, num_frozen_tokens: Any, num_prefix_tokens:
                          "tokens are frozen is saved as PEFT's CARTRIDGE type)")
     if isinstance(num_frozen_tokens, bool) or not isinstance(num_frozen_tokens, int):
         raise TypeError(f"num_frozen_tokens must be an int, got {num_frozen_tokens!r}")
-    if isinstance(num_prefix_tokens, int) and not 0 <= num_frozen_tokens <= num_prefix_tokens:
-        raise ValueError(f"num_frozen_tokens must be in [0, num_prefix_tokens={num_prefix_tokens}], got "
-                         f"{num_frozen_tokens}")
+    if num_frozen_tokens < 0:
+        raise ValueError(f"num_frozen_tokens must be >= 0, got {num_frozen_tokens}")
+    if isinstance(num_prefix_tokens, int) and num_frozen_tokens >= num_prefix_tokens:
+        # all frozen: the trainable parameter would have zero size (nothing to train, and optimizers
+        # and PEFT's CARTRIDGE model choke on it)
+        raise ValueError(f"num_frozen_tokens={num_frozen_tokens} leaves nothing to train with "
+                         f"num_prefix_tokens={num_prefix_tokens}: freeze fewer than num_prefix_tokens tokens")
     if prefix_projection:
         raise ValueError("a cartridge holds its keys and values directly: it cannot be MLP-reparameterized "
                          "(prefix_projection=True)")

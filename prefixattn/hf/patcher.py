@@ -13,7 +13,9 @@ gives the interface a meaning of its own (``families.unsupported_attention``: le
 indexers, compressed sparse attention, differential attention), score inputs the op does not implement
 (a learned position bias other than T5's, per-token sinks), 4-D attention masks, static (compileable)
 caches, packed rows with a KV cache, head dims over 256 with ``backend="triton"``, nonzero attention
-dropout in training (unless ``ignore_attention_dropout=True``, which runs without it).
+dropout in training (unless ``ignore_attention_dropout=True``, which runs without it: refused at
+``patch()`` for a model in training mode, else at its first training-mode forward; ``attention_dropout``
+says what a patched model's training would ask for).
 """
 
 from __future__ import annotations
@@ -50,6 +52,18 @@ def is_patched(model: nn.Module) -> bool:
         return True
     get_base = getattr(type(model), "get_base_model", None)  # a PEFT LoRA model carrying a prefix
     return callable(get_base) and get_state(model.get_base_model()) is not None
+
+
+def attention_dropout(model: nn.Module) -> float:
+    """The largest attention dropout a patched model's layers ask for in training (0.0: none), as patch()
+    found it; prefixattn's attention refuses it in training unless ``ignore_attention_dropout=True``."""
+    state = get_state(model)
+    get_base = getattr(type(model), "get_base_model", None)  # a PEFT model
+    if state is None and callable(get_base):
+        state = get_state(model.get_base_model())
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by prefixattn")
+    return state.attention_dropout
 
 
 def check_patch_args(num_prefix_tokens: Any, num_prefixes: Any, dtype: Any, backend: Any, init: Any) -> None:
@@ -185,7 +199,7 @@ def _probe_config(model: nn.Module, state: PatchState, num_prefix_tokens: int, n
                   ) -> tuple[PrefixConfig, PeftLayout]:
     """One token through the frozen model tells which layers attend, their (Hkv, Dk, Dv), and which
     layers share another layer's keys and values; returns the prefix's config and PEFT's layout."""
-    captured = capture(model, state, [probe_token(model)])
+    captured = capture(model, state, [probe_token(model)], attention_training=True)
     if not captured:
         raise ValueError(f"{type(model).__name__}: no attention layer went through the "
                          "AttentionInterface; cannot patch it")
@@ -279,6 +293,13 @@ def patch_model(
     kind = model_kind(model)
     sites = roles.check_sites(sites, kind)
     task, head_names = roles.task_type(model, kind)
+    if cartridge and task != "CAUSAL_LM":
+        # refused here rather than at save_peft, after a whole training run
+        raise ValueError(f"cartridge=True is for causal LMs; {type(model).__name__} is a {task} model, whose "
+                         "cartridge could not be saved as a PEFT adapter (prefixattn writes CARTRIDGE "
+                         "adapters of causal LMs only, and PEFT's own seq2seq CARTRIDGE model cannot be "
+                         "saved back either). Patch it with a prefix (cartridge=False): save_peft writes it "
+                         "as PREFIX_TUNING")
     if kind == "seq2seq" and layers is not None:
         raise ValueError("layers= chooses the layers of a decoder-only or encoder model; an encoder-decoder "
                          "carries its prefix where sites= says (PEFT has no per-layer choice either)")
@@ -336,6 +357,13 @@ def patch_model(
                                                 prefix_projection, projection_hidden_size, backend,
                                                 adapter_shape)
         peft_layout = replace(peft_layout, task_type=task, modules_to_save=head_names)
+        if state.attention_dropout and model.training and not ignore_attention_dropout:
+            # a model in training mode (built from a config, or .train()): refused now, not at its first
+            # step; patched in eval mode (from_pretrained), the first training-mode forward refuses it
+            raise ValueError(f"{type(model).__name__} is in training mode with attention dropout "
+                             f"{state.attention_dropout}, which prefixattn's fused attention does not "
+                             "implement. Set the config's attention dropout to 0, or patch with "
+                             "ignore_attention_dropout=True to train without it")
         config = replace(config, cartridge=cartridge, num_frozen_tokens=num_frozen_tokens)
         if not peft_tuner:
             for p in model.parameters():

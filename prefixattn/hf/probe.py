@@ -7,6 +7,7 @@ attends without a prefix.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,15 +28,26 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, state: PatchState, inputs: list[int] | Callable[[], Any]) -> dict[Any, tuple]:
+def capture(model: nn.Module, state: PatchState, inputs: list[int] | Callable[[], Any],
+            attention_training: bool = False) -> dict[Any, tuple]:
     """Run the frozen model (no prefix) on token ids (through the module that runs the layers), or run
     ``inputs()``; returns {probe key: (key, value)} as (1, Hkv, T, D). The probe key is the layer_idx,
-    or (role, layer) in an encoder-decoder."""
+    or (role, layer) in an encoder-decoder.
+
+    ``attention_training``: the shape probe's run, with the attention modules alone in training mode (the
+    rest of the model in eval mode, every RNG state restored after), so that ``state.attention_dropout``
+    records the dropout training will hand the attention function: patch() can refuse it up front."""
     was_training = model.training
     model.eval()
     state.capture = {}
+    rng = contextlib.nullcontext()
+    if attention_training:
+        for module in (*state.tagged_modules, *state.site_modules):
+            module.training = True
+        device = input_device(model)
+        rng = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
     try:
-        with recording_untagged_calls() as untagged:
+        with rng, recording_untagged_calls() as untagged:
             if callable(inputs):
                 inputs()
             else:

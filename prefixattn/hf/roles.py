@@ -237,7 +237,7 @@ def probe_seq2seq(model: nn.Module, state: PatchState, structure: Structure, sit
             kwargs["use_cache"] = False
         decoder(**kwargs)
 
-    captured = capture(model, state, run_decoder)
+    captured = capture(model, state, run_decoder, attention_training=True)
     for site in structure.sites:  # the roles found by name: self-attention over 2 tokens, cross over 3
         k = captured.get(site.probe_key, (None,))[0]
         if site.role in ("decoder", "cross") and k is not None and k.shape[2] != (2 if site.role == "decoder"
@@ -247,7 +247,7 @@ def probe_seq2seq(model: nn.Module, state: PatchState, structure: Structure, sit
     if sites == "all":
         encoder = structure.stack("encoder").owner
         inputs = _encoder_probe_inputs(model, encoder)
-        captured.update(capture(model, state, lambda: encoder(**inputs)))
+        captured.update(capture(model, state, lambda: encoder(**inputs), attention_training=True))
     return captured
 
 

@@ -27,6 +27,8 @@ class PatchState:
     embeddings: nn.Module | None = None  # the input embeddings: their dtype is the activations' dtype
     prefix: PrefixKV | None = None
     ignore_attention_dropout: bool = False
+    # the largest attention dropout the layers hand the attention function in training (patch()'s probe)
+    attention_dropout: float = 0.0
     previous_impl: Any = None
     previous_requires_grad: dict[str, bool] = field(default_factory=dict)
     previous_keys_to_ignore_on_save: Any = None

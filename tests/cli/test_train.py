@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import ByT5Tokenizer
 
 import prefixattn
 from prefixattn.cli import main
@@ -246,6 +247,7 @@ def test_latent_attention_model_trains_without_a_peft_adapter(tmp_path, capsys):
     torch.manual_seed(0)
     model_dir = tmp_path / "deepseek"
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    ByT5Tokenizer(extra_ids=0).save_pretrained(model_dir)
     out = tmp_path / "run"
     rc, printed, err = run_cli(["train", "--model", model_dir, "--out", out, "--steps", 2, "--batch-size", 2,
                                 "--save-every", 1, *TINY], capsys)
@@ -268,6 +270,7 @@ def _tiny_model_dir(path: Path) -> Path:
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
                                  pad_token_id=0, eos_token_id=1, bos_token_id=None)).save_pretrained(path)
+    ByT5Tokenizer(extra_ids=0).save_pretrained(path)  # the ids the model was "trained" on: bytes
     return path
 
 
@@ -332,3 +335,32 @@ def test_training_arguments_build_on_this_transformers(tmp_path):
         assert bool(getattr(args, "activation_checkpointing", args.gradient_checkpointing)) is on
         assert args.gradient_checkpointing is on  # 5.24 mirrors the new name into the old one
         assert args.use_cpu
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_prefix(tmp_path, capsys):
+    """--resume of a complete run on JSONL data (whose epochs do not divide the steps) stops without a
+    training step: the Trainer, resumed at max_steps, used to train step 6/5 and change the prefix."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"item {i} is {i * 7 % 13}"}) for i in range(11)) + "\n")
+    out = tmp_path / "run"
+    assert run_cli(["train", "--out", out, "--data", data, "--steps", 5, "--batch-size", 4, "--save-every", 5,
+                    "--eval-every", 5, *TINY], capsys)[0] == 0
+    before = {name: (out / name).read_bytes() for name in ("prefix.safetensors", "adapter/adapter_model.safetensors")}
+    history = run_json(out)["log_history"]
+    rc, printed, err = run_cli(["train", "--out", out, "--resume"], capsys)
+    assert rc == 0, err
+    assert "the run is complete (--steps 5), nothing to train" in printed
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert run_json(out)["log_history"] == history and run_json(out)["summary"]["step"] == 5
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]
+    # killed after its last checkpoint, before its outputs: they are written from that checkpoint
+    for name in ("prefix.safetensors", "run.json"):
+        (out / name).unlink()
+    rc, printed, err = run_cli(["train", "--out", out, "--resume"], capsys)
+    assert rc == 0 and "nothing to train" in printed, err
+    torch.testing.assert_close(load_file(out / "prefix.safetensors"), load_file(out / "checkpoint-5" / "prefix.safetensors"),
+                               rtol=0, atol=0)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != b""
+    # the checkpoint's history: all but the Trainer's closing record (total_flos, train_loss)
+    assert run_json(out)["log_history"] == [r for r in history if "total_flos" not in r]
+    assert run_json(out)["summary"]["step"] == 5

@@ -78,7 +78,8 @@ def test_cartridge_demo_starts_from_the_built_in_corpus(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--frozen-tokens", 1], "--frozen-tokens is a cartridge option: add --cartridge"),
-    (["--cartridge", "--frozen-tokens", 5, "--prefix-tokens", 4], "--frozen-tokens must be in [0, --prefix-tokens 4]"),
+    (["--cartridge", "--frozen-tokens", 5, "--prefix-tokens", 4], "--frozen-tokens must be in [0, --prefix-tokens 4 - 1]"),
+    (["--cartridge", "--frozen-tokens", 4, "--prefix-tokens", 4], "(at least one token trains), got 4"),
     (["--cartridge", "--prefix-projection"], "--prefix-projection cannot be combined with --cartridge"),
     (["--init-text", "no/such/file.txt"], "--init-text no/such/file.txt: no such file"),
 ])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_encdec import restore_old_cache_name
+from transformers import ByT5Tokenizer
 
 from prefixattn.cli import main
 
@@ -29,12 +30,13 @@ def run_cli(argv: list, capsys) -> tuple[int, str, str]:
 def _bart_dir(path: Path) -> Path:
     from transformers import BartConfig, BartForConditionalGeneration
 
-    torch.manual_seed(3)  # vocab 300: the byte tokenizer's 259 ids fit (the directory has no tokenizer)
+    torch.manual_seed(3)  # vocab 300: the byte tokenizer's 259 ids fit; it is saved as the model's own
     BartForConditionalGeneration(BartConfig(
         vocab_size=300, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=128,
         init_std=0.1, pad_token_id=0, bos_token_id=None, eos_token_id=1, decoder_start_token_id=1,
         forced_eos_token_id=None)).save_pretrained(path)
+    ByT5Tokenizer(extra_ids=0).save_pretrained(path)
     return path
 
 
@@ -46,6 +48,7 @@ def _bert_dir(path: Path) -> Path:
         vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
         max_position_embeddings=128, pad_token_id=0, initializer_range=0.2, id2label={0: "neg", 1: "pos"},
         label2id={"neg": 0, "pos": 1})).save_pretrained(path)
+    ByT5Tokenizer(extra_ids=0).save_pretrained(path)
     return path
 
 
@@ -121,3 +124,11 @@ def test_wrong_lines_and_options_for_these_kinds(tmp_path, capsys):
     assert rc != 0 and "bad.jsonl:1: missing field 'prompt'" in err
     rc, _, err = run_cli(["train", "--model", bart, "--out", tmp_path / "c", *FAST], capsys)
     assert rc != 0 and "encoder-decoder: pass --data" in err
+    # BERT's default attention dropout (0.1): refused at the start, before the step-0 evaluation, naming
+    # the command's own flag; nothing written
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"text": "ab" * (1 + i % 3), "label": i % 2}) for i in range(4)) + "\n")
+    rc, printed, err = run_cli(["train", "--model", bert, "--data", good, "--out", tmp_path / "d", *FAST], capsys)
+    assert rc == 2 and f"--model {bert} has attention dropout 0.1 in training" in err, err
+    assert "pass --ignore-attention-dropout" in err and "ignore_attention_dropout=True" not in err, err
+    assert "eval loss" not in printed + err and not (tmp_path / "d").exists()

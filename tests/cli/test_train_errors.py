@@ -111,3 +111,48 @@ def test_bad_paths_backends_and_loggers_are_refused_before_anything_runs(tmp_pat
         monkeypatch.delenv("TRITON_INTERPRET")
         fails(["train", "--out", out, *FAST, "--backend", "triton"], "--backend triton needs a CUDA GPU", capsys)
     assert not out.exists()
+
+
+def _llama_dir(path: Path, vocab: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, pad_token_id=1, eos_token_id=2,
+                                 bos_token_id=None)).save_pretrained(path)
+    return path
+
+
+def test_a_model_without_its_tokenizer_is_refused_not_fed_byte_ids(tmp_path, capsys):
+    """Only the embedded demo uses the byte tokenizer: a --model directory without tokenizer files (here a
+    vocabulary of 500 with pad 1 / eos 2, which byte ids would fit but mean nothing to) is refused before
+    anything loads, saying how to fix it; --tokenizer DIR gives the tokenizer, and is checked."""
+    from transformers import ByT5Tokenizer
+
+    model = _llama_dir(tmp_path / "model", vocab=500)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(4)) + "\n")
+    out = tmp_path / "run"
+    common = ["--out", out, "--data", data, *TINY]
+    err = fails(["train", "--model", model, *common], f"--model {model} has no tokenizer files", capsys)
+    assert "pass --tokenizer DIR" in err and "tokenizer.save_pretrained" in err, err
+    fails(["train", "--tokenizer", tmp_path, *common], "--tokenizer is for --model", capsys)
+    fails(["train", "--model", model, "--tokenizer", tmp_path / "nope", *common],
+          f"--tokenizer {tmp_path / 'nope'}: no such directory", capsys)
+    fails(["train", "--model", model, "--tokenizer", tmp_path, *common],
+          f"--tokenizer {tmp_path}: no tokenizer files", capsys)
+    assert not out.exists()
+    wide = tmp_path / "wide"
+    ByT5Tokenizer(extra_ids=300).save_pretrained(wide)  # 559 tokens for 500 embeddings
+    fails(["train", "--model", model, "--tokenizer", wide, *common],
+          f"the tokenizer in {wide} has 559 tokens, more than the model's 500 embeddings", capsys)
+    assert not out.exists()
+
+    tok = tmp_path / "tok"
+    ByT5Tokenizer(extra_ids=0).save_pretrained(tok)
+    assert main([str(a) for a in ["train", "--model", model, "--tokenizer", tok, "--steps", 1, *common]]) == 0
+    capsys.readouterr()
+    marker = json.loads((out / "checkpoint-1" / "prefixattn.json").read_text())
+    assert marker["tokenizer"] == str(tok.resolve())  # a setting of the run: --resume takes it back
+    fails(["train", "--out", out, "--resume", "--steps", 2, "--tokenizer", wide],
+          f"--tokenizer {wide} (the run has {tok.resolve()})", capsys)

@@ -132,8 +132,13 @@ def test_patch_refuses_bad_cartridge_options():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="num_frozen_tokens is a cartridge option"):
         prefixattn.patch(model, num_prefix_tokens=4, num_frozen_tokens=1)
-    with pytest.raises(ValueError, match=r"num_frozen_tokens must be in \[0, num_prefix_tokens=4\]"):
-        prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, num_frozen_tokens=5)
+    # every token frozen (or more) would leave a zero-size trainable parameter: refused, naming both numbers
+    for frozen in (4, 5):
+        with pytest.raises(ValueError, match=f"num_frozen_tokens={frozen} leaves nothing to train with "
+                                             "num_prefix_tokens=4"):
+            prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, num_frozen_tokens=frozen)
+    with pytest.raises(ValueError, match="num_frozen_tokens must be >= 0, got -1"):
+        prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, num_frozen_tokens=-1)
     with pytest.raises(ValueError, match="cannot be MLP-reparameterized"):
         prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, prefix_projection=True)
     with pytest.raises(TypeError, match="cartridge must be a bool"):
@@ -337,3 +342,21 @@ def test_sft_trainer_trains_a_cartridge_bf16_checkpointed(tmp_path):
     assert torch.equal(module.frozen_kv, frozen)
     assert not torch.equal(module.kv.detach(), trained)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+
+
+def test_a_cartridge_of_a_model_that_is_not_a_causal_lm_is_refused_at_patch(tmp_path):
+    """An encoder-decoder's or an encoder's cartridge trained and then could not be saved (save_peft
+    refused it, PEFT's own seq2seq CARTRIDGE model cannot be saved either): patch() refuses it, with the
+    way out; as a prefix the same model patches, and save_peft can write it as PREFIX_TUNING, but not as
+    CARTRIDGE."""
+    from tiny_encdec import tiny_bart, tiny_encoder
+
+    for model, task in ((tiny_bart(), "SEQ_2_SEQ_LM"), (tiny_encoder(), "SEQ_CLS")):
+        with pytest.raises(ValueError, match=f"cartridge=True is for causal LMs; .* is a {task} model"):
+            prefixattn.patch(model, num_prefix_tokens=4, cartridge=True, backend="torch")
+        assert not prefixattn.is_patched(model)
+    bart = prefixattn.patch(tiny_bart(), num_prefix_tokens=4, backend="torch")
+    with pytest.raises(ValueError, match="cannot be written as a CARTRIDGE adapter"):
+        prefixattn.save_peft(bart, tmp_path / "c", peft_type="CARTRIDGE")
+    prefixattn.save_peft(bart, tmp_path / "p")
+    assert (tmp_path / "p" / "adapter_config.json").is_file()

@@ -169,18 +169,37 @@ def test_bad_arguments_are_refused():
 
 
 def test_attention_dropout_in_training_is_refused_unless_ignored():
+    """A model in training mode with attention dropout is refused at patch() (not at its first step); one
+    patched in eval mode (as from_pretrained returns it) runs, reports the dropout its training would
+    ask for, and is refused at its first training-mode forward."""
     import transformers as tf
+
+    from prefixattn.hf.patcher import attention_dropout
 
     cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, attn_pdrop=0.1)
     ids, _ = batch()
-    model = _patch(tf.GPT2LMHeadModel(cfg).train())
-    with pytest.raises(ValueError, match="attention dropout 0.1"):
-        model(input_ids=ids)
-    model.eval()
+    torch.manual_seed(0)
+    base = tf.GPT2LMHeadModel(cfg).train()
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is in training mode with attention dropout 0.1"):
+        _patch(base)
+    assert not prefixattn.is_patched(base) and base.training
+    torch.manual_seed(1)
+    model = _patch(base.eval())
+    assert attention_dropout(model) == 0.1
+    # the probe's training-mode run leaves the RNG as it was: the random prefix is the one a model without
+    # dropout gets from the same seed
+    plain = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, attn_pdrop=0.0))
+    torch.manual_seed(1)
+    plain = _patch(plain.eval())
+    assert torch.equal(plain.prefixattn_prefix.kv, model.prefixattn_prefix.kv)
     with torch.no_grad():
         model(input_ids=ids)  # no dropout in eval
+    model.train()
+    with pytest.raises(ValueError, match="attention dropout 0.1"):
+        model(input_ids=ids)
     model = _patch(tf.GPT2LMHeadModel(cfg).train(), ignore_attention_dropout=True)
     model(input_ids=ids, labels=ids).loss.backward()
+    assert attention_dropout(_patch(tiny_model("llama"))) == 0.0
 
 
 def test_four_d_masks_and_static_caches_are_refused():
