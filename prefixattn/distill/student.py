@@ -84,12 +84,13 @@ def batch_teacher(batch: dict[str, torch.Tensor]) -> TopK | None:
 
 
 def student_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, context: ContextKV | None = None,
-                 k: int = 20, lm_weight: float = 0.0, return_kl: bool = False) -> Any:
+                 k: int = 20, lm_weight: float = 0.0, return_kl: bool = False,
+                 teacher: TopK | None = None) -> Any:
     """The distillation loss of the patched ``model`` (its prefix is the student) on a batch of
     conversations: ``input_ids``, ``attention_mask``, ``labels`` (-100 outside the responses) and either the
     recorded teacher top-k (``topk_ids`` / ``topk_logprobs``, (B, S, k), at each response token's position)
-    or a ``context`` whose kept K/V the teacher reads now."""
-    teacher = batch_teacher(batch)
+    or a ``context`` whose kept K/V the teacher reads now (or ``teacher``, computed by the caller)."""
+    teacher = teacher if teacher is not None else batch_teacher(batch)
     if teacher is None:
         if context is None:
             raise ValueError("the batch carries no teacher top-k and no context was given to compute it")

@@ -200,6 +200,9 @@ def reading_context(model: nn.Module, context: ContextKV) -> Iterator[nn.Module]
     ``torch.no_grad`` (the teacher): no gradient reaches the context."""
     owner, state = _state(model)
     _check_matches(context, state)
+    if state.capture is not None:
+        raise RuntimeError("reading_context inside running_bare (or a probe): the model runs without any "
+                           "prefix there")
     held = owner._modules.get(MODULE_NAME)
     if not isinstance(held, PrefixKV):
         raise ValueError("the model's prefix is wrapped by PEFT (a LoRA model with modules_to_save): the "

@@ -22,6 +22,8 @@ from prefixattn.distill import (
     topk_of,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _reference_kl(teacher_logits, student_logits, k):
     """KL over the teacher's top-k ids and one bucket for every other id, in float64, written out."""

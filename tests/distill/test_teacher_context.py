@@ -15,6 +15,8 @@ from prefixattn.hf.context import prefill_context, reading_context, running_bare
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "gemma")  # mistral: within its window
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _ids(*shape, seed=0):
     return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
