@@ -1,5 +1,5 @@
 """The package's layering, read from the source with ``ast``: imports go one way,
-kernels <- ops <- prefix <- hf <- cli / serve (the two top layers: neither imports the other, except the
+kernels <- ops <- prefix <- hf <- distill <- cli / serve (the two top layers: neither imports the other, except the
 command's lazy load of ``prefixattn serve``), there is no import cycle, and no function hides an import of a
 prefixattn module (the usual way to dodge a cycle).
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYERS = ("kernels", "ops", "prefix", "hf", "cli", "serve")
-RANK = {"kernels": 0, "ops": 1, "prefix": 2, "hf": 3, "cli": 4, "serve": 4}  # cli and serve: both the top
+LAYERS = ("kernels", "ops", "prefix", "hf", "distill", "cli", "serve")
+# cli and serve: both the top; distill (context distillation, on the transformers layer) below the command
+RANK = {"kernels": 0, "ops": 1, "prefix": 2, "hf": 3, "distill": 3.5, "cli": 4, "serve": 4}
 CLI_LAYER = {"prefixattn", "prefixattn.tasks", "prefixattn.__main__"}  # and the prefixattn.cli package (see _layer)
 
 # Function-level imports of prefixattn modules that are lazy loads, not cycle dodges: the command loads
@@ -45,7 +46,7 @@ MODULES = _modules()
 def _layer(name: str) -> str:
     if name in CLI_LAYER or name == "prefixattn.cli" or name.startswith("prefixattn.cli."):
         return "cli"
-    for layer in ("kernels", "prefix", "hf", "serve"):
+    for layer in ("kernels", "prefix", "hf", "distill", "serve"):
         if name == f"prefixattn.{layer}" or name.startswith(f"prefixattn.{layer}."):
             return layer
     return "ops"
