@@ -1,14 +1,16 @@
-"""``python -m bench compile``: compile every launch the kernels make on an H100/H200 (sm_90), on a
-machine without a GPU, and write the compile table (shared memory against the limit, registers,
-spills, wgmma or mma.sync, serialized wgmma, CTAs per SM).
+"""``python -m bench compile``: compile every launch the kernels make on a GPU (an H100/H200, sm_90, by
+default), on a machine without a GPU, and write the compile table (shared memory against the limit,
+registers, spills, wgmma, mma.sync, tcgen05 or MFMA, serialized wgmma, CTAs per SM).
 
-    python -m bench compile [--set ci|pinned|tuned|full] [--device h100|h200] [--jobs N]
-                            [--cache DIR | --no-cache] [--out DIR] [--check]
+    python -m bench compile [--set devices|ci|pinned|tuned|full] [--jobs N] [--cache DIR | --no-cache]
+                            [--device a100|l4|h100|h200|b200|rtx5090|mi300x|mi355x|all] [--out DIR] [--check]
 
-How: bench/compile_plan.py runs the real launchers on meta tensors with the device facts of an
-H100/H200 and records each launch (triton's own specialization of it) instead of running it;
-bench/compile_worker.py compiles each one for sm_90 in worker processes through triton's own
-``JITFunction.preload`` and reads ptxas's report; bench/compile_table.py writes the table.
+How: bench/compile_plan.py runs the real launchers on meta tensors with the device's facts (SMs,
+opt-in shared memory or LDS, compute capability or gfx arch, warp size; kernels/device.py KNOWN)
+and records each launch (triton's own specialization of it) instead of running it;
+bench/compile_worker.py compiles each one for the device's target in worker processes through
+triton's own ``JITFunction.preload`` (NVIDIA: ptxas's report; AMD: the hip backend's hsaco and the
+AMDGPU metadata); bench/compile_table.py writes the table. ``--device all`` does every device in turn.
 
 Caching: the figures of each compile are kept in DIR/results (keyed by triton's version, the kernel's
 source hash and the launch's specialization), triton's compiled kernels in DIR/triton (triton's own
@@ -38,12 +40,14 @@ from typing import Any
 DEFAULT_CACHE = Path(".gpu/compile-cache")
 
 
-def _result_key(launch, triton_version: str) -> str:
+def _result_key(launch, triton_version: str, target=90) -> str:
     import importlib
 
     module, name = launch.kernel.split(":")
     jit = getattr(importlib.import_module(module), name)
     raw = f"{triton_version}|{jit.cache_key}|{launch.specialization}"
+    if target != 90:  # sm_90's keys as before (their cached results stay valid)
+        raw += f"|{target}"
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -64,7 +68,7 @@ def _worker(conn, triton_cache: str) -> None:
             conn.send({"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:2000]}"})
 
 
-def compile_all(jobs: list[tuple[int, Any]], n_workers: int, timeout: float, triton_cache: str, arch: int,
+def compile_all(jobs: list[tuple[int, Any]], n_workers: int, timeout: float, triton_cache: str, arch,
                 progress) -> dict[int, dict[str, Any]]:
     """Compile (index, launch) jobs on n_workers spawned processes; a compile past `timeout` seconds is
     killed (its worker replaced) and reported as a failure."""
@@ -122,26 +126,32 @@ def compile_all(jobs: list[tuple[int, Any]], n_workers: int, timeout: float, tri
     return results
 
 
-def _finish(rows: list[dict[str, Any]]) -> None:
+def _finish(rows: list[dict[str, Any]], facts=None) -> None:
     """Occupancy from the compiler's figures, and the launchers' estimate for each config."""
+    from prefixattn.kernels.device import H100
     from prefixattn.kernels.smem import launch_smem_estimate
 
     from .compile_table import ctas_per_sm
 
+    facts = facts or H100
     elsize = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}
     for row in rows:
         if row.get("ok"):
-            row["ctas_per_sm"] = ctas_per_sm(row["registers"], row["shared"], row["num_warps"])
+            row["ctas_per_sm"] = ctas_per_sm(row["registers"], row["shared"], row["num_warps"], facts,
+                                             row.get("agprs"))
         if row["short"] in ("fwd", "dq", "dkdv") and row.get("dtype"):
             row["estimate"] = launch_smem_estimate(row["short"], row["constants"], row["num_warps"],
-                                                   row["num_stages"], elsize[row["dtype"]])
+                                                   row["num_stages"], elsize[row["dtype"]], facts)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench compile", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--set", default="full", choices=("ci", "pinned", "tuned", "full"))
-    ap.add_argument("--device", default="h100", choices=("h100", "h200"))
-    ap.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 4)))
+    ap.add_argument("--set", default="full", choices=("devices", "ci", "pinned", "tuned", "full"))
+    from prefixattn.kernels.device import KNOWN
+
+    ap.add_argument("--device", default="h100", choices=(*KNOWN, "all"))
+    ap.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 4)),
+                    help="compile worker processes (default: the CPU count, at most 4)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"default {DEFAULT_CACHE}")
     ap.add_argument("--no-cache", action="store_true", help="compile everything afresh (temporary directory)")
     ap.add_argument("--out", type=Path, default=None,
@@ -164,6 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench compile needs the compiling triton: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
+    if args.device == "all":
+        if args.from_json:
+            ap.error("--from-json re-renders one device's table")
+        codes = []
+        for name in KNOWN:
+            print(f"=== {name}", flush=True)
+            codes.append(compile_device(args, name))
+        return max(codes)
+    return compile_device(args, args.device)
+
+
+def compile_device(args: argparse.Namespace, device: str) -> int:
+    """One device's plan, compiles, table and checks."""
     import torch
     import triton
     from prefixattn.kernels.device import KNOWN
@@ -171,12 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     from .compile_plan import case_set, record
     from .compile_table import problems, table
 
-    facts = KNOWN[args.device]
-    arch = facts.capability[0] * 10 + facts.capability[1]
+    facts = KNOWN[device]
+    target = facts.target
+    arch = target[1] if target[0] == "cuda" else target  # sm number, or the hip target
     if args.from_json:
         doc = json.loads(args.from_json.read_text())
         rows = doc.pop("rows")
-        _finish(rows)
+        _finish(rows, facts)
         report = table(rows, doc["limit"], doc)
         target = args.from_json.with_suffix(".md")
         target.write_text(report)
@@ -205,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {k: v for k, v in vars(x).items() if k != "specialization"}
         row["short"] = x.short
         rows.append(row)
-        keys.append(_result_key(x, triton.__version__))
+        keys.append(_result_key(x, triton.__version__, arch))
         cached = cache / "results" / f"{keys[-1]}.json"
         if cached.exists():
             row.update(json.loads(cached.read_text()))
@@ -231,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         compile_all(todo, args.jobs, args.timeout, str(triton_cache), arch, progress)
 
-    _finish(rows)
-    header = {"device": facts.name, "arch": arch, "limit": facts.smem_per_block, "triton": triton.__version__,
+    _finish(rows, facts)
+    header = {"device": facts.name, "arch": arch if isinstance(arch, int) else target[1],
+              "backend": target[0], "warp_size": target[2], "sms": facts.sms, "name": device,
+              "limit": facts.smem_per_block, "triton": triton.__version__,
               "torch": torch.__version__, "python": platform.python_version(), "set": args.set,
               "date": datetime.date.today().isoformat(), "seconds": round(time.monotonic() - t0, 1)}
     report = table(rows, facts.smem_per_block, header)
@@ -240,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [(r["short"], r["config"], r.get("cases", [])[:1], p) for r in rows for p in problems(r, limit)]
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"compile-{args.device}-triton{triton.__version__}-{args.set}"
+        stem = f"compile-{device}-triton{triton.__version__}-{args.set}"
         (args.out / f"{stem}.md").write_text(report)
         (args.out / f"{stem}.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
         print(f"wrote {args.out / stem}.md and .json", flush=True)

@@ -1,4 +1,5 @@
-"""Which launches the launchers make on an H100/H200, found without a GPU (``python -m bench compile``).
+"""Which launches the launchers make on a GPU (an H100/H200 by default; any of kernels/device.py's
+KNOWN), found without it (``python -m bench compile``).
 
 The real launchers (prefixattn.kernels.attention_forward / attention_backward) run on meta tensors
 (shapes, strides and dtypes, no data) with ``KernelSettings.device`` set to an H100's facts, so every
@@ -26,14 +27,24 @@ from typing import Any
 PINNED, AUTOTUNE_KEPT, AUTOTUNE_PRUNED, FIXED = "pinned", "autotune", "pruned", "fixed"
 
 
+def gpu_target(target):
+    """triton's GPUTarget from an sm number (90) or a (backend, arch, warp size) tuple
+    (``DeviceFacts.target``: ("cuda", 100, 32), ("hip", "gfx942", 64))."""
+    from triton.backends.compiler import GPUTarget
+
+    if isinstance(target, int):
+        return GPUTarget("cuda", target, 32)
+    backend, arch, warp = target
+    return GPUTarget(backend, arch, warp)
+
+
 class FakeCudaDriver:
-    """Answers what triton's JIT asks of the active driver before compiling: an sm_90 target on
-    device 0. Nothing here can launch (launches are stopped by the hook first)."""
+    """Answers what triton's JIT asks of the active driver before compiling: the device's target
+    (sm_90 by default; any CUDA arch, or an AMD gfx arch for triton's hip backend) on device 0.
+    Nothing here can launch (launches are stopped by the hook first)."""
 
-    def __init__(self, arch: int = 90) -> None:
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", arch, 32)
+    def __init__(self, arch=90) -> None:
+        self.target = gpu_target(arch)
 
     def is_active(self) -> bool:
         return True
@@ -56,7 +67,7 @@ class FakeCudaDriver:
         raise RuntimeError("bench compile never benchmarks")
 
 
-def use_fake_driver(arch: int = 90) -> None:
+def use_fake_driver(arch=90) -> None:
     from triton.runtime.driver import driver
 
     driver.set_active(FakeCudaDriver(arch))
@@ -152,7 +163,7 @@ class Recorder:
             tuner.nargs = None
 
         old_hook, old_run, old_driver = triton.knobs.runtime.jit_cache_hook, Autotuner.run, driver._active
-        use_fake_driver(facts.capability[0] * 10 + facts.capability[1])
+        use_fake_driver(facts.target)
         triton.knobs.runtime.jit_cache_hook = self.hook
         Autotuner.run = autotune_run
         try:
@@ -213,11 +224,14 @@ class Case:
 
 
 def case_set(name: str) -> list[Case]:
-    """Named sets of cases. ci: the pinned kernels of the main path, bf16/fp16, D = 64/128/256
+    """Named sets of cases. devices: the pinned kernels of the main path, bf16, D = 64/128 (CI runs it
+    for every device); ci: the pinned kernels of the main path, bf16/fp16, D = 64/128/256
     (a few minutes on 2 cores); pinned: the pinned and fixed launches over head dims (bf16/fp16; fp32
     at D = 64, 128) and the feature variants (bf16, D = 128; everything at once also at 256 and
     192/128); tuned: the autotune lists (bf16/fp16, D = 64/128/256); full: pinned + tuned."""
     cases: list[Case] = []
+    if name == "devices":  # CI's subset for every device: the main path, bf16, D = 64 and 128
+        return [Case("base", mode, "bf16", d, d) for d in (64, 128) for mode in ("fwd", "bwd")]
     if name == "ci":
         for dtype in ("bf16", "fp16"):
             for d in (64, 128, 256):
@@ -254,7 +268,7 @@ def case_set(name: str) -> list[Case]:
                     cases.append(Case("base", mode, dtype, d, d))
         cases.append(Case("all", "bwd_tuned", "bf16", 128, 128))
     if not cases:
-        raise ValueError(f"unknown case set {name!r}: ci, pinned, tuned, full")
+        raise ValueError(f"unknown case set {name!r}: devices, ci, pinned, tuned, full")
     return cases
 
 

@@ -1,11 +1,13 @@
-"""The compile table of ``python -m bench compile``: what each launch needs on an sm_90 GPU, and the
-checks CI applies to it.
+"""The compile table of ``python -m bench compile``: what each launch needs on its GPU (sm_90 by
+default), and the checks CI applies to it.
 
     smem        the compiler's shared memory (bytes) against the device's opt-in limit per block
     est         the launchers' own estimate for the config (kernels/smem.py); it must not be below smem
-    regs        registers per thread (ptxas); 255 is the ceiling, spills go to local memory
-    spill       spill stores / loads in bytes (ptxas)
-    mma         wgmma (Hopper warpgroup MMA), mma.sync (Ampere-style), or fma (no tensor cores)
+    regs        registers per thread (ptxas); 255 is the ceiling, spills go to local memory.
+                AMD: VGPRs + AGPRs per lane, and SGPRs (the AMDGPU metadata)
+    spill       spill stores / loads in bytes (ptxas). AMD: scratch bytes per lane / VGPRs spilled
+    mma         wgmma (Hopper warpgroup MMA), tcgen05 (Blackwell), mma.sync (Ampere-style), mfma
+                (AMD matrix cores), or fma (no tensor cores)
     serial      ptxas serialized the wgmma pipeline (usually for lack of registers)
     CTAs/SM     programs one SM holds at once, from registers, shared memory, threads
 """
@@ -14,28 +16,50 @@ from __future__ import annotations
 
 from typing import Any
 
-# Hopper per-SM resources (CUDA occupancy calculator, compute capability 9.0)
-REGS_PER_SM = 65536
+# Per-SM resources (CUDA occupancy calculator by compute capability; AMD CDNA per CU):
+# (registers, shared memory per SM, max threads, max blocks per SM)
+SM_RESOURCES = {
+    80: (65536, 167936, 2048, 32),
+    86: (65536, 102400, 1536, 16),
+    89: (65536, 102400, 1536, 24),
+    90: (65536, 233472, 2048, 32),
+    100: (65536, 233472, 2048, 32),
+    120: (65536, 102400, 1536, 32),
+}
+# Hopper's, the default
+REGS_PER_SM, SMEM_PER_SM, MAX_THREADS_PER_SM, MAX_CTAS_PER_SM = SM_RESOURCES[90]
 REG_UNIT = 256  # registers are allocated per warp in units of 256
-SMEM_PER_SM = 233472  # 228 KiB
 SMEM_RESERVED_PER_CTA = 1024
-MAX_THREADS_PER_SM = 2048
-MAX_CTAS_PER_SM = 32
+# CDNA3/4: 4 SIMDs per CU, 512 VGPRs (arch + acc, granule 8) per lane per SIMD, 8 waves per SIMD
+AMD_LDS_PER_CU = {"gfx942": 65536, "gfx950": 163840}
 
 
-def ctas_per_sm(registers: int | None, shared: int, num_warps: int) -> int | None:
+def ctas_per_sm(registers: int | None, shared: int, num_warps: int, facts=None,
+                agprs: int | None = None) -> int | None:
+    """Programs one SM (CU on AMD) holds at once, from registers, shared memory (LDS) and threads."""
     if registers is None:
         return None
+    if facts is not None and facts.gfx:
+        per_wave = -(-(max(registers, 1) + (agprs or 0)) // 8) * 8
+        waves = 4 * min(8, 512 // per_wave)
+        by_lds = AMD_LDS_PER_CU.get(facts.gfx, facts.smem_per_block) // max(shared, 1)
+        return max(0, min(waves // num_warps, by_lds))
+    cap = 90 if facts is None else facts.capability[0] * 10 + facts.capability[1]
+    regs_sm, smem_sm, threads_sm, ctas_sm = SM_RESOURCES.get(cap, SM_RESOURCES[90])
     per_warp = -(-max(registers, 1) * 32 // REG_UNIT) * REG_UNIT
-    by_regs = (REGS_PER_SM // per_warp) // num_warps
-    by_smem = SMEM_PER_SM // (shared + SMEM_RESERVED_PER_CTA)
-    by_threads = MAX_THREADS_PER_SM // (32 * num_warps)
-    return max(0, min(by_regs, by_smem, by_threads, MAX_CTAS_PER_SM))
+    by_regs = (regs_sm // per_warp) // num_warps
+    by_smem = smem_sm // (shared + SMEM_RESERVED_PER_CTA)
+    by_threads = threads_sm // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, ctas_sm))
 
 
 def mma_kind(row: dict[str, Any]) -> str:
     if row.get("wgmma"):
         return "wgmma"
+    if row.get("tcgen05"):
+        return "tcgen05"
+    if row.get("mfma"):
+        return "mfma"
     if row.get("mma_sync"):
         return "mma.sync"
     return "fma" if row.get("fma") else "-"
@@ -103,7 +127,10 @@ def _row(r: dict[str, Any], limit: int) -> str:
     if not r.get("ok"):
         return "| " + " | ".join(head + [f"FAILED: {r.get('error', '')[:80]}"] + [""] * 7) + " |"
     flag = " **over**" if r["shared"] > limit else ""
-    cells = [f"{_fmt_kib(r['shared'])}{flag}", _fmt_kib(r.get("estimate")), str(r["registers"]),
+    regs = str(r["registers"])
+    if r.get("sgprs") is not None:  # AMD: VGPRs + AGPRs, SGPRs
+        regs = f"{r['registers']}+{r.get('agprs') or 0} s{r['sgprs']}"
+    cells = [f"{_fmt_kib(r['shared'])}{flag}", _fmt_kib(r.get("estimate")), regs,
              f"{r['spill_stores']}/{r['spill_loads']}", mma_kind(r), "yes" if r["wgmma_serialized"] else "",
              str(r.get("ctas_per_sm")), str(r["compile_s"])]
     return "| " + " | ".join(head + cells) + " |"
@@ -112,12 +139,19 @@ def _row(r: dict[str, Any], limit: int) -> str:
 def table(rows: list[dict[str, Any]], limit: int, header: dict[str, Any]) -> str:
     """The markdown report: header, summary, checks, then one table per kind of launch."""
     h = header
-    lines = [f"# Compile table: {h.get('device')} (sm_{h.get('arch')}), triton {h.get('triton')}", "",
-             f"Generated by `python -m bench compile --set {h.get('set')}` on a machine without a GPU "
+    amd = h.get("backend") == "hip"
+    arch = h.get("arch") if amd else f"sm_{h.get('arch')}"
+    flag = f" --device {h['name']}" if h.get("name") else ""
+    lines = [f"# Compile table: {h.get('device')} ({arch}), triton {h.get('triton')}", "",
+             f"Generated by `python -m bench compile --set {h.get('set')}{flag}` on a machine without a GPU "
              f"({h.get('date')}; torch {h.get('torch')}, python {h.get('python')}). "
-             f"Shared memory limit per block: {limit} B ({limit / 1024:.0f} KiB). "
-             "Every figure is the compiler's (ptxas -v, triton's metadata); `est` is the launchers' own "
-             "estimate for the config (kernels/smem.py). Speed is not measured here.", ""]
+             f"{'LDS' if amd else 'Shared memory'} limit per block: {limit} B ({limit / 1024:.0f} KiB); "
+             f"{h.get('sms', '?')} {'CUs' if amd else 'SMs'}, warp size {h.get('warp_size', 32)}. "
+             + ("Every figure is the compiler's (triton's metadata, the AMDGPU metadata of the hsaco's "
+                "assembly: regs = VGPRs+AGPRs sSGPRs, spill = scratch bytes / VGPRs spilled)"
+                if amd else "Every figure is the compiler's (ptxas -v, triton's metadata)")
+             + "; `est` is the launchers' own estimate for the config (kernels/smem.py). "
+             "Speed is not measured here.", ""]
     counts = summary(rows, limit)
     lines += ["## Summary", "", "| " + " | ".join(counts) + " |", "|" + "---|" * len(counts),
               "| " + " | ".join(str(v) for v in counts.values()) + " |", ""]

@@ -1,4 +1,4 @@
-"""Compile one recorded launch for sm_90 and read what the compiler says about it.
+"""Compile one recorded launch for its device's target and read what the compiler says about it.
 
 ``compile_launch`` runs in a worker process: ``JITFunction.preload`` (triton's own path from a
 recorded specialization to a compiled kernel, through triton's cache) under the fake driver, then
@@ -8,7 +8,12 @@ recorded specialization to a compiled kernel, through triton's cache) under the 
     registers, spill stores/loads, stack frame, and "wgmma serialized" warnings: from ptxas -v
                 (the log triton's own ptxas run writes when asked; on a triton cache hit, a second
                 ptxas run over the cached PTX with the same flags)
-    wgmma / mma.sync: counted in the PTX (Hopper's warpgroup tensor-core instruction, or Ampere's)
+    wgmma / mma.sync: counted in the PTX (Hopper's warpgroup tensor-core instruction, or Ampere's;
+                Blackwell's tcgen05.mma counted as tcgen05)
+
+AMD (triton's hip backend, an hsaco): shared is the LDS, and the AMDGPU metadata of the assembly
+gives VGPRs (registers), AGPRs, SGPRs, the private segment (scratch: spill_stores, in bytes) and the
+VGPR/SGPR spill counts; v_mfma instructions are the matrix-core dots.
 """
 
 from __future__ import annotations
@@ -44,7 +49,33 @@ def parse_ptxas_log(log: str) -> dict[str, Any]:
 def count_mma(ptx: str) -> dict[str, int]:
     return {"wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
             "mma_sync": len(re.findall(r"\bmma\.sync\b", ptx)),
+            "tcgen05": len(re.findall(r"\btcgen05\.mma\b", ptx)),
             "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx))}
+
+
+def _amd_field(asm: str, name: str) -> int | None:
+    found = re.findall(rf"^\s*\.{re.escape(name)}:\s+(\d+)", asm, re.M)
+    return int(found[-1]) if found else None
+
+
+def parse_amdgcn(asm: str) -> dict[str, Any]:
+    """Registers, scratch and matrix-core dots from the AMDGPU assembly's kernel metadata."""
+    scratch = _amd_field(asm, "private_segment_fixed_size")
+    return {
+        "registers": _amd_field(asm, "vgpr_count"),
+        "agprs": _amd_field(asm, "agpr_count"),
+        "sgprs": _amd_field(asm, "sgpr_count"),
+        "stack": scratch,
+        "spill_stores": scratch,  # bytes of scratch per lane: what spilled registers (or a stack) use
+        "spill_loads": _amd_field(asm, "vgpr_spill_count"),  # VGPRs spilled
+        "sgpr_spills": _amd_field(asm, "sgpr_spill_count"),
+        "lds_asm": _amd_field(asm, "group_segment_fixed_size"),
+        "wgmma_serialized": False,
+        "serialized_reason": [],
+        "mfma": len(re.findall(r"^\s*v_mfma", asm, re.M)),
+        "wgmma": 0, "mma_sync": 0, "tcgen05": 0,
+        "fma": len(re.findall(r"^\s*v_(?:pk_)?fma_f32", asm, re.M)),
+    }
 
 
 def _ptxas_again(ptx: str, arch: int) -> str:
@@ -60,13 +91,15 @@ def _ptxas_again(ptx: str, arch: int) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
 
 
-def compile_launch(kernel: str, specialization: str, arch: int = 90) -> dict[str, Any]:
-    """Compile (or load from triton's cache) one launch; return the compiler's figures."""
+def compile_launch(kernel: str, specialization: str, arch=90) -> dict[str, Any]:
+    """Compile (or load from triton's cache) one launch for `arch` (an sm number, or a (backend, arch,
+    warp size) target); return the compiler's figures."""
     import triton
 
-    from .compile_plan import use_fake_driver
+    from .compile_plan import gpu_target, use_fake_driver
 
     use_fake_driver(arch)
+    target = gpu_target(arch)
     module, name = kernel.split(":")
     jit = getattr(importlib.import_module(module), name)
     triton.knobs.nvidia.dump_ptxas_log = True  # triton prints ptxas -v output when it runs ptxas
@@ -75,13 +108,17 @@ def compile_launch(kernel: str, specialization: str, arch: int = 90) -> dict[str
     with contextlib.redirect_stdout(buf):
         compiled = jit.preload(specialization)
     seconds = time.perf_counter() - t0
+    md = compiled.metadata
+    if target.backend == "hip":
+        return {"shared": int(md.shared), "num_warps": int(md.num_warps), "num_stages": int(md.num_stages),
+                "compile_s": round(seconds, 2), "hash": compiled.hash, **parse_amdgcn(compiled.asm["amdgcn"])}
+    arch = target.arch
     log = buf.getvalue()
     ptx = compiled.asm["ptx"]
     if "Used" not in log:  # a cache hit: nothing ran ptxas in this process
         log = _ptxas_again(ptx, arch)
-    md = compiled.metadata
     return {"shared": int(md.shared), "num_warps": int(md.num_warps), "num_stages": int(md.num_stages),
             "compile_s": round(seconds, 2), "hash": compiled.hash, **parse_ptxas_log(log), **count_mma(ptx)}
 
 
-__all__ = ["compile_launch", "parse_ptxas_log", "count_mma"]
+__all__ = ["compile_launch", "parse_ptxas_log", "count_mma", "parse_amdgcn"]

@@ -689,7 +689,7 @@ def attention_backward(
 
     BLOCK_DK, BLOCK_DV = block_d(Dk), block_d(Dv)
     BLOCK_P = block_p(P, BLOCK_DK, BLOCK_DV)
-    precision = dot_precision(q.dtype)
+    precision = dot_precision(q.dtype, q.device)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     kpm_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     has_docs = doc_start is not None

@@ -58,15 +58,22 @@ def block_p(num_prefix: int, block_dk: int, block_dv: int) -> int:
     return max(16, min(widest, triton.next_power_of_2(max(num_prefix, 1))))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
     """How tl.dot multiplies. Half inputs: on the tensor cores (the setting does not apply). fp32
     inputs: as torch multiplies fp32 matrices on CUDA, on the TF32 tensor cores when torch allows it
     (``torch.backends.cuda.matmul.allow_tf32 = True``, or ``torch.set_float32_matmul_precision("high")``
     which sets it), else exact fp32 products ("ieee": FMA units, no tensor cores, several times slower;
-    torch's default, and what matches a float64 reference to 1e-4)."""
+    torch's default, and what matches a float64 reference to 1e-4).
+
+    AMD (triton's hip backend) refuses "tf32" except on gfx942 (CDNA3's XF32), also for half inputs
+    where it would change nothing: half inputs say "ieee" there (the same matrix-core products), and
+    fp32 with TF32 allowed stays exact on the other AMD archs."""
+    gfx = device_facts(device).gfx if device is not None else ""
     if dtype != torch.float32:
+        return "ieee" if gfx else "tf32"
+    if torch.backends.cuda.matmul.allow_tf32 and gfx in ("", "gfx942"):
         return "tf32"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee"
 
 
 def num_sms(device: torch.device) -> int:
@@ -117,11 +124,14 @@ def configs_from(table):
 def smem_fits(kernel: str, meta: dict, elsize: int, device: torch.device, bias_elsize: int = 0):
     """fits(bm, bn, warps, stages): whether a config of `kernel` with these constexprs fits the device
     (``bias_elsize``: the score bias's element size when it differs from the inputs')."""
-    limit, precision = smem_limit(device), meta["DOT_PRECISION"]
+    facts = device_facts(device)
+    limit, precision = facts.smem_per_block, meta["DOT_PRECISION"]
     meta = {**meta, "BIAS_ELSIZE": bias_elsize or elsize}
+    plan_as = None if facts is CPU else facts  # the interpreter plans as an H100 (dot_family's default)
 
     def fits(bm: int, bn: int, warps: int, stages: int) -> bool:
-        return smem_bytes(kernel, {**meta, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages, elsize, precision) <= limit
+        need = smem_bytes(kernel, {**meta, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages, elsize, precision, plan_as)
+        return need <= limit
     return fits
 
 

@@ -23,8 +23,17 @@ class DeviceFacts:
 
     name: str
     sms: int
-    smem_per_block: int  # bytes, opt-in maximum per block
+    smem_per_block: int  # bytes, opt-in maximum per block (LDS per workgroup on AMD)
     capability: tuple[int, int] = (0, 0)
+    gfx: str = ""  # AMD's architecture name (gfx942, gfx950); empty on NVIDIA and the CPU
+    warp_size: int = 32  # 64 on AMD Instinct (wave64)
+
+    @property
+    def target(self) -> tuple[str, int | str, int]:
+        """(backend, arch, warp size) as triton's GPUTarget spells them: ("cuda", 90, 32), ("hip", "gfx942", 64)."""
+        if self.gfx:
+            return ("hip", self.gfx, self.warp_size)
+        return ("cuda", self.capability[0] * 10 + self.capability[1], self.warp_size)
 
 
 @dataclass(frozen=True)

@@ -479,7 +479,7 @@ def attention_forward(
             key_padding_mask is not None or Sk == 0 or has_docs or window > 0)),
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
         HAS_DOCS=has_docs, HAS_WINDOW=window > 0, HAS_SINKS=sinks is not None,
-        SOFTCAP=softcap > 0, HAS_BIAS=score_bias is not None, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
+        SOFTCAP=softcap > 0, HAS_BIAS=score_bias is not None, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype, q.device),
         EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
         BLOCK_P=block_p(P, BLOCK_DK, BLOCK_DV),
     )

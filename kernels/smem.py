@@ -9,13 +9,31 @@ pick the pinned configs and to prune the autotune lists (kernels/common.py smem_
 from __future__ import annotations
 
 
-def uses_wgmma(rows: int, num_warps: int, elsize: int, precision: str) -> bool:
+def dot_family(facts=None) -> str:
+    """How a device's dots use shared memory: "wgmma" (Hopper, and the CPU, which plans as an H100),
+    "tcgen05" (Blackwell datacenter, sm_100), "mma" (mma.sync: Ampere, Ada, consumer Blackwell
+    sm_120), "mfma" (AMD Instinct; LDS)."""
+    if facts is None:
+        return "wgmma"
+    if facts.gfx:
+        return "mfma"
+    major = facts.capability[0]
+    if major in (10, 11):
+        return "tcgen05"
+    if 0 < major < 9 or major >= 12:
+        return "mma"
+    return "wgmma"
+
+
+def uses_wgmma(rows: int, num_warps: int, elsize: int, precision: str, family: str = "wgmma") -> bool:
     """Whether triton lowers a dot whose A operand has `rows` rows to Hopper's warpgroup MMA: half
-    inputs or TF32, at least 64 rows (one warpgroup's M) and whole warpgroups of warps."""
-    return rows >= 64 and num_warps % 4 == 0 and (elsize == 2 or precision == "tf32")
+    inputs or TF32, at least 64 rows (one warpgroup's M) and whole warpgroups of warps (on sm_90;
+    never on the other families)."""
+    return family == "wgmma" and rows >= 64 and num_warps % 4 == 0 and (elsize == 2 or precision == "tf32")
 
 
-def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize: int, precision: str) -> int:
+def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize: int, precision: str,
+               facts=None) -> int:
     """Shared memory a launch of `kernel` (fwd, dq, dkdv) needs on sm_90, counting every tile; the
     compile check (tests/bench/test_compile.py) holds it against the compiler's figure.
 
@@ -31,16 +49,17 @@ def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize:
     softcap; the dk/dv kernel's transposed tile counts like its streamed operands (measured with
     triton 3.9 on the bias variants of ``python -m bench compile``). 1 KiB covers barriers and small
     scratch."""
+    family = dot_family(facts)
     bm, bn, bp = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_P"]
     bdk, w = meta["BLOCK_DK"], meta["BLOCK_DK"] + meta["BLOCK_DV"]
     es = elsize
     keys = max(bn, bp)
 
     def buffers(rows: int) -> int:
-        return num_stages if uses_wgmma(rows, num_warps, es, precision) else max(num_stages - 1, 1)
+        return num_stages if uses_wgmma(rows, num_warps, es, precision, family) else max(num_stages - 1, 1)
 
     def score_tile(rows: int, cols: int) -> int:
-        return 0 if uses_wgmma(rows, num_warps, es, precision) else rows * cols * es
+        return 0 if uses_wgmma(rows, num_warps, es, precision, family) else rows * cols * es
 
     bias_es = (meta.get("BIAS_ELSIZE") or es) if meta.get("HAS_BIAS") else 0
     bias_buffers = max(num_stages - 1, 1) if meta.get("SOFTCAP") else 1
@@ -56,7 +75,7 @@ def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize:
         # layer 0 (only the prefix gradient): the key-block branch is compiled out
         need = branch(bp) if meta.get("DO_SEQUENCE") is False else max(branch(bn), branch(bp))
         if meta.get("ATOMIC_DQ"):
-            if uses_wgmma(bm, num_warps, es, precision):
+            if uses_wgmma(bm, num_warps, es, precision, family):
                 need += bm * bdk * 4
             else:
                 need += es * (keys * bdk + keys * bm)
@@ -65,9 +84,9 @@ def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize:
     return need + 1024
 
 
-def launch_smem_estimate(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize: int) -> int:
+def launch_smem_estimate(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize: int, facts=None) -> int:
     """smem_bytes of a launch recorded by ``python -m bench compile`` (its constants as meta)."""
-    return smem_bytes(kernel, meta, num_warps, num_stages, elsize, meta.get("DOT_PRECISION", "tf32"))
+    return smem_bytes(kernel, meta, num_warps, num_stages, elsize, meta.get("DOT_PRECISION", "tf32"), facts)
 
 
-__all__ = ["uses_wgmma", "smem_bytes", "launch_smem_estimate"]
+__all__ = ["dot_family", "uses_wgmma", "smem_bytes", "launch_smem_estimate"]

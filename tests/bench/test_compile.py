@@ -46,7 +46,7 @@ def test_ptxas_report_and_occupancy():
     assert (r["registers"], r["stack"], r["spill_stores"], r["spill_loads"]) == (255, 80, 80, 84)
     assert r["wgmma_serialized"] and "insufficient register resources" in r["serialized_reason"][0]
     assert count_mma("wgmma.mma_async.sync.aligned.m64n64k16 x; mma.sync.aligned.m16n8k16 y;") == \
-        {"wgmma": 1, "mma_sync": 1, "fma": 0}
+        {"wgmma": 1, "mma_sync": 1, "tcgen05": 0, "fma": 0}
     # 255 registers x 256 threads: one program per SM; 128 threads and 64 KiB: three (shared memory)
     assert ctas_per_sm(255, 131072, 8) == 1
     assert ctas_per_sm(128, 65536, 4) == 3
