@@ -31,7 +31,6 @@ VENV_BIN = Path(sys.executable).parent
 # Issue 30 item 3: blocks that do not run as written yet, fixed one by one. Strict: an entry that runs
 # fails until it is removed from here.
 KNOWN_BROKEN = {
-    "the-prefixattn-command-1": "DIR, train.jsonl undefined; the last command collides with an earlier --out",
     "training-on-several-gpus-1": "4 processes on GPUs; 'train ...'; the commands share one --out",
 }
 
