@@ -28,12 +28,6 @@ TIMEOUT_S = 300
 REPO = README.parent
 VENV_BIN = Path(sys.executable).parent
 
-# Issue 30 item 3: blocks that do not run as written yet, fixed one by one. Strict: an entry that runs
-# fails until it is removed from here.
-KNOWN_BROKEN = {
-    "training-on-several-gpus-1": "4 processes on GPUs; 'train ...'; the commands share one --out",
-}
-
 # placeholder name -> the stand-in the harness puts there (built once per session)
 STAND_INS = {
     "path/to/llama": "causal_lm",
@@ -175,8 +169,6 @@ def test_readme_block_runs(block: Block, request, tmp_path):
         pytest.skip(f"CI runs it: {block.ci_reason} (test_the_ci_commands_at_the_top_are_what_ci_runs)")
     if block.skip_reason:
         pytest.skip(block.skip_reason)
-    if block.id in KNOWN_BROKEN:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_BROKEN[block.id], strict=True))
     stand_ins = request.getfixturevalue("stand_ins")  # built only once a block runs
     blocks = chain(BLOCKS, block)
     code = program(blocks)
