@@ -180,6 +180,9 @@ def test_the_parser_refuses_what_it_cannot_classify():
     assert [b.id for b in blocks] == ["t-1", "t-2", "t-3", "t-4", "t-5", "t-6"]
     assert all(b.problems() for b in blocks[:5]), [b.problems() for b in blocks]
     assert not blocks[5].problems() and blocks[5].skip_reason == "needs a GPU"
+    # bash: a comment after a line continuation ends the command, also in a block that is not run
+    broken = parse("<!-- readme-test: skip: a server -->\n```bash\nserve x \\   # the model\n    --port 1\n```\n")
+    assert any("ends the command" in p for p in broken[0].problems()), broken[0].problems()
 
 
 def test_the_runner_fails_a_block_that_fails_anywhere(tmp_path):
