@@ -166,6 +166,13 @@ def test_every_block_is_classified():
             problems.append(f"README.md:{b.line} ({b.id}): placeholders without a stand-in in "
                             f"tests/test_readme_blocks.py STAND_INS: {unknown}")
     assert not problems, "\n".join(problems)
+    # the blocks that are not run still parse (a SyntaxError shows in a skipped block too)
+    for b in RUN_BLOCKS:
+        if b.lang == "python":
+            compile(program(chain(BLOCKS, b)), f"README.md:{b.line} ({b.id})", "exec")
+        else:
+            check = subprocess.run(["bash", "-n"], input=b.code, capture_output=True, text=True)
+            assert check.returncode == 0, f"README.md:{b.line} ({b.id}): {check.stderr}"
     assert len({b.id for b in BLOCKS}) == len(BLOCKS)
     skipped = [b for b in RUN_BLOCKS if b.skip_reason]
     assert len(skipped) <= MAX_SKIPPED, [f"{b.id}: {b.skip_reason}" for b in skipped]
