@@ -100,6 +100,10 @@ class Block:
                 out.append(f"'{kind}:' needs a reason")
         if self.skip_reason and self.ci_reason:
             out.append("both skip and ci")
+        if self.lang == "bash":
+            for n, line in enumerate(self.code.splitlines(), 1):
+                if re.search(r"\\\s+#", line):
+                    out.append(f"line {n}: a comment after '\\' ends the command (the next line runs alone)")
         for old, new in self.replacements:
             if not old or not new:
                 out.append("replace needs 'OLD => NEW'")
