@@ -32,7 +32,7 @@ from ..prefix import MODULE_NAME, PeftLayout, PrefixConfig, PrefixKV, active_cop
 from . import roles
 from .attention import register
 from .cartridges import cartridge_options
-from .families import resolve_family
+from .families import resolve_family, warn_if_not_verified
 from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
 from .hooks import add_pre_hook, remove_pre_hooks
 from .positions import find_position_embedding, hook_position_embedding
@@ -290,10 +290,7 @@ def patch_model(
     if heads and num_prefixes is not None:
         raise ValueError(f"a bank of prefixes (num_prefixes) shares one task head, which trains with every "
                          f"entry ({list(heads)}); prefixattn supports a bank on models without a task head")
-    if not family.tested:
-        warnings.warn(f"prefixattn: model family {family.model_type!r} is not in the tested set; it goes "
-                      "through the AttentionInterface, so it is patched, but check it against PEFT",
-                      stacklevel=3)
+    warn_if_not_verified(family.model_type, kind, stacklevel=3)
     register()
     state = PatchState(family=family, backend=backend, base_model=model, owner=model,
                        embeddings=model.get_input_embeddings() if hasattr(model, "get_input_embeddings")
