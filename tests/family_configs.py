@@ -86,6 +86,9 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "mamba2": {"num_heads": 8, "head_dim": 16},
     "moshi": {"audio_vocab_size": VOCAB},
+    # indexed attention (a learned key indexer; refused): head count and pool sizes that fit the tiny heads
+    "kolibri1_1": {"index_num_heads": 2, "index_topk": 8, "index_pool_size": 32, "index_compression": 2,
+                   "index_num_local_tokens": 4, "index_num_sink_tokens": 1},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
                        "indexer_compress_ratio": 2},
     "recurrent_gemma": {"num_hidden_layers": 3},

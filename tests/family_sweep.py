@@ -119,6 +119,14 @@ def _cache_under_its_new_name(module, args, kwargs):
     return args, kwargs
 
 
+CACHE_HOOK = "_sweep_cache_hook"  # where peft_twin keeps the handle of the renaming hook (a model attribute)
+
+
+def _hand_the_cache_over(peft_model) -> None:
+    base = peft_model.get_base_model()
+    peft_model.__dict__[CACHE_HOOK] = base.register_forward_pre_hook(_cache_under_its_new_name, with_kwargs=True)
+
+
 def peft_twin(model):
     """A PEFT PrefixTuning twin that runs the batch forward and backward, or None where PEFT fails on
     this family."""
@@ -130,9 +138,8 @@ def peft_twin(model):
     try:
         peft_model = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS))
-        base = peft_model.get_base_model()
-        if "cache" in inspect.signature(base.forward).parameters:
-            base.register_forward_pre_hook(_cache_under_its_new_name, with_kwargs=True)
+        if "cache" in inspect.signature(peft_model.get_base_model().forward).parameters:
+            _hand_the_cache_over(peft_model)
         ids, mask = right_padded_batch(_vocab(model))
         # with gradients, as the comparison trains a step: PEFT cannot train some families it can run
         # (dory deep-copies its cache, which then holds PEFT's non-leaf prefix)
@@ -143,6 +150,26 @@ def peft_twin(model):
     except Exception:
         return None
     return peft_model
+
+
+def peft_drops_its_prefix(peft_model, model) -> bool:
+    """Whether PEFT as it is, without the reference's renaming hook, gives the logits of the model without
+    any prefix (its prompt swallowed by a forward written for ``cache`` alone). ``model``: the base model
+    PEFT's twin was made from."""
+    hook = peft_model.__dict__.get(CACHE_HOOK)
+    if hook is None:
+        return False
+    ids, mask = right_padded_batch(_vocab(model))
+    hook.remove()
+    try:
+        with torch.no_grad():
+            as_peft_runs = peft_model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        _hand_the_cache_over(peft_model)
+    with torch.no_grad():
+        without_prefix = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()  # (padded positions differ: PEFT's mask has P more columns)
+    return torch.equal(as_peft_runs[real], without_prefix[real])
 
 
 def _peft_prefix(peft_model) -> torch.Tensor:
@@ -311,12 +338,15 @@ def compare_decode_with_full(ours) -> None:
     check(out.logits[1], full[:, -1], "logits of a decode step over a cache that holds the prefix")
 
 
-def classify(model_type: str, backend: str = "torch") -> str:
-    """Build, prefix-tune and compare one family; returns its class (see the module docstring)."""
+def classify(model_type: str, backend: str = "torch", seen: dict | None = None) -> str:
+    """Build, prefix-tune and compare one family; returns its class (see the module docstring). ``seen``
+    gets ``"peft_drops_its_prefix"``: whether PEFT itself ran without its prefix (where a PEFT twin runs)."""
     import prefixattn
 
     model = build(model_type)
     peft_model = peft_twin(model)
+    if seen is not None and peft_model is not None:
+        seen["peft_drops_its_prefix"] = peft_drops_its_prefix(peft_model, model)
     try:
         if peft_model is not None:
             ours = prefixattn.patch(copy.deepcopy(peft_model), backend=backend)

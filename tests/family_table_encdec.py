@@ -1,6 +1,7 @@
 """The expected outcome of every encoder and encoder-decoder family transformers ships (the sweep of
-tests/family_sweep_encdec.py; tests/hf/test_family_sweep_encdec.py checks it), and the README section
-generated from it (``python tests/family_sweep_encdec.py --readme``).
+tests/family_sweep_encdec.py; tests/hf/test_family_sweep_encdec.py checks it; the tables themselves are
+``prefixattn/hf/verified_families.py``'s, which patch()'s warning reads), and the README section generated
+from them (``python tests/family_sweep_encdec.py --readme``).
 
 Outcomes: ``"match_peft"``, ``"match_peft_prompt"``, ``"match_reference"``, ``"decoder_only"``,
 ``"all_only: <substring>"``, ``"decoder_only_sites: <substring>"``, ``"refused: <substring the refusal
@@ -8,6 +9,8 @@ must name>"`` (see family_sweep_encdec's docstring). Families that cannot be bui
 """
 
 from __future__ import annotations
+
+from prefixattn.hf.verified_families import ENCODERS, SEQ2SEQ, SWEPT_WITH  # noqa: F401  (the package's table)
 
 # What each refusal means, for the README (the key is the substring the refusal must name).
 REFUSALS: dict[str, str] = {
@@ -18,104 +21,6 @@ REFUSALS: dict[str, str] = {
     "no attention module": "no attention at all (FNet mixes tokens with Fourier transforms)",
     "no num_hidden_layers": "no num_hidden_layers for PEFT's layout, and an encoder prefixattn cannot probe "
                             "or whose two-sided window disagrees with its own mask (T5Gemma)",
-}
-
-ENCODERS: dict[str, str] = {
-    "albert": "match_reference",
-    "bert": "match_peft",
-    "big_bird": "refused: own attention code",
-    "camembert": "match_peft",
-    "convbert": "refused: own attention code",
-    "data2vec-text": "match_peft",
-    "deberta": "refused: own attention code",
-    "deberta-v2": "refused: own attention code",
-    "distilbert": "match_reference",
-    "electra": "match_peft",
-    "ernie": "match_peft",
-    "esm": "match_reference",
-    "eurobert": "match_reference",
-    "flaubert": "refused: own attention code",
-    "fnet": "refused: no attention module",
-    "funnel": "refused: own attention code",
-    "gte": "match_reference",
-    "ibert": "refused: own attention code",
-    "jina_embeddings_v3": "match_reference",
-    "layoutlm": "refused: 4-D attention mask of its own",
-    "longformer": "refused: own attention code",
-    "luke": "refused: own attention code",
-    "markuplm": "refused: 4-D attention mask of its own",
-    "megatron-bert": "refused: own attention code",
-    "mobilebert": "match_reference",
-    "modernbert": "match_reference",
-    "modernvbert": "match_reference",
-    "mpnet": "refused: own attention code",
-    "mra": "refused: own attention code",
-    "neomme": "match_reference",
-    "nomic_bert": "match_reference",
-    "nystromformer": "refused: own attention code",
-    "openai_privacy_filter": "match_reference",
-    "rembert": "refused: own attention code",
-    "roberta": "match_peft",
-    "roberta-prelayernorm": "match_peft",
-    "roc_bert": "match_peft",
-    "roformer": "refused: own attention code",
-    "splinter": "match_reference",
-    "tapas": "refused: own attention code",
-    "ultrabert": "match_reference",
-    "ultravbert": "match_reference",
-    "xlm": "refused: own attention code",
-    "xlm-roberta": "match_peft",
-    "xlm-roberta-xl": "match_peft",
-    "yoso": "refused: own attention code",
-}
-
-SEQ2SEQ: dict[str, str] = {
-    "audioflamingo3": "decoder_only",
-    "bart": "match_peft",
-    "bigbird_pegasus": "refused: reads the attention masks",
-    "blenderbot": "match_peft",
-    "blenderbot-small": "match_peft",
-    "canary": "refused: no num_hidden_layers",
-    "cohere_asr": "refused: 4-D attention mask of its own",
-    "encoder-decoder": "all_only: no num_hidden_layers",
-    "fsmt": "refused: own attention code",
-    "glmasr": "decoder_only",
-    "granite_speech": "decoder_only",
-    "granite_speech_plus": "decoder_only",
-    "kyutai_speech_to_text": "decoder_only",
-    "led": "refused: own attention code",
-    "longt5": "decoder_only_sites: its encoder's attention does not go through",
-    "m2m_100": "match_peft",
-    "marian": "match_peft",
-    "mbart": "match_peft",
-    "moonshine": "match_reference",
-    "moss_transcribe_diarize": "decoder_only",
-    "mt5": "match_peft",
-    "musicflamingo": "decoder_only",
-    "mvp": "refused: own attention code",
-    "nemo_speechlm": "decoder_only",
-    "nllb-moe": "match_peft",
-    "omniasr": "decoder_only",
-    "pegasus": "match_peft",
-    "pegasus_x": "decoder_only_sites: its encoder's attention does not go through",
-    "plbart": "match_peft",
-    "pop2piano": "match_reference",
-    "prophetnet": "refused: own attention code",
-    "qwen2_audio": "decoder_only",
-    "qwen3_asr": "decoder_only",
-    "seamless_m4t": "match_peft",
-    "seamless_m4t_v2": "match_peft",
-    "speech_to_text": "match_peft_prompt",
-    "speecht5": "refused: own attention code",
-    "switch_transformers": "match_peft",
-    "t5": "match_peft",
-    "t5gemma": "refused: no num_hidden_layers",
-    "umt5": "match_peft",
-    "vibevoice": "decoder_only",
-    "vibevoice_asr": "decoder_only",
-    "voxtral": "decoder_only",
-    "voxtral_realtime": "decoder_only",
-    "whisper": "match_peft_prompt",
 }
 
 # Families whose tiny model the sweep cannot build or run, and why (the test checks they still cannot).
@@ -177,8 +82,9 @@ def readme_section() -> str:
     total = len(ENCODERS) + len(SEQ2SEQ) + len(CANNOT_BUILD)
     lines = [
         README_BEGIN,
-        f"Every encoder and encoder-decoder family transformers ships ({total}), as the family sweep "
-        "(`tests/hf/test_family_sweep_encdec.py`, tiny random configs) verifies it:",
+        f"Every encoder and encoder-decoder family transformers {SWEPT_WITH['transformers']} ships ({total}), "
+        f"as the family sweep (`tests/hf/test_family_sweep_encdec.py`, tiny random configs, PEFT "
+        f"{SWEPT_WITH['peft']}) verifies it:",
         "",
         f"- **Encoders with the same logits as PEFT's prefix tuning** (SEQ_CLS, TOKEN_CLS, QUESTION_ANS with a "
         f"restored `past_key_values` argument; FEATURE_EXTRACTION), and the same prefix and task head after an "

@@ -5,6 +5,8 @@ the per-step plan) -> ``prefixattn.prefix_attention``. Each module has one job:
 
     state.py        PatchState and the names the patcher registers/stores things under
     families.py     which model families are supported, and how each numbers its positions
+    verified_families.py  the family sweeps' tables: which families are verified, and how (the README's
+                    lists are generated from them)
     plan.py         the per-step plan (prefix computed and cast once, ids checked once, per-layer views)
     hooks.py        the forward pre-hook that builds the plan and numbers positions from P
     attention.py    the registered attention and mask functions

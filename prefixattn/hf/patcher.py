@@ -34,7 +34,7 @@ from ..prefix import MODULE_NAME, PeftLayout, PrefixConfig, PrefixKV, active_cop
 from . import roles
 from .attention import register
 from .cartridges import cartridge_options
-from .families import resolve_family
+from .families import resolve_family, warn_if_not_verified
 from .generate import unwrap_prepare_inputs, wrap_prepare_inputs
 from .hooks import add_pre_hook, remove_pre_hooks
 from .positions import find_position_embedding, hook_position_embedding
@@ -311,10 +311,7 @@ def patch_model(
     if heads and num_prefixes is not None:
         raise ValueError(f"a bank of prefixes (num_prefixes) shares one task head, which trains with every "
                          f"entry ({list(heads)}); prefixattn supports a bank on models without a task head")
-    if not family.tested:
-        warnings.warn(f"prefixattn: model family {family.model_type!r} is not in the tested set; it goes "
-                      "through the AttentionInterface, so it is patched, but check it against PEFT",
-                      stacklevel=3)
+    warn_if_not_verified(family.model_type, kind, stacklevel=3)
     register()
     state = PatchState(family=family, backend=backend, base_model=model, owner=model,
                        embeddings=model.get_input_embeddings() if hasattr(model, "get_input_embeddings")
@@ -403,20 +400,36 @@ def _switch_detached_configs(state: PatchState) -> None:
             config._attn_implementation = IMPL_NAME
 
 
+def _tensor_names(model: nn.Module) -> set[str]:
+    """The names the model's parameters and persistent buffers have in its state dict (tied ones under each
+    name), read from the modules: ``model.state_dict()`` is never called on the base model, since a
+    quantized model's state dict is not a plain read (bitsandbytes 4-bit on a CPU unpacks and requantizes
+    its weights there, which changes the model)."""
+    names = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        where = f"{path}." if path else ""
+        names.update(where + n for n, p in module._parameters.items() if p is not None)
+        names.update(where + n for n, b in module._buffers.items()
+                     if b is not None and n not in module._non_persistent_buffers_set)
+    return names
+
+
 def _save_only_the_prefix(model: nn.Module, state: PatchState) -> None:
     """model.save_pretrained() (and so the HF Trainer's checkpoints) writes the prefix, not the frozen model:
-    transformers drops the state-dict keys listed in the instance's ``_keys_to_ignore_on_save``."""
+    the replaced ``save_pretrained`` hands transformers a state dict of the prefix and the task head alone
+    (``saved.py``), and the frozen tensors' names go into the instance's ``_keys_to_ignore_on_save`` (the
+    Trainer's resume then loads the small file without warning that they are missing)."""
     if not hasattr(model, "_keys_to_ignore_on_save"):
         return
     # (had an instance attribute, its value): restored by unpatch
     state.previous_keys_to_ignore_on_save = ("_keys_to_ignore_on_save" in model.__dict__,
                                              model.__dict__.get("_keys_to_ignore_on_save"))
     kept = (MODULE_NAME, *state.prefix.heads)  # the prefix and the task head that trains with it
-    frozen = {k for k in model.state_dict() if not any(k.startswith(name + ".") for name in kept)}
+    frozen = {k for k in _tensor_names(model) if not any(k.startswith(name + ".") for name in kept)}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | frozen
     # ... and marks the directory, so that from_pretrained loads the trained model, never the base model
     # with random weights (checkpoint.py)
-    model.__dict__["save_pretrained"] = SavePretrainedWithPrefix(model, state.backend)
+    model.__dict__["save_pretrained"] = SavePretrainedWithPrefix(model, state.backend, kept)
 
 
 def detach(model: nn.Module, state: PatchState) -> None:

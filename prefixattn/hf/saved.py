@@ -1,9 +1,9 @@
 """What ``save_pretrained`` writes for a patched model (loading it back: ``checkpoint.py``).
 
-A patched model saves only its prefix into ``model.safetensors`` (the frozen weights are in
-``_keys_to_ignore_on_save``): the HF Trainer's checkpoints stay small, and its resume loads that file into
-the patched model. Read as the base model by ``AutoModelForCausalLM.from_pretrained(dir)``, the same file
-would give a randomly initialised model without an error. So the directory says what it is:
+A patched model saves only its prefix into ``model.safetensors`` (transformers is handed the prefix's
+state dict alone, never the frozen model's): the HF Trainer's checkpoints stay small, and its resume loads
+that file into the patched model. Read as the base model by ``AutoModelForCausalLM.from_pretrained(dir)``,
+the same file would give a randomly initialised model without an error. So the directory says what it is:
 
     config.json                model_type "prefixattn": the base model's config and path, the backend
     prefix.safetensors         the prefix (``prefixattn.save_prefix``: shapes in its metadata)
@@ -18,8 +18,11 @@ lines and loads the same way. Never the base model alone, silently.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +92,50 @@ def mark_directory(model: nn.Module, directory: str | os.PathLike, backend: str)
     atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
-class SavePretrainedWithPrefix:
-    """``model.save_pretrained`` of a patched model: transformers' own, then ``mark_directory``. It holds the
-    model (not a bound method) so that deep copies of the model get their own."""
+@contextlib.contextmanager
+def _quantizer_hidden(model: nn.Module) -> Iterator[None]:
+    """transformers' save_pretrained replaces the state dict it is handed by its quantizer's, which for
+    bitsandbytes is None, i.e. ``model.state_dict()`` of the whole model (transformers 5.25): with the
+    quantizer out of sight it writes the state dict it is given. The tensors written are the prefix's and the
+    head's, none of them quantized, so nothing the quantizer adds to a save applies to them."""
+    quantizer = model.__dict__.get("hf_quantizer")
+    if quantizer is None:
+        yield
+        return
+    model.__dict__["hf_quantizer"] = None
+    try:
+        yield
+    finally:
+        model.__dict__["hf_quantizer"] = quantizer
 
-    def __init__(self, model: nn.Module, backend: str) -> None:
+
+class SavePretrainedWithPrefix:
+    """``model.save_pretrained`` of a patched model: transformers' own, handed the state dict of the kept
+    modules (the prefix, the task head) alone, then ``mark_directory``. transformers would otherwise call
+    ``model.state_dict()`` on the whole model, frozen base included, which is not a plain read for every
+    base: bitsandbytes 4-bit on a CPU unpacks and requantizes its weights there (and so changes the model).
+    A state dict the caller passes (the Trainer's, under FSDP or DeepSpeed) is cut down to the kept modules.
+    It holds the model (not a bound method) so that deep copies of the model get their own."""
+
+    def __init__(self, model: nn.Module, backend: str, kept: tuple[str, ...]) -> None:
         self.model = model
         self.backend = backend
+        self.kept = kept
+
+    def _kept_state(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        if given is not None:
+            return {k: v for k, v in given.items() if any(k.startswith(name + ".") for name in self.kept)}
+        state: dict[str, Any] = {}
+        for name in self.kept:
+            state.update(self.model.get_submodule(name).state_dict(prefix=name + "."))
+        return state
 
     def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        out = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
-        is_main = kwargs.get("is_main_process", args[0] if args else True)
-        if is_main:
+        save = type(self.model).save_pretrained
+        bound = inspect.signature(save).bind(self.model, save_directory, *args, **kwargs)
+        bound.arguments["state_dict"] = self._kept_state(bound.arguments.get("state_dict"))
+        with _quantizer_hidden(self.model):
+            out = save(*bound.args, **bound.kwargs)
+        if bound.arguments.get("is_main_process", True):
             mark_directory(self.model, save_directory, self.backend)
         return out

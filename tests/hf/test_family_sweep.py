@@ -27,8 +27,10 @@ from family_table import (
     BUILDS_ONLY_ON_THE_PINNED,
     EXPECTED,
     NEWER_THAN_OLDEST,
+    PEFT_DROPS_ITS_PREFIX,
     README_BEGIN,
     README_END,
+    SWEPT_WITH,
     readme_section,
 )
 
@@ -58,15 +60,25 @@ def _installed() -> str:
     return transformers.__version__
 
 
+def _pin(package: str) -> str:
+    """The version scripts/constraints.txt pins ``package`` at."""
+    pins = Path(__file__).resolve().parents[2] / "scripts" / "constraints.txt"
+    for line in pins.read_text().splitlines():
+        if line.strip().lower().startswith(f"{package}=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError(f"scripts/constraints.txt pins no {package} version")
+
+
 def _older_than_the_pinned_transformers() -> bool:
     """Whether the installed transformers is older than the one scripts/constraints.txt pins."""
     from packaging.version import Version
 
-    pins = Path(__file__).resolve().parents[2] / "scripts" / "constraints.txt"
-    for line in pins.read_text().splitlines():
-        if line.strip().startswith("transformers=="):
-            return Version(_installed()) < Version(line.split("==", 1)[1].strip())
-    raise AssertionError("scripts/constraints.txt pins no transformers version")
+    return Version(_installed()) < Version(_pin("transformers"))
+
+
+def test_the_tables_were_swept_with_the_pinned_versions():
+    """Moving a pin means sweeping again: the tables (and the README) name the versions they hold for."""
+    assert SWEPT_WITH == {"transformers": _pin("transformers"), "peft": _pin("peft")}
 
 
 def test_readme_family_list_is_the_sweep_table():
@@ -92,7 +104,13 @@ def _check(model_type: str, backend: str = "torch") -> None:
         if symptom in got:
             pytest.xfail(f"known defect: {what} ({symptom})")
         pytest.fail(f"{model_type} is listed as a defect ({what}) but now gives {got[:300]!r}: update EXPECTED")
-    got = classify(model_type, backend=backend)
+    seen: dict = {}
+    got = classify(model_type, backend=backend, seen=seen)
+    if "peft_drops_its_prefix" in seen and not _older_than_the_pinned_transformers():
+        # the reference for these is PEFT's semantics by hand: PEFT itself must still be the one that fails
+        assert seen["peft_drops_its_prefix"] == (model_type in PEFT_DROPS_ITS_PREFIX), (
+            f"{model_type}: PEFT {'drops' if seen['peft_drops_its_prefix'] else 'keeps'} its prefix; "
+            "update PEFT_DROPS_ITS_PREFIX (prefixattn/hf/verified_families.py)")
     if expected.startswith("refused: "):
         reason = expected.removeprefix("refused: ")
         assert got.startswith("refused: "), f"{model_type}: expected a refusal naming {reason!r}, got {got!r}"
