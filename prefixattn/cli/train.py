@@ -378,6 +378,9 @@ def finished_run(model: Any, checkpoint: Path) -> list[dict[str, Any]]:
     returns its log history."""
     from transformers import TrainerState
 
+    if not (checkpoint / "prefix.safetensors").is_file():  # (a checkpoint in DeepSpeed's or FSDP's format)
+        raise ValueError(f"--resume: the run is complete, its outputs are missing and {checkpoint} holds no "
+                         "prefix.safetensors to write them from")
     prefixattn.load_prefix(model, checkpoint / "prefix.safetensors")
     return TrainerState.load_from_json(str(checkpoint / "trainer_state.json")).log_history
 
