@@ -1,6 +1,6 @@
 """The settings of one ``prefixattn train`` run: the ``TrainConfig`` dataclass, which the command's
 parser takes its option defaults from (``cli/__init__.py``). Nothing heavy is imported here: building the
-parser (``--help``, ``info``, ``--version``) loads no transformers; ``check()`` loads what it checks with."""
+parser (``--help``, ``info``, ``--version``) loads no transformers. ``train.check_config`` checks one."""
 
 from __future__ import annotations
 
@@ -48,9 +48,3 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     plot: bool = True
-
-    def check(self) -> None:
-        """Every setting, checked before anything loads (``train.check_config``)."""
-        from .train import check_config
-
-        check_config(self)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 import prefixattn
+from prefixattn.hf.patcher import attention_dropout
 from prefixattn.prefix import find_prefix
 
 from . import data as D
@@ -69,7 +70,7 @@ EVAL_EXAMPLES = 64  # held-out examples of the built-in task
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """TrainConfig.check: every setting, before anything loads (a ValueError naming the option)."""
+    """Every setting of a run, before anything loads (a ValueError naming the option)."""
     for name in ("steps", "batch_size", "grad_accum", "prefix_tokens", "eval_every", "save_every",
                  "keep_checkpoints", "seq_len", "max_len"):
         if getattr(cfg, name) < 1:
@@ -214,8 +215,6 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> None:
 def check_attention_dropout(model: Any, cfg: TrainConfig) -> None:
     """Refuse, before any evaluation or step, a model whose attention dropout the fused attention would
     refuse at the first training step (patch() found it: the model was loaded in eval mode)."""
-    from prefixattn.hf.patcher import attention_dropout
-
     dropout = attention_dropout(model)
     if dropout and not cfg.ignore_attention_dropout:
         raise ValueError(f"--model {cfg.model} has attention dropout {dropout} in training, which "
@@ -399,7 +398,7 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
         if done is None:
             raise ValueError(f"--resume: no complete checkpoint in {cfg.out}")
         cfg = settings_for_resume(cfg, read_marker(done), given, str(done), size)
-    cfg.check()
+    check_config(cfg)
     # everything random before the Trainer seeds (the prefix's initial values, a model's load) follows
     # --seed too: without this, runs with --model differed from the first evaluation on
     set_seed(cfg.seed)
