@@ -9,17 +9,19 @@ prefixattn serve MODEL_DIR --prefix NAME=ADAPTER [...] [vLLM options]     (prefi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
 from .. import __version__
+from .config import TrainConfig
 from .info import cmd_info
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import TrainConfig, train
+    from .train import train
 
     cfg = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if f != "plot"},
                       plot=not args.no_plot)
@@ -89,79 +91,88 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The train options: one per TrainConfig field (``--no-plot`` for ``plot``), each default the
+    dataclass's own (tests/cli/test_info.py checks both)."""
     pos_i, pos_f = _positive(int), _positive(float)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, metavar="DIR",
+    g.add_argument("--model", default=defaults["model"], metavar="DIR",
                    help="local Hugging Face model directory (default: the embedded tiny Llama, saved to "
                         "OUT/base_model)")
-    g.add_argument("--tokenizer", default=None, metavar="DIR",
+    g.add_argument("--tokenizer", default=defaults["tokenizer"], metavar="DIR",
                    help="local tokenizer directory for --model (default: the model directory's own; a "
                         "model directory without tokenizer files needs it)")
-    g.add_argument("--data", default=None, metavar="FILE",
+    g.add_argument("--data", default=defaults["data"], metavar="FILE",
                    help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} lines; the last '
                         "10%% are held out for evaluation (default: the built-in successor task)")
-    g.add_argument("--seq-len", type=pos_i, metavar="N", default=32,
+    g.add_argument("--seq-len", type=pos_i, metavar="N", default=defaults["seq_len"],
                    help="length of the built-in task's sequences")
-    g.add_argument("--max-len", type=pos_i, metavar="N", default=256,
+    g.add_argument("--max-len", type=pos_i, metavar="N", default=defaults["max_len"],
                    help="truncate JSONL examples to this many tokens")
     g.add_argument("--packing", action="store_true",
                    help="padding-free batches: one flattened row per batch, position_ids restart per example")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=defaults["dtype"],
                    help="base model dtype (the prefix stays fp32)")
     g = p.add_argument_group("prefix")
-    g.add_argument("--prefix-tokens", type=pos_i, metavar="P", default=16, help="P, virtual tokens per layer")
+    g.add_argument("--prefix-tokens", type=pos_i, metavar="P", default=defaults["prefix_tokens"],
+                   help="P, virtual tokens per layer")
     g.add_argument("--prefix-projection", action="store_true", help="PEFT's MLP reparameterization")
     g.add_argument("--cartridge", action="store_true",
                    help="train a cartridge (PEFT's CARTRIDGE type: no MLP, the first --frozen-tokens frozen)")
-    g.add_argument("--frozen-tokens", type=int, metavar="N", default=None,
+    g.add_argument("--frozen-tokens", type=int, metavar="N", default=defaults["frozen_tokens"],
                    help="a cartridge's frozen leading tokens (default 1, PEFT's: an attention sink)")
-    g.add_argument("--init-text", metavar="FILE", default=None,
+    g.add_argument("--init-text", metavar="FILE", default=defaults["init_text"],
                    help="initialise the prefix with the frozen model's keys/values of this UTF-8 text (its "
                         "first P tokens); default: random, or the built-in corpus for a --cartridge demo")
-    g.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+    g.add_argument("--backend", choices=("auto", "triton", "torch"), default=defaults["backend"],
                    help="attention backend: auto is triton on a CUDA GPU, else torch")
     g.add_argument("--ignore-attention-dropout", action="store_true",
                    help="train without the model's attention dropout (BERT-style configs have 0.1), which "
                         "the fused attention does not implement; without it such a model is refused")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=pos_i, metavar="N", default=100, help="total optimizer steps")
-    g.add_argument("--batch-size", type=pos_i, metavar="N", default=16,
+    g.add_argument("--steps", type=pos_i, metavar="N", default=defaults["steps"],
+                   help="total optimizer steps")
+    g.add_argument("--batch-size", type=pos_i, metavar="N", default=defaults["batch_size"],
                    help="examples per process per micro-step")
-    g.add_argument("--grad-accum", type=pos_i, metavar="N", default=1, help="micro-steps per optimizer step")
-    g.add_argument("--lr", type=pos_f, default=3e-2, help="peak learning rate (AdamW)")
-    g.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+    g.add_argument("--grad-accum", type=pos_i, metavar="N", default=defaults["grad_accum"],
+                   help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=pos_f, default=defaults["lr"], help="peak learning rate (AdamW)")
+    g.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default=defaults["lr_schedule"],
                    help="learning rate after the warm-up: constant, or decaying to 0 at --steps")
-    g.add_argument("--warmup", type=int, metavar="N", default=0, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, metavar="W", default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, metavar="N", default=defaults["warmup"], help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, metavar="W", default=defaults["weight_decay"],
+                   help="AdamW weight decay")
     prec = g.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast; GPU or CPU)")
     prec.add_argument("--fp16", action="store_true",
                       help="fp16 mixed precision (autocast + loss scaling; GPU only)")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=defaults["gradient_checkpointing"],
                    help="recompute each layer in the backward pass: less memory, more time")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=int, default=defaults["seed"],
                    help="seeds the prefix, the data order and every random number generator")
     g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument("--out", metavar="DIR", default="runs/prefixattn-train", help="output directory")
-    g.add_argument("--eval-every", type=pos_i, metavar="N", default=25,
+    g.add_argument("--out", metavar="DIR", default=defaults["out"], help="output directory")
+    g.add_argument("--eval-every", type=pos_i, metavar="N", default=defaults["eval_every"],
                    help="evaluate every N steps (and at the start)")
-    g.add_argument("--save-every", type=pos_i, metavar="N", default=50,
+    g.add_argument("--save-every", type=pos_i, metavar="N", default=defaults["save_every"],
                    help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep-checkpoints", type=pos_i, metavar="N", default=2, help="complete checkpoints kept")
+    g.add_argument("--keep-checkpoints", type=pos_i, metavar="N", default=defaults["keep_checkpoints"],
+                   help="complete checkpoints kept")
     g.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in OUT, with the run's settings")
     g.add_argument("--overwrite", action="store_true", help="delete what a previous run wrote to OUT first")
-    g.add_argument("--report-to", metavar="NAMES", default="auto",
+    g.add_argument("--report-to", metavar="NAMES", default=defaults["report_to"],
                    help="the Trainer's report_to: auto (tensorboard if installed), none, or a list of names")
     g.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
     g = p.add_argument_group("devices")
-    g.add_argument("--device", choices=("cpu", "cuda"), default=None,
+    g.add_argument("--device", choices=("cpu", "cuda"), default=defaults["device"],
                    help="default: cuda if available, else cpu")
-    g.add_argument("--fsdp", metavar="OPTIONS", default="",
+    g.add_argument("--fsdp", metavar="OPTIONS", default=defaults["fsdp"],
                    help="the Trainer's fsdp option, e.g. 'full_shard auto_wrap'")
-    g.add_argument("--fsdp-config", metavar="FILE", default=None,
+    g.add_argument("--fsdp-config", metavar="FILE", default=defaults["fsdp_config"],
                    help="the Trainer's fsdp_config (JSON file)")
-    g.add_argument("--deepspeed", metavar="FILE", default=None,
+    g.add_argument("--deepspeed", metavar="FILE", default=defaults["deepspeed"],
                    help="a DeepSpeed config (JSON file), handed to the Trainer")
 
 

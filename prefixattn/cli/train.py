@@ -33,18 +33,20 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import prefixattn
+from prefixattn.hf.patcher import attention_dropout
 from prefixattn.prefix import find_prefix
 
 from . import data as D
 from . import kinds
 from .callbacks import CadenceFromArguments, ProgressCallback
+from .config import TrainConfig
 from .model import DTYPES, build_base_model, check_model_dir, check_tokenizer_source
 from .outputs import give_normal_modes, write_json_atomic
 from .plot import plot_losses
@@ -67,113 +69,73 @@ SCHEDULES = ("constant", "linear", "cosine")
 EVAL_EXAMPLES = 64  # held-out examples of the built-in task
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one training run (the command's options)."""
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting of a run, before anything loads (a ValueError naming the option)."""
+    for name in ("steps", "batch_size", "grad_accum", "prefix_tokens", "eval_every", "save_every",
+                 "keep_checkpoints", "seq_len", "max_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if cfg.lr_schedule not in SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.bf16 and cfg.fp16:
+        raise ValueError("--bf16 and --fp16 contradict each other")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other")
+    if cfg.backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"--backend must be auto, triton or torch, got {cfg.backend!r}")
+    if cfg.device not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {cfg.device!r} (a process's GPU is "
+                         f"chosen by torchrun / accelerate through LOCAL_RANK)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    if cfg.backend == "triton" and on_cpu(cfg) and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow "
+                         "interpreter); on a CPU use --backend torch, which --backend auto picks")
+    if cfg.fp16 and on_cpu(cfg):
+        raise ValueError("--fp16 needs a CUDA GPU: on a CPU the Trainer (accelerate) skips fp16 autocast "
+                         "and would train in fp32 while calling it fp16; use --bf16 for mixed precision "
+                         "on a CPU")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out}: a file, not a directory")
+    if cfg.model is not None:
+        check_model_dir(cfg.model)
+    check_tokenizer_source(cfg.model, cfg.tokenizer)
+    if cfg.model is not None:
+        kind = kinds.model_kind(cfg.model)
+        kinds.check_options(kind, cfg.data, cfg.packing)
+        if cfg.cartridge and kind != "causal":
+            raise ValueError(f"--cartridge trains a causal LM's cartridge; {cfg.model} is "
+                             f"{kinds.DESCRIBED[kind]}")
+    if cfg.data is not None and Path(cfg.data).is_dir():
+        raise ValueError(f"--data {cfg.data}: a directory; --data takes a JSONL file")
+    if cfg.data is not None and not Path(cfg.data).is_file():
+        raise ValueError(f"--data {cfg.data}: no such file")
+    _check_prefix_kind(cfg)
+    report_to(cfg.report_to)
+    for name in ("fsdp_config", "deepspeed"):
+        value = getattr(cfg, name)
+        if value is not None and not value.lstrip().startswith("{") and not Path(value).is_file():
+            raise ValueError(f"--{name.replace('_', '-')} {value}: no such file")
 
-    out: str = "runs/prefixattn-train"
-    model: str | None = None
-    tokenizer: str | None = None  # a tokenizer directory for --model (default: the model directory's)
-    data: str | None = None
-    steps: int = 100
-    batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: int = 32
-    max_len: int = 256
-    prefix_tokens: int = 16
-    prefix_projection: bool = False
-    ignore_attention_dropout: bool = False
-    cartridge: bool = False
-    frozen_tokens: int | None = None  # a cartridge's; None: PEFT's default (1)
-    init_text: str | None = None
-    lr: float = 3e-2
-    lr_schedule: str = "constant"
-    warmup: int = 0
-    weight_decay: float = 0.0
-    bf16: bool = False
-    fp16: bool = False
-    packing: bool = False
-    gradient_checkpointing: bool = False
-    eval_every: int = 25
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
-    backend: str = "auto"
-    device: str | None = None
-    dtype: str = "float32"
-    report_to: str = "auto"
-    fsdp: str = ""
-    fsdp_config: str | None = None
-    deepspeed: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    plot: bool = True
 
-    def check(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "prefix_tokens", "eval_every", "save_every",
-                     "keep_checkpoints", "seq_len", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.bf16 and self.fp16:
-            raise ValueError("--bf16 and --fp16 contradict each other")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"--backend must be auto, triton or torch, got {self.backend!r}")
-        if self.device not in (None, "cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r} (a process's GPU is "
-                             f"chosen by torchrun / accelerate through LOCAL_RANK)")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA device is available")
-        if self.backend == "triton" and on_cpu(self) and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow "
-                             "interpreter); on a CPU use --backend torch, which --backend auto picks")
-        if self.fp16 and on_cpu(self):
-            raise ValueError("--fp16 needs a CUDA GPU: on a CPU the Trainer (accelerate) skips fp16 autocast "
-                             "and would train in fp32 while calling it fp16; use --bf16 for mixed precision "
-                             "on a CPU")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out}: a file, not a directory")
-        if self.model is not None:
-            check_model_dir(self.model)
-        check_tokenizer_source(self.model, self.tokenizer)
-        if self.model is not None:
-            kind = kinds.model_kind(self.model)
-            kinds.check_options(kind, self.data, self.packing)
-            if self.cartridge and kind != "causal":
-                raise ValueError(f"--cartridge trains a causal LM's cartridge; {self.model} is "
-                                 f"{kinds.DESCRIBED[kind]}")
-        if self.data is not None and Path(self.data).is_dir():
-            raise ValueError(f"--data {self.data}: a directory; --data takes a JSONL file")
-        if self.data is not None and not Path(self.data).is_file():
-            raise ValueError(f"--data {self.data}: no such file")
-        self._check_prefix_kind()
-        report_to(self.report_to)
-        for name in ("fsdp_config", "deepspeed"):
-            value = getattr(self, name)
-            if value is not None and not value.lstrip().startswith("{") and not Path(value).is_file():
-                raise ValueError(f"--{name.replace('_', '-')} {value}: no such file")
-
-    def _check_prefix_kind(self) -> None:
-        if self.frozen_tokens is not None and not self.cartridge:
-            raise ValueError("--frozen-tokens is a cartridge option: add --cartridge")
-        if self.frozen_tokens is not None and not 0 <= self.frozen_tokens < self.prefix_tokens:
-            raise ValueError(f"--frozen-tokens must be in [0, --prefix-tokens {self.prefix_tokens} - 1] (at "
-                             f"least one token trains), got {self.frozen_tokens}")
-        if self.prefix_projection and (self.cartridge or self.init_text):
-            other = "--cartridge" if self.cartridge else "--init-text"
-            raise ValueError(f"--prefix-projection cannot be combined with {other}: the MLP's output cannot "
-                             "be set to given keys and values (and a cartridge holds them directly)")
-        if self.init_text is not None and not self.resume and not Path(self.init_text).is_file():
-            raise ValueError(f"--init-text {self.init_text}: no such file")
+def _check_prefix_kind(cfg: TrainConfig) -> None:
+    if cfg.frozen_tokens is not None and not cfg.cartridge:
+        raise ValueError("--frozen-tokens is a cartridge option: add --cartridge")
+    if cfg.frozen_tokens is not None and not 0 <= cfg.frozen_tokens < cfg.prefix_tokens:
+        raise ValueError(f"--frozen-tokens must be in [0, --prefix-tokens {cfg.prefix_tokens} - 1] (at "
+                         f"least one token trains), got {cfg.frozen_tokens}")
+    if cfg.prefix_projection and (cfg.cartridge or cfg.init_text):
+        other = "--cartridge" if cfg.cartridge else "--init-text"
+        raise ValueError(f"--prefix-projection cannot be combined with {other}: the MLP's output cannot "
+                         "be set to given keys and values (and a cartridge holds them directly)")
+    if cfg.init_text is not None and not cfg.resume and not Path(cfg.init_text).is_file():
+        raise ValueError(f"--init-text {cfg.init_text}: no such file")
 
 
 def world() -> tuple[int, int]:
@@ -253,8 +215,6 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> None:
 def check_attention_dropout(model: Any, cfg: TrainConfig) -> None:
     """Refuse, before any evaluation or step, a model whose attention dropout the fused attention would
     refuse at the first training step (patch() found it: the model was loaded in eval mode)."""
-    from prefixattn.hf.patcher import attention_dropout
-
     dropout = attention_dropout(model)
     if dropout and not cfg.ignore_attention_dropout:
         raise ValueError(f"--model {cfg.model} has attention dropout {dropout} in training, which "
@@ -417,6 +377,9 @@ def finished_run(model: Any, checkpoint: Path) -> list[dict[str, Any]]:
     returns its log history."""
     from transformers import TrainerState
 
+    if not (checkpoint / "prefix.safetensors").is_file():  # (a checkpoint in DeepSpeed's or FSDP's format)
+        raise ValueError(f"--resume: the run is complete, its outputs are missing and {checkpoint} holds no "
+                         "prefix.safetensors to write them from")
     prefixattn.load_prefix(model, checkpoint / "prefix.safetensors")
     return TrainerState.load_from_json(str(checkpoint / "trainer_state.json")).log_history
 
@@ -435,7 +398,7 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
         if done is None:
             raise ValueError(f"--resume: no complete checkpoint in {cfg.out}")
         cfg = settings_for_resume(cfg, read_marker(done), given, str(done), size)
-    cfg.check()
+    check_config(cfg)
     # everything random before the Trainer seeds (the prefix's initial values, a model's load) follows
     # --seed too: without this, runs with --model differed from the first evaluation on
     set_seed(cfg.seed)

@@ -50,6 +50,16 @@ from .state_files import (
 )
 
 MARKER = "prefixattn.json"
+# The Trainer's private methods PrefixTrainer overrides or calls (held under transformers 5.17 and 5.25:
+# tests/cli, run by scripts/test_oldest.sh too). No public hook chooses the train sampler or writes and
+# reads the optimizer, scheduler, scaler and RNG states in another format than torch.save's pickles;
+# _save and _save_checkpoint could become an on_save callback, but callbacks are handed the model the
+# Trainer was given, not its self.model (which it replaces with the FSDP-wrapped model, whose adapter
+# this class saves), nor its accelerator (the barrier before the marker). A release that renamed one
+# would leave an override uncalled (pickles written, the sampler shuffled): refused at construction.
+PRIVATE_TRAINER_METHODS = ("_get_train_sampler", "_save_optimizer_and_scheduler",
+                           "_load_optimizer_and_scheduler", "_save_scaler", "_load_scaler", "_save",
+                           "_save_rng_state", "_load_rng_state", "_save_checkpoint", "_get_output_dir")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -113,6 +123,13 @@ class PrefixTrainer(Trainer):
 
     def __init__(self, *args: Any, run_info: dict[str, Any], keep_checkpoints: int = 2,
                  **kwargs: Any) -> None:
+        missing = [name for name in PRIVATE_TRAINER_METHODS if not callable(getattr(Trainer, name, None))]
+        if missing:
+            import transformers
+
+            raise ValueError(f"transformers {transformers.__version__}: its Trainer has no "
+                             f"{', '.join(missing)}, which prefixattn train overrides (checkpoints without "
+                             "pickles); install another transformers (5.17 to 5.25 are tested)")
         super().__init__(*args, **kwargs)
         self.run_info = run_info
         self.keep_checkpoints = keep_checkpoints

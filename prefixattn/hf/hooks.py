@@ -24,6 +24,7 @@ import torch.nn as nn
 from .adapters import active_prefix
 from .decode_cache import held_prefix_layers, prefixed_cache_layers
 from .plan import CAPTURE_PLAN, StepInputs, StepPlan, build_plan, check_prefix_ids, compute_dtype
+from .positions import learned_position_limit
 from .state import STATE_ATTR, STEP_KWARG, PatchState
 
 # on a module running a stack: how it numbers positions from P. "owner": the pre-hook sets position_ids
@@ -31,6 +32,8 @@ from .state import STATE_ATTR, STEP_KWARG, PatchState
 # (``positions.py``); "none": positions stay as they are (an encoder-decoder's encoder: PEFT leaves it
 # alone, and Li & Liang's BART did not shift it either)
 POSITIONS_ATTR = "_prefixattn_owner_positions"
+# on a module running a stack whose positions start at P: the rows of its learned position table
+POSITION_LIMIT_ATTR = "_prefixattn_position_limit"
 UNPREFIXED_ATTR = "_prefixattn_unprefixed"
 # forward arguments that carry the batch, in the order they are looked for
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "input_features", "input_values")
@@ -149,6 +152,8 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
                         cu_seq_lens_k=kwargs.get("cu_seq_lens_k"),
                         output_attentions=bool(kwargs.get("output_attentions")))
     mode = module.__dict__.get(POSITIONS_ATTR, "owner")
+    if position_ids is None and module.__dict__.get(POSITION_LIMIT_ATTR):
+        _check_position_limit(module, state, cache, length)
     if mode != "owner":
         pass  # the position embedding's hook shifts them, or they stay (an encoder-decoder's encoder)
     elif position_ids is not None:
@@ -178,6 +183,19 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     return (), kwargs
 
 
+def _check_position_limit(module: nn.Module, state: PatchState, cache, length: int) -> None:
+    """Positions start at P: an input whose last position falls off the stack's learned position table
+    would raise a bare IndexError inside the embedding; refuse it naming the lengths."""
+    P = state.position_offset
+    limit = module.__dict__[POSITION_LIMIT_ATTR]
+    past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if P and past + P + length > limit:
+        cached = f" after {past} cached" if past else ""
+        raise ValueError(f"prefixattn: {length} tokens{cached} do not fit {type(module).__name__}'s learned "
+                         f"position table of {limit} positions once the prefix's {P} come first (positions "
+                         f"start at P, as with PEFT): at most {limit - P - past} tokens")
+
+
 def _refuse_reentrant_checkpointing(state: PatchState) -> None:
     """Reentrant checkpointing backpropagates each layer separately into the graph that made the step's
     prefix; with the MLP reparameterization that graph would be walked (and freed) once per layer."""
@@ -196,6 +214,9 @@ def add_pre_hook(module: nn.Module, positions: str = "owner", prefixed: bool = T
     """``prefixed=False``: the stack carries no prefix (an encoder-decoder's encoder under PEFT's layout);
     its step plan holds none."""
     module.__dict__[POSITIONS_ATTR] = positions
+    limit = learned_position_limit(module) if positions != "none" else None
+    if limit is not None:
+        module.__dict__[POSITION_LIMIT_ATTR] = limit
     if not prefixed:
         module.__dict__[UNPREFIXED_ATTR] = True
     module.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -207,4 +228,5 @@ def remove_pre_hooks(module: nn.Module) -> None:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
     module.__dict__.pop(POSITIONS_ATTR, None)
+    module.__dict__.pop(POSITION_LIMIT_ATTR, None)
     module.__dict__.pop(UNPREFIXED_ATTR, None)

@@ -90,3 +90,29 @@ def unhook_position_embedding(module: nn.Module) -> None:
             module._forward_pre_hooks_with_kwargs.pop(key, None)
     module.__dict__.pop(STATE_ATTR, None)
     module.__dict__.pop(MODE_ATTR, None)
+
+
+def learned_position_limit(owner: nn.Module) -> int | None:
+    """How many positions the learned absolute position table of the stack ``owner`` runs holds (GPT-2's
+    ``wpe``, OPT's and BART's tables with their offset of 2, BERT's ``position_embeddings``, the fixed
+    sinusoidal tables of Marian and Pegasus): the config's ``max_position_embeddings``, when an embedding
+    outside the layers has that many rows (or 1-2 more, the offset). None: no such table (rotary, ALiBi,
+    relative or growing sinusoidal positions), where a longer input raises no IndexError."""
+    config = getattr(owner, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        return None
+    inputs = owner.get_input_embeddings() if hasattr(owner, "get_input_embeddings") else None
+    in_layers: list[str] = []
+    for name, module in owner.named_modules():
+        if any(name.startswith(prefix) for prefix in in_layers):
+            continue
+        if isinstance(module, nn.ModuleList):
+            in_layers.append(name + ".")
+        elif (isinstance(module, nn.Embedding) and module is not inputs
+              and module.num_embeddings - limit in (0, 1, 2)):
+            return limit
+    return None

@@ -70,6 +70,24 @@ def test_train_help_shows_every_default(capsys):
         assert expected in text, expected
 
 
+def test_every_train_setting_is_an_option_with_the_dataclass_default():
+    """The parser and TrainConfig cannot drift apart: one option per field (--no-plot for plot), whose
+    default is the field's; and the command line's settings build the TrainConfig the defaults make."""
+    import dataclasses
+
+    from prefixattn.cli import build_parser
+    from prefixattn.cli.config import TrainConfig
+
+    args = vars(build_parser().parse_args(["train"]))
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "plot":
+            assert args["no_plot"] is (not field.default)
+        else:
+            assert field.name in args, field.name
+            assert args[field.name] == field.default and type(args[field.name]) is type(field.default), field.name
+    assert set(args) - {f.name for f in dataclasses.fields(TrainConfig)} == {"no_plot", "command", "func"}
+
+
 def test_train_options_given_on_the_command_line():
     """--resume tells an option given on the command line (even at its default value) from a default."""
     from prefixattn.cli import given_train_options

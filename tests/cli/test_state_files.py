@@ -56,3 +56,18 @@ def test_a_foreign_file_is_refused(tmp_path):
     save_rng_states(tmp_path / "rng.safetensors")
     with pytest.raises(ValueError, match="not a prefixattn optimizer state file"):
         load_optimizer(tmp_path / "rng.safetensors")
+
+
+def test_the_trainer_still_has_every_private_method_prefixattn_overrides(monkeypatch):
+    """PrefixTrainer overrides private Trainer methods (no public hook writes the resume state without
+    pickles); a transformers whose Trainer lost one is refused at construction, naming it, instead of
+    leaving the override uncalled."""
+    from transformers import Trainer
+
+    from prefixattn.cli.trainer import PRIVATE_TRAINER_METHODS, PrefixTrainer
+
+    for name in PRIVATE_TRAINER_METHODS:
+        assert callable(getattr(Trainer, name, None)), name  # this transformers has them all
+    monkeypatch.delattr(Trainer, "_save_scaler")
+    with pytest.raises(ValueError, match="its Trainer has no _save_scaler, which prefixattn train overrides"):
+        PrefixTrainer(model=None, run_info={})

@@ -247,10 +247,12 @@ def test_latent_attention_model_trains_without_a_peft_adapter(tmp_path, capsys):
     torch.manual_seed(0)
     model_dir = tmp_path / "deepseek"
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    ByT5Tokenizer(extra_ids=0).save_pretrained(model_dir)
+    # the tokenizer in a directory of its own (--tokenizer): next to a deepseek_v2 config.json,
+    # transformers 5.17's AutoTokenizer builds DeepSeek's tokenizer class from the byte tokenizer's files
+    ByT5Tokenizer(extra_ids=0).save_pretrained(tmp_path / "tokenizer")
     out = tmp_path / "run"
-    rc, printed, err = run_cli(["train", "--model", model_dir, "--out", out, "--steps", 2, "--batch-size", 2,
-                                "--save-every", 1, *TINY], capsys)
+    rc, printed, err = run_cli(["train", "--model", model_dir, "--tokenizer", tmp_path / "tokenizer", "--out", out,
+                                "--steps", 2, "--batch-size", 2, "--save-every", 1, *TINY], capsys)
     assert rc == 0, err
     assert "no PEFT adapter (the model has latent attention (key head dim 24 != value head dim 16)" in printed
     assert not (out / "adapter").exists() and not (out / "checkpoint-2" / "adapter").exists()

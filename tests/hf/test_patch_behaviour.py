@@ -227,3 +227,29 @@ def test_softcap_is_passed_to_the_kernel():
             layer.self_attn.attn_logit_softcapping = None
         uncapped = model(input_ids=ids).logits
     assert not torch.allclose(capped, uncapped, atol=1e-4)
+
+
+def test_inputs_past_a_learned_position_table_are_refused_naming_the_lengths():
+    """Positions start at P: an input whose last position falls off a learned absolute position table
+    raised a bare IndexError inside the embedding. GPT-2 (owner-numbered positions), OPT (mask-numbered,
+    offset 2) and BART's decoder (numbered in its embedding, offset 2) refuse it before the forward; a
+    rotary model (Llama) has no table and takes inputs past max_position_embeddings as before."""
+    from tiny_encdec import tiny_bart
+
+    for family in ("gpt2", "opt"):
+        model = _patch(tiny_model(family, n_positions=16) if family == "gpt2"
+                       else tiny_model(family, max_position_embeddings=16))
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, VOCAB, (2, 12)))  # positions 4..15: the last row
+            with pytest.raises(ValueError, match="13 tokens do not fit .* learned position table of 16 positions "
+                                                 "once the prefix's 4 come first .* at most 12 tokens"):
+                model(input_ids=torch.randint(3, VOCAB, (2, 13)))
+    bart = _patch(tiny_bart())  # max_position_embeddings=64
+    ids = torch.randint(3, 50, (1, 5))
+    with torch.no_grad():
+        bart(input_ids=ids, decoder_input_ids=torch.randint(3, 50, (1, 60)))
+        with pytest.raises(ValueError, match="61 tokens do not fit BartDecoder's learned position table of 64"):
+            bart(input_ids=ids, decoder_input_ids=torch.randint(3, 50, (1, 61)))
+    llama = _patch(tiny_model("llama", max_position_embeddings=16))
+    with torch.no_grad():
+        llama(input_ids=torch.randint(3, VOCAB, (1, 20)))
