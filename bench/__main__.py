@@ -11,6 +11,8 @@ with the project installed, e.g. after ``bash scripts/setup.sh``).
     python -m bench serve ...              prefixattn serve vs the base model on vLLM (bench/serve.py)
     python -m bench train_step ...         one training-step configuration (bench/train_step.py), e.g.
                                            --model wide512 (head dim 512 vs PEFT, GPU)
+    python -m bench distill [--grid ...]   a context-distillation step, the teacher over kept K/V vs
+                                           re-reading the context (bench/distill.py)
     python -m bench run_all ...            explicit form of the first line
 
 Options of the suites: ``python -m bench --help``; of the probe: ``python -m bench tune --help``.
@@ -24,7 +26,8 @@ import sys
 from . import run_all
 
 SUITE_COMMANDS = ("micro", "train", "bank", "cartridge")
-TOOLS = ("tune", "layer_overhead", "compile", "serve", "train_step")  # modules with their own main(argv)
+# modules with their own main(argv)
+TOOLS = ("tune", "layer_overhead", "compile", "serve", "train_step", "distill")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,11 @@ def merge(work: Path, tests_log: Path) -> dict[str, Any]:
     env: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
+    distill = None
     for suite_dir, doc in docs:
+        if suite_dir == "distill":  # its own records (bench/distill.py: seconds per step, not the op's)
+            distill = doc
+            continue
         if not env:
             env = {k: v for k, v in doc.items() if k not in ("records", "conventions", "suite_errors")}
         for r in doc.get("records", []):
@@ -61,6 +65,8 @@ def merge(work: Path, tests_log: Path) -> dict[str, Any]:
     doc = {**env, "gpu_check": check, "conventions": CONVENTIONS, "records": records}
     if errors:
         doc["suite_errors"] = errors
+    if distill is not None:
+        doc["distill"] = distill
     return doc
 
 
@@ -81,6 +87,11 @@ def write(doc: dict[str, Any], out: Path) -> list[Path]:
         body = markdown(doc)
     except Exception as e:  # a broken record must not lose the stage table and the JSON
         body = f"(results table not made: {type(e).__name__}: {e})\n"
+    if doc.get("distill"):
+        from .distill import table
+
+        timed = [r for r in doc["distill"].get("records", []) if "s_per_step" in r]
+        body += "\n" + (table(timed, doc["distill"]["meta"]) if timed else "(distill: no timed records)\n")
     paths[1].write_text(stage_table(doc) + "\n" + body)
     if doc.get("device_type") == "cuda" or doc.get("records"):
         try:

@@ -11,6 +11,8 @@
 #            and the packed batch)
 #   wide512  a training step of a Llama with head dim 512 (Gemma 4's global layers: the torch backend,
 #            beyond the kernels' 256) against PEFT (bench train_step --model wide512)
+#   distill  a context-distillation step, the teacher over kept K/V vs re-reading the context
+#            (bench distill --grid quick: C = 2048 / 8192, S = 256, P = 256)
 #   report   results.json, results.md and plots from what the stages wrote (bench/gpu_report.py)
 #
 # Every stage runs under `timeout` with its own budget, cut to what is left of the whole budget
@@ -62,12 +64,14 @@ if [ "$DRY" = 1 ]; then
     TRAIN_ARGS=(--device cpu --backend torch)  # a training step through the interpreter takes minutes
     GRID_MICRO=dry GRID_DECODE=dry_decode
     WIDE_ARGS=(--batch 1 --seq 16 --prefix 4 --warmup 0 --steps 1)
+    DISTILL_ARGS=(--device cpu --backend torch --grid dry --rep-ms 0)
     TEST_ARGS=(-p no:cacheprovider)
 else
     DEVICE_ARGS=()
     TRAIN_ARGS=()
     GRID_MICRO=headline GRID_DECODE=decode
     WIDE_ARGS=(--steps 3)
+    DISTILL_ARGS=(--grid quick --rep-ms 200)
     TEST_ARGS=(-p no:cacheprovider -n "${GPU_CHECK_TEST_WORKERS:-8}")
 fi
 if [ -d .gpu/triton-cache ]; then
@@ -171,6 +175,8 @@ run_stage train 45 "$PY" -m bench train --quick "${TRAIN_ARGS[@]}" --out "$WORK/
 mkdir -p "$WORK/wide512"
 run_stage wide512 15 "$PY" -m bench train_step --model wide512 "${WIDE_ARGS[@]}" \
     --json "$WORK/wide512/train_step.json"
+mkdir -p "$WORK/distill"
+run_stage distill 30 "$PY" -m bench distill "${DISTILL_ARGS[@]}" --json "$WORK/distill/distill.json"
 if [ -f "$WORK/facts.txt" ] && [ -n "${TRITON_CACHE_DIR:-}" ]; then
     echo "triton cache after the stages: $(ls "$TRITON_CACHE_DIR" | wc -l) kernels" >> "$WORK/facts.txt"
 fi

@@ -3,6 +3,7 @@ checkout.)
 
 prefixattn info                     versions, device, usable backends
 prefixattn train [--steps N] [--out DIR] [--model HF_DIR] [--data FILE.jsonl] [--resume]  (--help: all)
+prefixattn distill [--model HF_DIR] [--context FILE ...] [--out DIR] [--resume]   (--help: all)
 prefixattn serve MODEL_DIR --prefix NAME=ADAPTER [...] [vLLM options]     (prefixattn.serve)
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from .. import __version__
 from .config import TrainConfig
+from .distill_args import DISTILL_HELP, add_distill_arguments
 from .info import cmd_info
 
 
@@ -33,6 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import cmd_distill as run
+
+    return run(args)
 
 
 def _positive(kind: type) -> Any:
@@ -181,7 +189,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     ``--resume`` can tell an option given on the command line from a default)."""
     ap = argparse.ArgumentParser(prog="prefixattn", description="Fused prefix-tuning attention: tools.")
     ap.add_argument("--version", action="version", version=f"prefixattn {__version__}")
-    sub = ap.add_subparsers(dest="command", metavar="{info,train,serve}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,train,distill,serve}")
     sub.required = True
 
     p = sub.add_parser("info", help="versions, device, usable backends")
@@ -195,6 +203,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         for action in p._actions:
             action.default = argparse.SUPPRESS
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("distill", help="distil a context into a prefix or a cartridge (self-study + context "
+                       "distillation)", description=DISTILL_HELP, formatter_class=HelpFormatter)
+    add_distill_arguments(p)
+    p.set_defaults(func=cmd_distill)
     sub.add_parser("serve", help="serve tuned prefixes on vLLM (prefixattn serve --help)", add_help=False)
     return ap
 

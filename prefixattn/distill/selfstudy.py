@@ -73,8 +73,11 @@ class SelfStudyConfig:
 
 
 def chunk_spans(length: int, chunk_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) of the chunks of a corpus of ``length`` tokens (the last one may be shorter)."""
-    return [(s, min(s + chunk_tokens, length)) for s in range(0, length, chunk_tokens)]
+    """[start, end) of the chunks of a corpus of ``length`` tokens: as few as hold at most ``chunk_tokens``
+    each, of equal sizes (to a token; no short tail chunk that would teach with almost no context)."""
+    n = -(-length // chunk_tokens)
+    bounds = [round(i * length / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def user_turn(tokenizer: Any, text: str) -> list[int]:

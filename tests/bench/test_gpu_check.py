@@ -49,7 +49,7 @@ def test_dry_run_runs_every_stage(tmp_path):
     proc, seconds = run(out, None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_out_folder(out)
-    assert stages(out) == {s: "ok" for s in ("setup", "tests", "micro", "decode", "train", "wide512")}, \
+    assert stages(out) == {s: "ok" for s in ("setup", "tests", "micro", "decode", "train", "wide512", "distill")}, \
         (out / "gpu_check.log").read_text()[-4000:]
     doc = json.loads((out / "results.json").read_text())
     micro = {(r["provider"], r["mode"]) for r in doc["records"] if r["stage"] == "micro" and r["ms"] is not None}
@@ -58,6 +58,8 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert any(r["stage"] == "decode" and r["mode"] == "infer" and r["ms"] for r in doc["records"])
     assert any(r["stage"] == "train" and r["provider"] == "peft_sdpa" for r in doc["records"])
     assert {r["provider"] for r in doc["records"] if r["stage"] == "wide512"} >= {"peft_sdpa", "prefixattn"}
+    assert {r["provider"] for r in doc["distill"]["records"]} == {"teacher_kept_kv", "teacher_rereads"}
+    assert all(r["s_per_step"] > 0 and r["teacher_rel_err"] < 1e-3 for r in doc["distill"]["records"])
     assert "torch:" in doc["gpu_check"]["facts"] and "triton:" in doc["gpu_check"]["facts"]
     assert (out / "results.md").read_text().startswith("## GPU check")
     print(f"dry run: {seconds:.0f} s")
@@ -72,5 +74,5 @@ def test_a_hung_stage_is_cut_and_the_rest_is_kept(tmp_path):
     check_out_folder(out)
     got = stages(out)
     assert got["setup"] == "ok" and got["tests"] == "timeout", got
-    assert got["micro"] == got["decode"] == got["train"] == got["wide512"] == "skipped", got  # no time left: never started
+    assert got["micro"] == got["decode"] == got["train"] == got["wide512"] == got["distill"] == "skipped", got  # no time left: never started
     assert "torch:" in json.loads((out / "results.json").read_text())["gpu_check"]["facts"]  # setup's output kept

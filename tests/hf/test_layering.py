@@ -25,6 +25,7 @@ CLI_LAYER = {"prefixattn", "prefixattn.tasks", "prefixattn.__main__"}  # and the
 LAZY_LOADERS = {
     ("prefixattn.cli", "prefixattn.cli.train"),  # `prefixattn info` does not load transformers
     ("prefixattn.cli", "prefixattn.serve.cli"),  # `prefixattn train` does not load vLLM
+    ("prefixattn.cli", "prefixattn.cli.distill"),  # `prefixattn info` does not load the distill layer
 }
 
 
