@@ -29,7 +29,9 @@ def test_summary_ratios_are_per_round_medians(monkeypatch):
     assert doc["summary"]["prefix"]["throughput_vs_base"] == 0.8  # median of 0.5, 0.8, 1.0
     assert abs(doc["summary"]["prefix"]["latency_vs_base"] - 1.25) < 1e-12
     text = serve.markdown(doc)
-    assert "CPU: relative costs only" in text and "| prefix | 50.0 | 0.80 |" in text  # medians: 50 tok/s, x0.8
+    # the spread of the rounds: prefix ran 50, 40, 80 tok/s (min / median / max), x0.8 the median ratio
+    assert "CPU: relative costs only" in text and "| prefix | 40.0 / 50.0 / 80.0 | 0.80 |" in text
+    assert doc["summary"]["prefix"]["latency_s_min"] == 1.0 and doc["summary"]["prefix"]["latency_s_max"] == 2.0
 
 
 def test_modes_send_what_they_say():
@@ -40,6 +42,27 @@ def test_modes_send_what_they_say():
     assert [m for m, _ in serve.jobs_for("mixed", prompts, "p", 3, rng)] == ["base", "p"]
     text = serve.jobs_for("base_text_prefix", prompts, "p", 3, rng)
     assert all(m == "base" and len(q) == 5 and q[3:] == prompts[i] for i, (m, q) in enumerate(text))
+
+
+def test_output_goes_outside_the_checkout(monkeypatch, capsys, tmp_path):
+    """Without --out: a new temporary directory, printed (it left an untracked bench-serve/ in the checkout)."""
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+
+    monkeypatch.setattr(serve, "build_model", stop)
+    monkeypatch.chdir(tmp_path)
+    try:
+        serve.main(["--vllm-python", sys.executable])
+    except Stop:
+        pass
+    printed = capsys.readouterr().out
+    out = Path(printed.split("writing to ", 1)[1].split()[0])
+    assert out.is_dir() and not list(tmp_path.iterdir())
+    assert ROOT not in out.parents and out.name.startswith("bench-serve-out-")
+    out.rmdir()
 
 
 def test_missing_vllm_environment(capsys, tmp_path):
