@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=128, help="L (default 128)")
     ap.add_argument("--max-tokens", type=int, default=32, help="T (default 32)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every mode, interleaved (default 3)")
+    ap.add_argument("--soak", type=float, default=None, metavar="MINUTES",
+                    help="a soak run instead (bench/serve_soak.py): mixed prefixes, streamed and not, "
+                         "bad requests interleaved, for MINUTES; per-minute throughput, latency, memory, "
+                         "mismatches")
     ap.add_argument("--out", type=Path, default=None,
                     help="output directory (default: a new temporary directory, printed; never the checkout)")
     return ap.parse_args(argv)
@@ -95,11 +99,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, python: str, model: str, prefix: str, vllm_args: list[str], log: Path) -> None:
+    def __init__(self, python: str, model: str, prefix: str | list[str], vllm_args: list[str],
+                 log: Path) -> None:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [python, "-m", "prefixattn", "serve", model, "--prefix", prefix, "--served-model-name", "base",
-               "--host", "127.0.0.1", "--port", str(self.port), *vllm_args]
+        prefixes = [prefix] if isinstance(prefix, str) else prefix
+        cmd = [python, "-m", "prefixattn", "serve", model, *[a for p in prefixes for a in ("--prefix", p)],
+               "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(self.port), *vllm_args]
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -197,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-serve-out-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"python -m bench serve: writing to {out}", flush=True)
+    if args.soak is not None:
+        from .serve_soak import soak
+
+        return soak(args, python, vllm_args, out, on_gpu)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         if args.model is None:
             model, prefix_spec = build_model(Path(tmp), args.prefix_tokens)

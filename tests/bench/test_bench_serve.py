@@ -68,3 +68,23 @@ def test_output_goes_outside_the_checkout(monkeypatch, capsys, tmp_path):
 def test_missing_vllm_environment(capsys, tmp_path):
     assert serve.main(["--vllm-python", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "setup_vllm.sh" in capsys.readouterr().err
+
+
+def test_soak_report_and_memory():
+    import os
+
+    from bench import serve_soak
+
+    assert serve_soak.resident_mib(os.getpid()) > 10  # this Python, with torch loaded
+    bad = serve_soak.bad_requests(["base", "p32"], {"base": 100, "p32": 68})
+    assert ({"model": "p32", "prompt": [5] * 68, "max_tokens": 2}, 400) in bad  # no room left for output
+    doc = {"env": {"device": "cpu", "vllm": "0.32.0", "torch": "2.13", "date": "d", "cpu_only": True},
+           "shape": {"minutes": 2, "names": ["base", "p32"], "prefix_tokens": {"p32": 32}, "prompts_per_name": 6,
+                     "max_tokens": 32, "concurrency": 8, "bad_every": 10},
+           "minutes_table": [{"minute": 1, "seconds": 60.0, "requests": 90, "tokens_per_s": 48.0, "latency_p50_s": 1.2,
+                              "latency_p95_s": 2.5, "bad_requests": 10, "bad_answered_right": 10, "mismatches": 0}],
+           "requests": 90, "bad_requests": 10, "bad_wrong": 0, "mismatches": 0, "rss_mib_start": 1000.0,
+           "rss_mib_end": 1010.0, "wall_s": 60.0}
+    text = serve_soak.markdown(doc)
+    assert "mismatches against their solo answers: **0**" in text and "1000 MiB at the start, 1010 MiB" in text
+    assert "| 1 (60) | 90 | 48.0 | 1200 | 2500 | 10 (10) | 0 |" in text
