@@ -63,7 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=128, help="L (default 128)")
     ap.add_argument("--max-tokens", type=int, default=32, help="T (default 32)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every mode, interleaved (default 3)")
-    ap.add_argument("--out", type=Path, default=None, help="output directory (default ./bench-serve)")
+    ap.add_argument("--soak", type=float, default=None, metavar="MINUTES",
+                    help="a soak run instead (bench/serve_soak.py): mixed prefixes, streamed and not, "
+                         "bad requests interleaved, for MINUTES; per-minute throughput, latency, memory, "
+                         "mismatches")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: a new temporary directory, printed; never the checkout)")
     return ap.parse_args(argv)
 
 
@@ -94,11 +99,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, python: str, model: str, prefix: str, vllm_args: list[str], log: Path) -> None:
+    def __init__(self, python: str, model: str, prefix: str | list[str], vllm_args: list[str],
+                 log: Path) -> None:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [python, "-m", "prefixattn", "serve", model, "--prefix", prefix, "--served-model-name", "base",
-               "--host", "127.0.0.1", "--port", str(self.port), *vllm_args]
+        prefixes = [prefix] if isinstance(prefix, str) else prefix
+        cmd = [python, "-m", "prefixattn", "serve", model, *[a for p in prefixes for a in ("--prefix", p)],
+               "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(self.port), *vllm_args]
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -193,8 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     default_args = "" if on_gpu else CPU_VLLM_ARGS
     vllm_args = shlex.split(args.vllm_args if args.vllm_args is not None else default_args)
-    out = args.out or Path("bench-serve")
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-serve-out-"))
     out.mkdir(parents=True, exist_ok=True)
+    print(f"python -m bench serve: writing to {out}", flush=True)
+    if args.soak is not None:
+        from .serve_soak import soak
+
+        return soak(args, python, vllm_args, out, on_gpu)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         if args.model is None:
             model, prefix_spec = build_model(Path(tmp), args.prefix_tokens)
@@ -249,6 +261,9 @@ def report(args: argparse.Namespace, rounds: dict[str, list[dict[str, Any]]], p:
         med["throughput_vs_base"] = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
         med["latency_vs_base"] = statistics.median(a["latency_s"] / b["latency_s"] for a, b in pairs)
         med["ttft_vs_base"] = statistics.median(a["ttft_s"] / b["ttft_s"] for a, b in pairs)
+        for key in ("tokens_per_s", "latency_s"):  # the spread of the rounds, not only their median
+            values = [r[key] for r in rounds[mode]]
+            med[f"{key}_min"], med[f"{key}_max"] = min(values), max(values)
         summary[mode] = med
     shape = {"model": args.model or "built: Llama 4 layers, hidden 256, 8 heads x 32, 4 KV heads, fp32",
              "prefix_tokens": p, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
@@ -263,13 +278,16 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{env['device']}, vLLM {env['vllm']}, torch {env['torch']}, {env['date']}. "
              f"P={shape['prefix_tokens']}, L={shape['prompt_tokens']}, T={shape['max_tokens']}, "
              f"N={shape['requests']}, C={shape['concurrency']}, medians of {shape['rounds']} interleaved "
-             f"rounds; model: {shape['model']}.", "",
-             "| mode | tokens/s | x base | latency ms | x base | TTFT ms | x base |",
+             f"rounds (min / median / max over the rounds); model: {shape['model']}.", "",
+             "| mode | tokens/s (min / median / max) | x base | latency ms (min / median / max) | x base | "
+             "TTFT ms | x base |",
              "|---|---|---|---|---|---|---|"]
     for mode, s in doc["summary"].items():
-        lines.append(f"| {mode} | {s['tokens_per_s']:.1f} | {s['throughput_vs_base']:.2f} | "
-                     f"{s['latency_s'] * 1e3:.0f} | {s['latency_vs_base']:.2f} | {s['ttft_s'] * 1e3:.0f} | "
-                     f"{s['ttft_vs_base']:.2f} |")
+        lines.append(f"| {mode} | {s['tokens_per_s_min']:.1f} / {s['tokens_per_s']:.1f} / "
+                     f"{s['tokens_per_s_max']:.1f} | {s['throughput_vs_base']:.2f} | "
+                     f"{s['latency_s_min'] * 1e3:.0f} / {s['latency_s'] * 1e3:.0f} / "
+                     f"{s['latency_s_max'] * 1e3:.0f} | {s['latency_vs_base']:.2f} | "
+                     f"{s['ttft_s'] * 1e3:.0f} | {s['ttft_vs_base']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,7 @@ class ServedPrefix:
     name: str
     source: str  # where it was read from, for messages and /v1/models
     kv: torch.Tensor  # (L, 2, Hkv, P, D) fp32, contiguous, every layer of the model
+    made_for: str | None = None  # the base model the adapter names (PEFT's base_model_name_or_path)
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +67,7 @@ def _check_values(kv: torch.Tensor, what: str = "the prefix") -> torch.Tensor:
     return kv.float().contiguous()
 
 
-def _read_peft(directory: Path, model: ServedModel) -> torch.Tensor:
+def _read_peft(directory: Path, model: ServedModel) -> tuple[torch.Tensor, str | None]:
     cfg, rows, _ = read_peft_adapter(directory)
     if (cfg.get("task_type") or "CAUSAL_LM") != "CAUSAL_LM":
         raise ValueError(f"PEFT adapter {str(directory)!r} is a {cfg['task_type']} adapter; prefixattn serve "
@@ -86,7 +87,8 @@ def _read_peft(directory: Path, model: ServedModel) -> torch.Tensor:
         raise ValueError(f"PEFT adapter {str(directory)!r} does not fit the model: " + "; ".join(problems))
     shape = PrefixConfig(num_tokens=P, num_kv_heads=heads, head_dim=token_dim // heads,
                          layers=tuple(range(L)), num_layers=L)
-    return peft_rows_to_kv(rows, shape)[:, :, 0]  # (L, 2, Hkv, P, D)
+    made_for = cfg.get("base_model_name_or_path")
+    return peft_rows_to_kv(rows, shape)[:, :, 0], made_for if isinstance(made_for, str) else None
 
 
 def _read_prefix_file(path: Path, model: ServedModel) -> torch.Tensor:
@@ -151,8 +153,8 @@ def read_prefixes(name: str, path: str | Path, model: ServedModel) -> list[Serve
 def _read_prefixes(name: str, p: Path, model: ServedModel) -> list[ServedPrefix]:
     if p.is_dir():
         if (p / CONFIG_NAME).is_file():
-            kv = _check_values(_read_peft(p, model))
-            return [ServedPrefix(name, str(p), kv)]
+            kv, made_for = _read_peft(p, model)
+            return [ServedPrefix(name, str(p), _check_values(kv), made_for)]
         if (p / PREFIX_FILE_IN_DIR).is_file():
             p = p / PREFIX_FILE_IN_DIR
         else:
@@ -165,6 +167,20 @@ def _read_prefixes(name: str, p: Path, model: ServedModel) -> list[ServedPrefix]
         return [ServedPrefix(name, str(p), _check_values(bank[0]))]
     return [ServedPrefix(f"{name}/{i}", f"{p}#{i}", _check_values(bank[i], f"entry {i}"))
             for i in range(bank.shape[0])]
+
+
+def names_another_model(made_for: str | None, model_dir: str | Path, config: dict) -> bool:
+    """Whether an adapter's recorded base model (PEFT's ``base_model_name_or_path``) is another model than
+    the one served: not the same directory, not the name the model's config records, and not a local
+    copy of a hub id (the same last path component)."""
+    if not made_for:
+        return False
+    here = Path(model_dir).resolve()
+    if made_for in (str(model_dir), config.get("_name_or_path")):
+        return False
+    if Path(made_for).exists() and Path(made_for).resolve() == here:
+        return False
+    return made_for.rstrip("/").rsplit("/", 1)[-1].lower() != here.name.lower()
 
 
 def read_all(specs: list[str], model: ServedModel, base_name: str) -> list[ServedPrefix]:

@@ -181,8 +181,19 @@ def rewrite_sse_event(event: bytes, name: str, num_placeholders: int, num_prompt
     return b"\n".join(lines)
 
 
-def with_prefix_models(models: Any, table: PrefixTable) -> Any:
-    """/v1/models with a card for every prefix next to the base model's."""
+def context_message(name: str, limit: int, max_model_len: int, num_prefix_tokens: int, prompt_tokens: int,
+                    at_least: bool = False) -> str:
+    """A prompt too long for a prefix, in the user's tokens: the prefix's context is the model's less its
+    P placeholder tokens, and the output needs at least one position of it."""
+    return (f"The maximum context length of `{name}` is {limit} tokens (the model's {max_model_len} less "
+            f"the prefix's {num_prefix_tokens}). However, your prompt contains {'at least ' * at_least}"
+            f"{prompt_tokens} input tokens, which leaves no room for output tokens (at most {limit - 1} "
+            "prompt tokens). Please reduce the length of the input prompt.")
+
+
+def with_prefix_models(models: Any, table: PrefixTable, max_model_len: int | None = None) -> Any:
+    """/v1/models with a card for every prefix next to the base model's; a prefix's ``max_model_len`` is
+    the model's less its P tokens (what is left for the prompt and the output)."""
     if not isinstance(models, dict) or not isinstance(models.get("data"), list):
         return models
     base = next((m for m in models["data"] if isinstance(m, dict) and m.get("id") == table.base_name), None)
@@ -191,5 +202,8 @@ def with_prefix_models(models: Any, table: PrefixTable) -> Any:
     for entry in table.entries.values():
         card = {**base, "id": entry.name, "root": entry.source, "parent": table.base_name,
                 "owned_by": "prefixattn"}
+        total = base.get("max_model_len", max_model_len)
+        if isinstance(total, int):
+            card["max_model_len"] = total - entry.num_tokens
         models["data"].append(card)
     return models

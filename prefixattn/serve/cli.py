@@ -10,12 +10,13 @@ import importlib.util
 import shutil
 import sys
 
+from .drain import DEFAULT_DRAIN_TIMEOUT_S
 from .launch import prepare, run_server
 from .versions import installed_vllm, untested_reason
 
 SERVE_HELP = """Serve tuned prefixes on vLLM: one base model, every prefix its own model name.
 
-  prefixattn serve MODEL_DIR --prefix NAME=ADAPTER [--prefix ...] [--port N] [vLLM options...]
+  prefixattn serve MODEL_DIR --prefix NAME=ADAPTER [--prefix ...] [--host H] [--port N] [vLLM options...]
   python -m prefixattn serve ...                       the same without the console script
 
 ADAPTER: a PEFT prefix-tuning adapter directory (prefixattn.save_peft, PEFT's save_pretrained), a
@@ -25,6 +26,10 @@ answers under --served-model-name (default: MODEL_DIR). Every other option is pa
 (e.g. --max-model-len 4096 --dtype bfloat16 --enforce-eager). --check validates everything and exits
 without starting vLLM (it runs without vLLM installed)."""
 
+# vLLM listens on every interface by default; a server that holds tuned prefixes should be exposed only on
+# purpose
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
 _OWN_VLLM_OPTIONS = ("--kv-transfer-config", "--model", "--served-model-name", "--port", "--host")
 
 
@@ -35,8 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", action="append", default=[], metavar="NAME=ADAPTER",
                    help="a prefix to serve under NAME (repeat for more)")
     p.add_argument("--served-model-name", default=None, help="the base model's name (default: MODEL_DIR)")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; --host 0.0.0.0 "
+                        "listens on every interface: pair it with --api-key)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port to listen on (default: {DEFAULT_PORT})")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C: new requests get 503, running ones this long to finish "
+                        "(then they are ended with an error), then the server exits (default: "
+                        f"{DEFAULT_DRAIN_TIMEOUT_S:g})")
     p.add_argument("--run-dir", default=None,
                    help="where to write the served-prefix table (default: a temporary directory, removed "
                         "when the server stops)")
@@ -64,15 +76,21 @@ def _check_vllm_args(vllm_args: list[str]) -> None:
         name = arg.split("=", 1)[0]
         if name in _OWN_VLLM_OPTIONS:
             raise ValueError(f"{name} is set by prefixattn serve (the connector, the model and its names)")
-        if name in ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp"):
-            raise ValueError(f"{name}: prefix serving runs on one device for now (the connector refuses "
-                             "parallel engines)")
+        if name in ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
+                    "--data-parallel-size", "-dp"):
+            raise ValueError(f"{name}: prefix serving runs on one device: it was tested on one only, and the "
+                             "connector writes a prefix into one engine's paged cache (with tensor "
+                             "parallelism each rank holds a slice of the KV heads, with pipeline parallelism "
+                             "a slice of the layers: not written yet). To serve more traffic, run replicas "
+                             "behind a load balancer: any replica serves any prefix by name")
 
 
 def main(argv: list[str] | None = None) -> int:
     args, vllm_args = build_parser().parse_known_args(argv)
     try:
         _check_vllm_args(vllm_args)
+        if args.drain_timeout < 0:
+            raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout:g}")
         if not args.check and importlib.util.find_spec("vllm") is None:
             raise ValueError(f"vLLM is not installed in this Python ({sys.executable}). "
                              "`bash scripts/setup_vllm.sh` makes .venv-vllm with it: run "
@@ -87,15 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefixattn serve: error: {e}", file=sys.stderr)
         return 2
     table = prepared.table
+    context = prepared.max_model_len
     print(f"prefixattn serve: base model {table.base_name!r} ({table.num_layers} layers, "
-          f"{table.num_kv_heads} KV heads x head dim {table.head_dim})")
+          f"{table.num_kv_heads} KV heads x head dim {table.head_dim}"
+          + (f", context {context} tokens)" if context else ")"))
     for e in table.entries.values():
-        print(f"  {e.name}: {e.num_tokens} prefix tokens from {e.source}")
+        room = f" (context {context - e.num_tokens} tokens)" if context else ""
+        print(f"  {e.name}: {e.num_tokens} prefix tokens from {e.source}{room}")
+    for warning in prepared.warnings:
+        print(f"prefixattn serve: warning: {warning}", file=sys.stderr)
     if args.check:
         if prepared.owns_run_dir:
             shutil.rmtree(prepared.run_dir, ignore_errors=True)
         return 0
-    return run_server(prepared, args.host, args.port, vllm_args)
+    return run_server(prepared, args.host, args.port, vllm_args, args.drain_timeout)
 
 
 if __name__ == "__main__":

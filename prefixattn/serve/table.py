@@ -28,6 +28,7 @@ RESERVED_SALT = "prefixattn:"
 MANIFEST_NAME = "manifest.json"
 KV_FILE_NAME = "prefixes.safetensors"
 ENV_MANIFEST = "PREFIXATTN_SERVE_MANIFEST"  # how the HTTP middleware finds the table
+ENV_OWNED_RUN_DIR = "PREFIXATTN_SERVE_OWNED_RUN_DIR"  # a run directory the server removes when it stops
 MANIFEST_VERSION = 1
 
 

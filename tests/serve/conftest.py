@@ -32,10 +32,11 @@ def server(serve_fixture, worker_id) -> Server:
         info = json.loads(info_path.read_text()) if info_path.is_file() else None
         if info is None or not healthy(info["url"]):
             info = start(python, serve_fixture, shared)
+            info.pop("proc")
             info_path.write_text(json.dumps(info))
         users.mkdir(exist_ok=True)
         (users / worker_id).touch()
-    yield Server(info["url"], serve_fixture)
+    yield Server(info["url"], serve_fixture, shared / "server.log")
     with locked(shared / "lock"):
         (users / worker_id).unlink(missing_ok=True)
         if not any(users.iterdir()):

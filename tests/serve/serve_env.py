@@ -9,6 +9,7 @@ CI (``CI`` set) a missing vLLM environment is an error, not a skip.
 from __future__ import annotations
 
 import fcntl
+import http.client
 import json
 import os
 import signal
@@ -56,6 +57,19 @@ def vllm_python() -> Path:
 class Server:
     url: str
     fixture: tiny_serving.Fixture
+    log: Path | None = None  # what the server writes (stdout and stderr)
+
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+            timeout: float = 60) -> tuple[int, bytes]:
+        """One request with exactly these headers (urllib would add a Content-Type of its own)."""
+        host, port = self.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
 
     def post(self, path: str, body: dict, timeout: float = 120, key: bool = True) -> tuple[int, dict]:
         headers = {"Content-Type": "application/json", **(AUTH if key else {})}
@@ -114,6 +128,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on ``port`` (Linux: /proc/net/tcp and tcp6)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            # the kernel prints each 32-bit word in host order (little-endian here)
+            words = [raw[i:i + 4][::-1] for i in range(0, len(raw), 4)]
+            found.add(socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, b"".join(words)))
+    return found
+
+
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=5) as r:
@@ -122,13 +156,14 @@ def healthy(url: str) -> bool:
         return False
 
 
-def start(python: Path, fixture: tiny_serving.Fixture, shared: Path) -> dict:
+def start(python: Path, fixture: tiny_serving.Fixture, shared: Path, args: list[str] = SERVER_ARGS,
+          log_name: str = "server.log") -> dict:
     port = _free_port()
-    log = shared / "server.log"
+    log = shared / log_name
     env = child_env()
     cmd = [str(python), "-m", "prefixattn", "serve", str(fixture.model_dir),
            *[a for p in fixture.prefix_args for a in ("--prefix", p)],
-           "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS]
+           "--port", str(port), *args]  # no --host: the default (127.0.0.1) is under test
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=shared,
                                 start_new_session=True)
@@ -140,7 +175,8 @@ def start(python: Path, fixture: tiny_serving.Fixture, shared: Path) -> dict:
             tail = log.read_text()[-4000:]
             pytest.fail(f"prefixattn serve did not start (exit {proc.poll()}); log tail:\n{tail}")
         time.sleep(2)
-    return {"pid": proc.pid, "url": url, "started_s": round(time.monotonic() - deadline + START_TIMEOUT_S, 1)}
+    return {"pid": proc.pid, "url": url, "started_s": round(time.monotonic() - deadline + START_TIMEOUT_S, 1),
+            "proc": proc, "log": str(log)}
 
 
 def stop(pid: int) -> None:

@@ -3,6 +3,8 @@ a clear error where vLLM is missing, and the command loading no vLLM for anythin
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -20,10 +22,37 @@ def serve(*args):
 def test_check_lists_what_would_be_served(serve_fixture, capsys):
     args = [a for p in serve_fixture.prefix_args for a in ("--prefix", p)]
     assert serve(str(serve_fixture.model_dir), *args, "--served-model-name", "base", "--check") == 0
-    out = capsys.readouterr().out
-    assert "base model 'base' (2 layers, 2 KV heads x head dim 32)" in out
+    out, err = capsys.readouterr()
+    assert "base model 'base' (2 layers, 2 KV heads x head dim 32, context 512 tokens)" in out
     for line in ("peft37: 37 prefix tokens", "bank8/1: 8 prefix tokens", "proj5: 5 prefix tokens"):
         assert line in out
+    # without --max-model-len: the model's max_position_embeddings (512), less each prefix's tokens
+    assert "context 512 tokens" in out and "(context 475 tokens)" in out and "(context 504 tokens)" in out
+    assert "warning" not in err
+    assert serve(str(serve_fixture.model_dir), *args, "--max-model-len", "39", "--check") == 0
+    assert "peft37: 37 prefix tokens" in capsys.readouterr().out  # 2 positions left: a token in, a token out
+
+
+def test_adapter_made_for_another_model_is_served_with_a_warning(serve_fixture, tmp_path, capsys):
+    """PEFT records the base model it was trained on; one of the same shapes but another name is served
+    (the shapes fit), with a warning naming both, at --check as at start-up (both run ``prepare``)."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(serve_fixture.root / "peft37", adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(serve_fixture.model_dir)  # what save_peft recorded
+    cfg["base_model_name_or_path"] = "someone/another-model"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    model = str(serve_fixture.model_dir)
+    assert serve(model, "--prefix", f"odd={adapter}", "--prefix", f"ok={serve_fixture.root / 'peft37'}",
+                 "--check") == 0
+    err = capsys.readouterr().err
+    assert f"warning: prefix 'odd': its adapter was made for 'someone/another-model', served here on {model!r}" in err
+    assert "'ok'" not in err
+    # a local copy of a hub model: the same last path component is the same model
+    cfg["base_model_name_or_path"] = f"org/{serve_fixture.model_dir.name}"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    assert serve(model, "--prefix", f"odd={adapter}", "--check") == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, reason", [
@@ -31,7 +60,11 @@ def test_check_lists_what_would_be_served(serve_fixture, capsys):
     (["--prefix", "p={root}/model"], "neither a PEFT adapter"),
     ([], "at least one --prefix"),
     (["--prefix", "p={root}/peft37", "--kv-transfer-config", "{{}}"], "--kv-transfer-config is set by"),
-    (["--prefix", "p={root}/peft37", "--tensor-parallel-size", "2"], "one device"),
+    (["--prefix", "p={root}/peft37", "--tensor-parallel-size", "2"], "one engine's paged cache"),
+    (["--prefix", "p={root}/peft37", "-pp", "2"], "any replica serves any prefix by name"),
+    (["--prefix", "p={root}/peft37", "--max-model-len", "38"], "--max-model-len 38 leaves prefix 'p' (37 tokens) 1"),
+    (["--prefix", "p={root}/peft37", "--max-model-len=30"], "--max-model-len 30 leaves prefix 'p' (37 tokens) 0"),
+    (["--prefix", "p={root}/peft37", "--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
 ])
 def test_bad_start_ups_are_refused_with_the_reason(serve_fixture, capsys, args, reason):
     root = serve_fixture.root
@@ -69,6 +102,9 @@ def test_the_command_loads_no_vllm_outside_serve():
     help_run = subprocess.run([sys.executable, "-m", "prefixattn", "serve", "--help"], capture_output=True,
                               text=True, check=True)
     assert "NAME=ADAPTER" in help_run.stdout and "--check" in help_run.stdout
+    assert "--host" in help_run.stdout and "default: 127.0.0.1" in help_run.stdout
+    assert "--port" in help_run.stdout and "default: 8000" in help_run.stdout
+    assert "--drain-timeout SECONDS" in help_run.stdout
 
 
 def test_tested_vllm_versions():

@@ -10,6 +10,7 @@ import pytest
 
 from prefixattn.serve.admission import (
     admit,
+    context_message,
     error_body,
     prefixed_body,
     rewrite_result,
@@ -23,6 +24,7 @@ from prefixattn.serve.engine_requests import (
     prefix_params,
     slot_mapping,
 )
+from prefixattn.serve.http_rules import has_key, key_hashes, may_be_json, media_type, needs_key
 from prefixattn.serve.table import PrefixTable, TableEntry
 
 
@@ -125,8 +127,42 @@ def test_models_list_gets_a_card_per_prefix(table):
     models = {"object": "list", "data": [{"id": "base", "root": "/m", "parent": None, "max_model_len": 99}]}
     out = with_prefix_models(models, table)
     assert [c["id"] for c in out["data"]] == ["base", "a", "b", "bank/0"]
-    assert out["data"][3] == {"id": "bank/0", "root": "/x/bank/0", "parent": "base", "max_model_len": 99,
+    # a prefix's context: the model's less its P tokens (bank/0 has 5)
+    assert out["data"][3] == {"id": "bank/0", "root": "/x/bank/0", "parent": "base", "max_model_len": 94,
                               "owned_by": "prefixattn"}
+    assert out["data"][1]["max_model_len"] == 96
+
+
+def test_context_message_counts_the_users_tokens():
+    message = context_message("a", 96, 99, 3, 120, at_least=True)
+    assert "context length of `a` is 96 tokens (the model's 99 less the prefix's 3)" in message
+    assert "contains at least 120 input tokens" in message and "at most 95 prompt tokens" in message
+
+
+def test_media_types_parse_as_http_says():
+    for header in (b"application/json", b"Application/JSON", b"application/json; charset=utf-8",
+                   "APPLICATION/JSON ; Charset=UTF-8"):
+        assert media_type(header) == "application/json"
+    assert media_type(None) == "" and media_type(b"text/event-stream; charset=utf-8") == "text/event-stream"
+    # every body vLLM may read as JSON is inspected: no header, any case, +json, even text/plain
+    for header in (None, b"Application/JSON", b"application/vnd.api+json", b"text/plain"):
+        assert may_be_json(header)
+    assert not may_be_json(b"multipart/form-data; boundary=x") and not may_be_json(
+        b"Application/X-WWW-Form-Urlencoded")
+
+
+def test_every_route_but_health_needs_the_key():
+    for path, method in (("/invocations", "POST"), ("/tokenize", "POST"), ("/metrics", "GET"), ("/version", "GET"),
+                         ("/docs", "GET"), ("/openapi.json", "GET"), ("/v1/models", "GET"), ("/", "GET")):
+        assert needs_key(path, method), path
+    assert not needs_key("/health", "GET") and not needs_key("/ping", "POST") and not needs_key("/health/", "GET")
+    assert not needs_key("/v1/models", "OPTIONS")  # CORS preflight: no credentials, answered by CORS
+    assert needs_key("/api/health", "GET", root_path="") and not needs_key("/api/health", "GET", root_path="/api")
+    hashes = key_hashes(["k1", None, "k2"])
+    assert len(hashes) == 2
+    assert has_key(b"Bearer k1", hashes) and has_key("bearer k2", hashes)
+    for header in (None, b"", b"k1", b"Bearer k3", b"Basic k1", b"Bearer k1x"):
+        assert not has_key(header, hashes), header
 
 
 def engine_request(table, name="a", ids=None, salt=None, **kw):
