@@ -208,7 +208,10 @@ DKDV_PINNED = {
 # where 64x128 w8 spilled 40-48 B and 64x64 w8/w4 36-44 B).
 # cdna3/cdna4 (AMD, wave64): 4 waves (see forward.py: w8 spilled 356-760 B on gfx950).
 _DQ_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
-_DKDV_AMD = [(64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+# dk/dv: 128 resident keys at D = 64 (433-454 VGPRs); 32x64 at D = 128 (413 VGPRs on gfx942), where
+# 64x128 w4 spilled 712 B on gfx950 and 64x64 w4 648 B on gfx942
+_DKDV_AMD_64 = [(64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+_DKDV_AMD = [(32, 64, 4, 2), (32, 32, 4, 1)]
 DQ_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "mma": {256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]},
     "cdna3": {128: _DQ_AMD, 256: _DQ_AMD},
@@ -217,8 +220,8 @@ DQ_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 DKDV_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "mma": {128: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
             256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]},
-    "cdna3": {128: _DKDV_AMD, 256: _DKDV_AMD},
-    "cdna4": {128: _DKDV_AMD, 256: _DKDV_AMD},
+    "cdna3": {128: _DKDV_AMD_64, 256: _DKDV_AMD},
+    "cdna4": {128: _DKDV_AMD_64, 256: _DKDV_AMD},
 }
 
 
@@ -734,11 +737,12 @@ def attention_backward(
     )
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    # 64 rows a program; 32 on sm_100, where ptxas (triton 3.9) spills 28 B of the 64-row tile at D = 64
-    delta_rows = 32 if device_family(q.device) == "tcgen05" else 64
-    _delta_kernel[(triton.cdiv(Sq, delta_rows), B * Hq)](
+    # 8 warps on sm_100: its ptxas (triton 3.9) spills 28-32 B whenever 4 warps hold a 4096-element tile
+    # (64 rows at D = 64, 32 at D = 128, 16 at D = 256); 64 rows on 8 warps are clean at D = 16..256
+    delta_warps = 8 if device_family(q.device) == "tcgen05" else 4
+    _delta_kernel[(triton.cdiv(Sq, 64), B * Hq)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Sq, Dv,
-        BLOCK_M=delta_rows, BLOCK_D=BLOCK_DV,
+        BLOCK_M=64, BLOCK_D=BLOCK_DV, num_warps=delta_warps,
     )
     if need_dsinks:  # the sink's dS summed over rows: -sum_i exp(sink - L_i) Delta_i
         p_sink = torch.exp(sinks.float().view(1, Hq, 1) - lse)
