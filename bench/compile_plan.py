@@ -164,6 +164,7 @@ class Recorder:
 
         old_hook, old_run, old_driver = triton.knobs.runtime.jit_cache_hook, Autotuner.run, driver._active
         use_fake_driver(facts.target)
+        _forget_targets()
         triton.knobs.runtime.jit_cache_hook = self.hook
         Autotuner.run = autotune_run
         try:
@@ -173,6 +174,18 @@ class Recorder:
             triton.knobs.runtime.jit_cache_hook = old_hook
             Autotuner.run = old_run
             driver._active = old_driver
+            _forget_targets()
+
+
+def _forget_targets() -> None:
+    """Each JITFunction keeps the target (and backend) it first saw per device index: drop them, so a
+    second device recorded in this process specializes for its own target, not the first one's."""
+    from collections import defaultdict
+
+    from triton.runtime.jit import _triton_jit_function_registry
+
+    for jit in _triton_jit_function_registry.values():
+        jit.device_caches = defaultdict(jit.create_binder)
 
 
 # ---------------------------------------------------------------------------------------------

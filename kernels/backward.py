@@ -43,6 +43,7 @@ from .common import (
     bucket,
     ceil_div,
     configs_from,
+    device_family,
     dot_precision,
     fixed_config,
     group_ptr,
@@ -200,9 +201,35 @@ DKDV_PINNED = {
 }
 
 
-def pinned_tables(width: int) -> tuple[list, list]:
-    """The pinned dq and dk/dv configs' candidates for BLOCK_DK + BLOCK_DV = width."""
-    return DQ_PINNED.get(width, DQ_CONFIGS), DKDV_PINNED.get(width, DKDV_CONFIGS)
+# Other GPUs' pinned configs where sm_90's table does not serve them (dot families of kernels/smem.py;
+# chosen by `python -m bench compile --device ...`, bench/TUNING.md, "Issue 33"). A width not listed takes sm_90's.
+# mma (sm_80/89/120): 8 warps on 64 rows (dq) or 64 resident keys (dk/dv) at D = 128, where 128x32 w8
+# (dq) and 32x128 w8 (dk/dv) spilled 32-128 B; at D = 64 dk/dv 32x128 w8 (178 registers on sm_120,
+# where 64x128 w8 spilled 40-48 B and 64x64 w8/w4 36-44 B).
+# cdna3/cdna4 (AMD, wave64): 4 waves (see forward.py: w8 spilled 356-760 B on gfx950).
+_DQ_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+# dk/dv: 128 resident keys at D = 64 (433-454 VGPRs); 32x64 at D = 128 (413 VGPRs on gfx942), where
+# 64x128 w4 spilled 712 B on gfx950 and 64x64 w4 648 B on gfx942
+_DKDV_AMD_64 = [(64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+_DKDV_AMD = [(32, 64, 4, 2), (32, 32, 4, 1)]
+DQ_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "mma": {256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]},
+    "cdna3": {128: _DQ_AMD, 256: _DQ_AMD},
+    "cdna4": {128: _DQ_AMD, 256: _DQ_AMD},
+}
+DKDV_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "mma": {128: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+            256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]},
+    "cdna3": {128: _DKDV_AMD_64, 256: _DKDV_AMD},
+    "cdna4": {128: _DKDV_AMD_64, 256: _DKDV_AMD},
+}
+
+
+def pinned_tables(width: int, family: str = "wgmma") -> tuple[list, list]:
+    """The pinned dq and dk/dv configs' candidates for BLOCK_DK + BLOCK_DV = width on a device of `family`."""
+    dq = DQ_PINNED_BY_FAMILY.get(family, {}).get(width) or DQ_PINNED.get(width, DQ_CONFIGS)
+    dkdv = DKDV_PINNED_BY_FAMILY.get(family, {}).get(width) or DKDV_PINNED.get(width, DKDV_CONFIGS)
+    return dq, dkdv
 
 
 @triton.jit
@@ -700,7 +727,7 @@ def attention_backward(
     a, c = softcap_args(scale, softcap)
     es = q.element_size()
     bes = bias.element_size() if score_bias is not None else 0
-    dq_table, dkdv_table = pinned_tables(BLOCK_DK + BLOCK_DV)
+    dq_table, dkdv_table = pinned_tables(BLOCK_DK + BLOCK_DV, device_family(q.device))
     flags = dict(
         DK=Dk, DV=Dv, EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
@@ -710,9 +737,12 @@ def attention_backward(
     )
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    # 8 warps on sm_100: its ptxas (triton 3.9) spills 28-32 B whenever 4 warps hold a 4096-element tile
+    # (64 rows at D = 64, 32 at D = 128, 16 at D = 256); 64 rows on 8 warps are clean at D = 16..256
+    delta_warps = 8 if device_family(q.device) == "tcgen05" else 4
     _delta_kernel[(triton.cdiv(Sq, 64), B * Hq)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Sq, Dv,
-        BLOCK_M=64, BLOCK_D=BLOCK_DV,
+        BLOCK_M=64, BLOCK_D=BLOCK_DV, num_warps=delta_warps,
     )
     if need_dsinks:  # the sink's dS summed over rows: -sum_i exp(sink - L_i) Delta_i
         p_sink = torch.exp(sinks.float().view(1, Hq, 1) - lse)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .config import settings
 from .device import CPU, device_facts
-from .smem import smem_bytes
+from .smem import dot_family, smem_bytes
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -78,6 +78,13 @@ def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str
 
 def num_sms(device: torch.device) -> int:
     return device_facts(device).sms
+
+
+def device_family(device: torch.device) -> str:
+    """The device's dot family (kernels/smem.py dot_family): which pinned config tables it takes. The
+    CPU (the interpreter) plans as an H100."""
+    facts = device_facts(device)
+    return dot_family(None if facts is CPU else facts)
 
 
 def smem_limit(device: torch.device) -> int:

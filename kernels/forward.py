@@ -45,6 +45,7 @@ from .common import (
     block_p,
     bucket,
     configs_from,
+    device_family,
     dot_precision,
     fixed_config,
     group_ptr,
@@ -173,9 +174,24 @@ FWD_PINNED = {
 }
 
 
-def pinned_table(width: int) -> list[tuple[int, int, int, int]]:
-    """The pinned config's candidates for BLOCK_DK + BLOCK_DV = width."""
-    return FWD_PINNED.get(width, FWD_CONFIGS)
+# Other GPUs' pinned configs where sm_90's table does not serve them (dot families of kernels/smem.py;
+# chosen by `python -m bench compile --device ...`, bench/TUNING.md, "Issue 33"). A width not listed takes sm_90's.
+# mma (sm_80/89/120, mma.sync): 8 warps share 64 rows at D = 128 (two warps per 16 rows: half the
+# accumulator per thread; 128x64 w8 spilled 96 B on sm_80, 64x32 w4 40-52 B on sm_89/sm_120).
+# cdna3/cdna4 (AMD, wave64): 4 waves, one per SIMD, so a lane may use 512 registers (8 waves give
+# each 256: every w8 config spilled 248-760 B on gfx950); LDS picks the row block.
+_FWD_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+FWD_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "mma": {256: [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)]},
+    "cdna3": {128: _FWD_AMD, 256: _FWD_AMD},
+    "cdna4": {128: _FWD_AMD, 256: _FWD_AMD},
+}
+
+
+def pinned_table(width: int, family: str = "wgmma") -> list[tuple[int, int, int, int]]:
+    """The pinned config's candidates for BLOCK_DK + BLOCK_DV = width on a device of `family`."""
+    own = FWD_PINNED_BY_FAMILY.get(family, {}).get(width)
+    return own or FWD_PINNED.get(width, FWD_CONFIGS)
 
 
 @triton.jit
@@ -487,7 +503,7 @@ def attention_forward(
     if R <= DECODE_ROWS:
         cfg = decode_config(R, BLOCK_DK + BLOCK_DV, fits)
     elif deterministic:
-        cfg = fixed_config(pinned_table(BLOCK_DK + BLOCK_DV), fits)
+        cfg = fixed_config(pinned_table(BLOCK_DK + BLOCK_DV, device_family(q.device)), fits)
     else:
         cfg = None
     if cfg is not None:

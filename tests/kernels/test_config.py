@@ -106,3 +106,34 @@ def test_fp32_dot_precision_follows_torch():
     finally:
         torch.set_float32_matmul_precision("highest")
         matmul.allow_tf32 = before
+
+
+def test_each_gpu_takes_its_family_configs():
+    """The launchers plan for the device they are told about: its dot family, its pinned tables (sm_90's
+    where its family has none), dot precision AMD's hip backend accepts, the configs that fit its limit."""
+    from prefixattn.kernels.device import KNOWN
+    from prefixattn.kernels.smem import smem_bytes
+
+    cuda = torch.device("cuda", 0)
+    families = {}
+    for name, facts in KNOWN.items():
+        with use_settings(device=facts, interpret=False):
+            families[name] = common.device_family(cuda)
+            half, fp32 = common.dot_precision(torch.bfloat16, cuda), common.dot_precision(torch.float32, cuda)
+            assert half == ("ieee" if facts.gfx else "tf32") and fp32 == "ieee", name  # allow_tf32 off
+            for width in (128, 256):
+                meta = dict(BLOCK_DK=width // 2, BLOCK_DV=width // 2, BLOCK_P=64, DOT_PRECISION=half)
+                for kernel, table in (("fwd", forward.pinned_table(width, families[name])),
+                                      *zip(("dq", "dkdv"), backward.pinned_tables(width, families[name]), strict=True)):
+                    fits = common.smem_fits(kernel, meta, 2, cuda)
+                    cfg = fixed_config(table, fits)
+                    row = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+                    need = smem_bytes(kernel, {**meta, "BLOCK_M": row[0], "BLOCK_N": row[1]}, row[2], row[3], 2,
+                                      half, facts)
+                    assert fits(*row) and need <= facts.smem_per_block, (name, kernel, width, row)
+                    if facts.gfx:
+                        assert row[2] == 4, (name, kernel, row)  # wave64: 4 waves, 512 registers a lane
+    assert families == {"a100": "mma", "l4": "mma", "h100": "wgmma", "h200": "wgmma", "b200": "tcgen05",
+                        "rtx5090": "mma", "mi300x": "cdna3", "mi355x": "cdna4"}
+    assert common.device_family(torch.device("cpu")) == "wgmma"  # the interpreter plans as an H100
+    assert forward.pinned_table(256) == forward.pinned_table(256, "tcgen05") == forward.FWD_PINNED[256]
