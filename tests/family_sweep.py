@@ -111,7 +111,7 @@ def build(model_type: str):
 
 def _cache_under_its_new_name(module, args, kwargs):
     """PEFT (0.21.2) hands its prefix to the model as ``past_key_values``. transformers >= 5.24 calls it
-    ``cache``; most families rename the old keyword inside forward, but some new ones (dory) have no such
+    ``cache``; most families rename the old keyword inside forward, but some new ones (dory, ergo) have no such
     alias and drop it into ``**kwargs``: PEFT then runs without its prefix. The reference hands it over
     under the name the model reads."""
     if kwargs.get("past_key_values") is not None and kwargs.get("cache") is None:
