@@ -31,6 +31,12 @@ def test_demo_resume_and_a_saved_model(tmp_path, capsys):
     assert (out / "selfstudy.jsonl").read_text().splitlines() == lines
     assert main(["distill", "--out", str(out), *TINY]) == 2
     assert "--resume" in capsys.readouterr().err
+    # the recorded conversations again, the teacher reading the whole context's kept K/V at every step
+    live = tmp_path / "live"
+    assert main(["distill", "--out", str(live), "--data", str(out / "selfstudy.jsonl"), "--live-teacher",
+                 "--lm-weight", "0.1", *TINY]) == 0
+    report = json.loads((live / "report.json").read_text())
+    assert report["eval"]["trained"]["kl"] < report["eval"]["none"]["kl"]
     # a model saved with save_pretrained (the demo's base model), distilled into a cartridge
     context = tmp_path / "doc.txt"
     context.write_text("Punched cards held the programs of the Analytical Engine. " * 3)

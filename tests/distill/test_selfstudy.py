@@ -15,7 +15,7 @@ import torch
 import prefixattn
 from prefixattn.cli.model import byte_tokenizer, tiny_llama_config
 from prefixattn.distill.records import digest_ids, read_records, tokenizer_digest
-from prefixattn.distill.selfstudy import EndpointGenerator, SelfStudyConfig, generate_selfstudy
+from prefixattn.distill.selfstudy import EndpointGenerator, SelfStudyConfig, chunk_spans, generate_selfstudy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CFG = SelfStudyConfig(conversations=5, chunk_tokens=40, question_tokens=6, answer_tokens=8, batch_size=2, top_k=5)
@@ -47,8 +47,9 @@ def test_records_resume_and_dedup(setup, tmp_path):
     assert {r["kind"] for r in records} <= {"structuring", "summarization", "question", "use_case", "creative"}
     # the recorded top-k are the plain model's with the chunk in front of the conversation
     r = records[0]
-    start = 40 * r["chunk"]
-    chunk = corpus[start:start + 40]
+    start, end = chunk_spans(len(corpus), 40)[r["chunk"]]  # chunks of equal size, at most 40 tokens
+    assert end - start <= 40
+    chunk = corpus[start:end]
     with torch.no_grad():
         logits = base(input_ids=torch.tensor([chunk + r["prompt_ids"] + r["response_ids"]])).logits[0]
     first = len(chunk) + len(r["prompt_ids"]) - 1
