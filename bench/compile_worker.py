@@ -12,8 +12,8 @@ recorded specialization to a compiled kernel, through triton's cache) under the 
                 Blackwell's tcgen05.mma counted as tcgen05)
 
 AMD (triton's hip backend, an hsaco): shared is the LDS, and the AMDGPU metadata of the assembly
-gives VGPRs (registers), AGPRs, SGPRs, the private segment (scratch: spill_stores, in bytes) and the
-VGPR/SGPR spill counts; v_mfma instructions are the matrix-core dots.
+gives VGPRs (registers: the total with AGPRs), AGPRs, SGPRs, the private segment (scratch:
+spill_stores, in bytes) and the VGPR/SGPR spill counts; v_mfma instructions are the matrix-core dots.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def count_mma(ptx: str) -> dict[str, int]:
 
 
 def _amd_field(asm: str, name: str) -> int | None:
-    found = re.findall(rf"^\s*\.{re.escape(name)}:\s+(\d+)", asm, re.M)
+    # a kernel's entry opens with its first field: "  - .agpr_count:     35"
+    found = re.findall(rf"^\s*(?:- )?\.{re.escape(name)}:\s+(\d+)", asm, re.M)
     return int(found[-1]) if found else None
 
 
@@ -62,8 +63,8 @@ def parse_amdgcn(asm: str) -> dict[str, Any]:
     """Registers, scratch and matrix-core dots from the AMDGPU assembly's kernel metadata."""
     scratch = _amd_field(asm, "private_segment_fixed_size")
     return {
-        "registers": _amd_field(asm, "vgpr_count"),
-        "agprs": _amd_field(asm, "agpr_count"),
+        "registers": _amd_field(asm, "vgpr_count"),  # VGPRs + AGPRs: one 512-register file a lane on CDNA3/4
+        "agprs": _amd_field(asm, "agpr_count"),  # of which AGPRs (the MFMA accumulators)
         "sgprs": _amd_field(asm, "sgpr_count"),
         "stack": scratch,
         "spill_stores": scratch,  # bytes of scratch per lane: what spilled registers (or a stack) use
