@@ -4,7 +4,7 @@ default), and the checks CI applies to it.
     smem        the compiler's shared memory (bytes) against the device's opt-in limit per block
     est         the launchers' own estimate for the config (kernels/smem.py); it must not be below smem
     regs        registers per thread (ptxas); 255 is the ceiling, spills go to local memory.
-                AMD: VGPRs + AGPRs per lane, and SGPRs (the AMDGPU metadata)
+                AMD: VGPRs per lane (AGPRs included, in brackets), and SGPRs (the AMDGPU metadata)
     spill       spill stores / loads in bytes (ptxas). AMD: scratch bytes per lane / VGPRs spilled
     mma         wgmma (Hopper warpgroup MMA), tcgen05 (Blackwell), mma.sync (Ampere-style), mfma
                 (AMD matrix cores), or fma (no tensor cores)
@@ -40,7 +40,7 @@ def ctas_per_sm(registers: int | None, shared: int, num_warps: int, facts=None,
     if registers is None:
         return None
     if facts is not None and facts.gfx:
-        per_wave = -(-(max(registers, 1) + (agprs or 0)) // 8) * 8
+        per_wave = -(-max(registers, 1) // 8) * 8  # vgpr_count includes the AGPRs
         waves = 4 * min(8, 512 // per_wave)
         by_lds = AMD_LDS_PER_CU.get(facts.gfx, facts.smem_per_block) // max(shared, 1)
         return max(0, min(waves // num_warps, by_lds))
@@ -129,7 +129,8 @@ def _row(r: dict[str, Any], limit: int) -> str:
     flag = " **over**" if r["shared"] > limit else ""
     regs = str(r["registers"])
     if r.get("sgprs") is not None:  # AMD: VGPRs + AGPRs, SGPRs
-        regs = f"{r['registers']}+{r.get('agprs') or 0} s{r['sgprs']}"
+        agprs = "" if r.get("agprs") is None else f" (a{r['agprs']})"
+        regs = f"{r['registers']}{agprs} s{r['sgprs']}"
     cells = [f"{_fmt_kib(r['shared'])}{flag}", _fmt_kib(r.get("estimate")), regs,
              f"{r['spill_stores']}/{r['spill_loads']}", mma_kind(r), "yes" if r["wgmma_serialized"] else "",
              str(r.get("ctas_per_sm")), str(r["compile_s"])]
@@ -147,8 +148,9 @@ def table(rows: list[dict[str, Any]], limit: int, header: dict[str, Any]) -> str
              f"({h.get('date')}; torch {h.get('torch')}, python {h.get('python')}). "
              f"{'LDS' if amd else 'Shared memory'} limit per block: {limit} B ({limit / 1024:.0f} KiB); "
              f"{h.get('sms', '?')} {'CUs' if amd else 'SMs'}, warp size {h.get('warp_size', 32)}. "
-             + ("Every figure is the compiler's (triton's metadata, the AMDGPU metadata of the hsaco's "
-                "assembly: regs = VGPRs+AGPRs sSGPRs, spill = scratch bytes / VGPRs spilled)"
+             + ("Every figure is the compiler's (triton's metadata, the AMDGPU metadata of the "
+                "hsaco's assembly: regs = VGPRs, AGPRs included (aN when known), sSGPRs; spill = scratch "
+                "bytes / VGPRs spilled)"
                 if amd else "Every figure is the compiler's (ptxas -v, triton's metadata)")
              + "; `est` is the launchers' own estimate for the config (kernels/smem.py). "
              "Speed is not measured here.", ""]

@@ -7,7 +7,8 @@ kernels are compiled afresh for its target: NVIDIA through ptxas, AMD through tr
 Each must compile, fit the device's limit, not spill, and have the launchers' shared-memory estimate
 (which picks the configs) at or above the compiler's figure. One device per test, so that pytest-xdist
 spreads them over the CI's cores; the compile runs in a subprocess (this process runs triton in
-interpreter mode)."""
+interpreter mode). Cost: about a CPU-minute a device (mi300x: 106 s wall, 58 s CPU, on a shared 2-core
+machine at a load average of 10; the other devices' `--set devices` runs took 120-230 s wall there)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ AMDGCN = """
     .sgpr_count:     96
     .sgpr_spill_count: 0
     .vgpr_count:     256
-    .agpr_count:     8
+  - .agpr_count:     8
     .vgpr_spill_count: 10
     .group_segment_fixed_size: 40960
   v_mfma_f32_32x32x8_bf16 a[0:15], v[0:1], v[2:3], a[0:15]
