@@ -7,8 +7,9 @@ kernels are compiled afresh for its target: NVIDIA through ptxas, AMD through tr
 Each must compile, fit the device's limit, not spill, and have the launchers' shared-memory estimate
 (which picks the configs) at or above the compiler's figure. One device per test, so that pytest-xdist
 spreads them over the CI's cores; the compile runs in a subprocess (this process runs triton in
-interpreter mode). Cost: about a CPU-minute a device (mi300x: 106 s wall, 58 s CPU, on a shared 2-core
-machine at a load average of 10; the other devices' `--set devices` runs took 120-230 s wall there)."""
+interpreter mode). Cost, measured one test after another on a shared 2-core machine: a100 63 s, l4 36 s,
+b200 92 s, rtx5090 60 s, mi355x 52 s (310 s wall, 198 s CPU for the five at a load average of 3-8), mi300x
+106 s (58 s CPU, load 10): about 4.5 CPU-minutes in all, about 2.5 minutes on CI's two xdist workers."""
 
 from __future__ import annotations
 
