@@ -123,7 +123,10 @@ def cpu_flash_problem() -> str | None:
 
 def _probe_once() -> str | None:
     global _CPU_FLASH_PROBLEM
-    _CPU_FLASH_PROBLEM = find_cpu_flash_problem()
+    # The first call may come from under no_grad / inference_mode / autocast (an eval, generate): the probe
+    # takes gradients in full precision, and its answer is kept for the whole process.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        _CPU_FLASH_PROBLEM = find_cpu_flash_problem()
     return _CPU_FLASH_PROBLEM
 
 

@@ -334,3 +334,17 @@ def test_reference_module_is_an_oracle(case):
     assert_close_rel(ref, concat_reference(x.q, x.k, x.v, x.pk, x.pv, **x.ref_kwargs()), 1e-12, "reference")
     out = prefixattn.prefix_attention(x.q, x.k, x.v, x.pk, x.pv, **x.op_kwargs(), backend="torch")
     assert_close_rel(out, ref, 1e-10, "fast path")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast_bf16"])
+def test_the_kept_probe_answer_does_not_depend_on_the_first_callers_mode(monkeypatch, mode):
+    """The probe runs on the first use and its answer holds for the process: a first use under no_grad
+    (an eval, generate), inference_mode or autocast must not disable the fused CPU kernel for good (it
+    did: the probe's backward failed under no_grad, and every later training step took another engine)."""
+    monkeypatch.setattr(engines, "_CPU_FLASH_PROBLEM", engines._NOT_PROBED)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "autocast_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[mode]
+    with context():
+        found = engines.cpu_flash_problem()
+    assert found is None, found
+    assert engines.cpu_flash_problem() is None
