@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,10 +39,10 @@ from .model import build_base_model, byte_tokenizer, tiny_llama_config
 from .outputs import give_normal_modes, write_json_atomic
 from .trainer import (
     PrefixTrainer,
-    checkpoints,
     latest_complete,
     read_marker,
     remove_incomplete,
+    remove_run_outputs,
     save_peft_if_possible,
 )
 
@@ -114,14 +113,7 @@ def _prepare_out(cfg: DistillConfig, out: Path) -> Path | None:
     if cfg.resume and done is None:
         raise ValueError(f"--resume: no complete checkpoint in {out}")
     if cfg.overwrite and out.exists():
-        for name in (*OUTPUTS, "runs"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        for _, path, _ in checkpoints(out):
-            shutil.rmtree(path)
+        remove_run_outputs(out, (*OUTPUTS, "runs"))
     elif cfg.resume:
         remove_incomplete(out)
         settings = read_marker(done).get("distill", {})

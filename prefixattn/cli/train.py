@@ -32,7 +32,6 @@ import copy
 import json
 import math
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,10 +53,10 @@ from .resume import PATHS, absolute, settings_for_resume
 from .trainer import (
     PrefixTrainer,
     argmax_logits,
-    checkpoints,
     latest_complete,
     read_marker,
     remove_incomplete,
+    remove_run_outputs,
     save_peft_if_possible,
     token_accuracy,
 )
@@ -198,15 +197,7 @@ def prepare_out(cfg: TrainConfig, out: Path, main: bool) -> None:
     run wrote, --resume what a killed run left half-written."""
     if main:
         if cfg.overwrite and out.exists():
-            # only what a run writes: OUT may be a directory holding other things
-            for name in OUTPUTS:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-            for _, path, _ in checkpoints(out):
-                shutil.rmtree(path)
+            remove_run_outputs(out, OUTPUTS)
         elif cfg.resume:
             remove_incomplete(out)  # what a killed run left half-written
         out.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,19 @@ def remove_incomplete(out: Path) -> list[Path]:
     return gone
 
 
+def remove_run_outputs(out: Path, names: tuple[str, ...]) -> None:
+    """--overwrite: delete what a previous run wrote (the named outputs and every checkpoint), and only that:
+    OUT may be a directory holding other things."""
+    for name in names:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    for _, path, _ in checkpoints(out):
+        shutil.rmtree(path)
+
+
 def read_marker(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((checkpoint / MARKER).read_text())
