@@ -23,11 +23,11 @@ def test_check_lists_what_would_be_served(serve_fixture, capsys):
     args = [a for p in serve_fixture.prefix_args for a in ("--prefix", p)]
     assert serve(str(serve_fixture.model_dir), *args, "--served-model-name", "base", "--check") == 0
     out, err = capsys.readouterr()
-    assert "base model 'base' (2 layers, 2 KV heads x head dim 32, context 512 tokens)" in out
+    assert "base model 'base' (2 layers, 2 KV heads x head dim 32, context 4096 tokens)" in out
     for line in ("peft37: 37 prefix tokens", "bank8/1: 8 prefix tokens", "proj5: 5 prefix tokens"):
         assert line in out
-    # without --max-model-len: the model's max_position_embeddings (512), less each prefix's tokens
-    assert "context 512 tokens" in out and "(context 475 tokens)" in out and "(context 504 tokens)" in out
+    # without --max-model-len: the model's max_position_embeddings (4096), less each prefix's tokens
+    assert "context 4096 tokens" in out and "(context 4059 tokens)" in out and "(context 4088 tokens)" in out
     assert "warning" not in err
     assert serve(str(serve_fixture.model_dir), *args, "--max-model-len", "39", "--check") == 0
     assert "peft37: 37 prefix tokens" in capsys.readouterr().out  # 2 positions left: a token in, a token out

@@ -19,9 +19,11 @@ from serve_env import AUTH, SERVER_ARGS, healthy, start, stop, vllm_python
 pytestmark = [pytest.mark.xdist_group("vllm_server"), pytest.mark.usefixtures("one_thread")]
 
 DRAIN_S = 3.0
-# the shared server's options, with room for a long answer (the model's 512 positions) and a cache that holds
-# both requests (no preemption)
-_LONGER = {"--max-model-len": "512", "--kv-cache-memory-bytes": str(64 * 32 * 1024)}
+# the shared server's options, with room for a long answer and a cache that holds both requests (no preemption;
+# 1 KiB per token). The long answer must outlast the drain on any machine: 500 tokens did not (a CI machine
+# streamed them within the 3 s), 4000 would take 25 s at that speed.
+MAX_MODEL_LEN = 4096
+_LONGER = {"--max-model-len": str(MAX_MODEL_LEN), "--kv-cache-memory-bytes": str(160 * 32 * 1024)}
 ARGS = [_LONGER.get(SERVER_ARGS[i - 1], a) if i else a for i, a in enumerate(SERVER_ARGS)] + [
     "--drain-timeout", str(DRAIN_S)]
 
@@ -86,8 +88,9 @@ def test_sigterm_drains_requests_in_flight(own_server, reference):
     short, long_ = [], []
     short_started, long_started = threading.Event(), threading.Event()
     prompt = [5, 6, 7, 8]
+    long_tokens = MAX_MODEL_LEN - len(prompt)
     threads = [
-        threading.Thread(target=stream, args=(url, {"model": "base", "prompt": prompt, "max_tokens": 500,
+        threading.Thread(target=stream, args=(url, {"model": "base", "prompt": prompt, "max_tokens": long_tokens,
                                                     "temperature": 0, "ignore_eos": True,
                                                     "return_token_ids": True}, long_, long_started)),
         threading.Thread(target=stream, args=(url, {"model": "peft37", "prompt": prompt, "max_tokens": 24,
@@ -118,7 +121,7 @@ def test_sigterm_drains_requests_in_flight(own_server, reference):
     assert long_[0] == 200 and long_[-1] == "closed"
     tokens = sum(len(c.get("token_ids") or []) for e in long_[1:-1] if isinstance(e, dict)
                  for c in e.get("choices", []))
-    assert tokens < 500, "the long request finished within the drain: it should have outlasted it"
+    assert tokens < long_tokens, "the long request finished within the drain: it should have outlasted it"
     assert long_[-3]["error"]["code"] == 503 and "drain timeout" in long_[-3]["error"]["message"], long_[-3:]
     assert long_[-2] == "[DONE]"
     assert proc.wait(60) == 0
@@ -126,7 +129,7 @@ def test_sigterm_drains_requests_in_flight(own_server, reference):
     assert took < DRAIN_S + 30, took
     log = Path(own_server["log"]).read_text()
     assert "prefixattn: SIGTERM: draining 2 requests in flight" in log
-    print(f"SIGTERM to exit: {took:.1f} s (drain timeout {DRAIN_S} s)")
+    print(f"SIGTERM to exit: {took:.1f} s (drain timeout {DRAIN_S} s); the long request cut at {tokens} tokens")
 
 
 def test_kill_9_of_the_launcher_stops_vllm(own_server):

@@ -39,7 +39,7 @@ def model_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
                        tie_word_embeddings=False, initializer_range=0.15, bos_token_id=None, eos_token_id=1,
                        pad_token_id=0)
 
