@@ -76,13 +76,12 @@ def _check_vllm_args(vllm_args: list[str]) -> None:
         name = arg.split("=", 1)[0]
         if name in _OWN_VLLM_OPTIONS:
             raise ValueError(f"{name} is set by prefixattn serve (the connector, the model and its names)")
-        if name in ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
-                    "--data-parallel-size", "-dp"):
-            raise ValueError(f"{name}: prefix serving runs on one device: it was tested on one only, and the "
-                             "connector writes a prefix into one engine's paged cache (with tensor "
-                             "parallelism each rank holds a slice of the KV heads, with pipeline parallelism "
-                             "a slice of the layers: not written yet). To serve more traffic, run replicas "
-                             "behind a load balancer: any replica serves any prefix by name")
+        if name in ("--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp"):
+            raise ValueError(f"{name}: prefix serving runs one engine, on one device or on tensor-parallel "
+                             "ranks (--tensor-parallel-size): the connector writes a prefix into that "
+                             "engine's paged cache (a pipeline stage holds a slice of the layers: not written"
+                             " yet; data-parallel engines were not tested). To serve more traffic, run "
+                             "replicas behind a load balancer: any replica serves any prefix by name")
 
 
 def main(argv: list[str] | None = None) -> int:

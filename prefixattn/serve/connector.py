@@ -12,6 +12,8 @@ in the step's metadata. After a preemption vLLM asks again and the prefix is wri
 Worker side: before the forward, ``start_load_kv`` writes the prefix's keys and values of every layer
 into those slots through the attention backend's own cache write (``impl.do_kv_cache_update``), which
 knows the backend's layout (the CPU backend splits K and V inside each block) and its KV-cache dtype.
+With tensor parallelism every rank's worker gets the same slots (one scheduler, one block table) and
+writes the KV heads its rank holds (``rank_kv_heads``: vLLM's split of the K/V projection).
 
 Never down: nothing here raises on a request. A request the connector must not serve
 (``engine_requests.engine_request_problem``) is reported as an asynchronous load of its remaining tokens
@@ -41,6 +43,7 @@ from .engine_requests import (
     requested_prefix,
     slot_mapping,
 )
+from .model_layout import rank_kv_heads
 from .table import PrefixTable
 
 if TYPE_CHECKING:
@@ -74,10 +77,17 @@ def layout_problems(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | No
     """Why this engine's cache cannot hold the table's prefixes (empty: it can)."""
     out = []
     par = vllm_config.parallel_config
-    for what, size in (("tensor", par.tensor_parallel_size), ("pipeline", par.pipeline_parallel_size),
+    for what, size in (("pipeline", par.pipeline_parallel_size),
                        ("decode context", getattr(par, "decode_context_parallel_size", 1))):
         if size != 1:
-            out.append(f"{what} parallelism ({size}) is not supported by prefix serving yet")
+            out.append(f"{what} parallelism ({size}) is not supported by prefix serving yet (a stage or a "
+                       "context rank holds a part of the layers or positions; the connector writes all)")
+    tp = par.tensor_parallel_size
+    try:
+        per_rank_heads = len(rank_kv_heads(table.num_kv_heads, tp, 0))
+    except ValueError as e:
+        out.append(str(e))
+        return out
     if kv_cache_config is None:
         return out
     groups = kv_cache_config.kv_cache_groups
@@ -92,10 +102,11 @@ def layout_problems(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | No
         return out
     if spec.sliding_window is not None or spec.attention_chunk_size is not None:
         out.append("the cache drops positions (sliding window / chunked local attention), the prefix's too")
-    if (spec.num_kv_heads, spec.head_size, spec.head_size_v) != (table.num_kv_heads, table.head_dim,
+    if (spec.num_kv_heads, spec.head_size, spec.head_size_v) != (per_rank_heads, table.head_dim,
                                                                  table.head_dim):
+        ranks = f" ({per_rank_heads} on each of {tp} tensor-parallel ranks)" if tp > 1 else ""
         out.append(f"the cache holds {spec.num_kv_heads} KV heads x head dim {spec.head_size} (values "
-                   f"{spec.head_size_v}); the prefixes are {table.num_kv_heads} x {table.head_dim}")
+                   f"{spec.head_size_v}); the prefixes are {table.num_kv_heads} x {table.head_dim}{ranks}")
     indices = sorted(extract_layer_index(n) for n in names)
     if indices != list(range(table.num_layers)):
         out.append(f"the cache's attention layers are {indices}; the prefixes cover layers "
@@ -207,8 +218,14 @@ class PrefixKVConnector(KVConnectorBase_V1):
 
     def _placed(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self._kv is None:
-            # (L, 2, Hkv, P, D) -> (L, 2, P, Hkv, D): a layer's rows are what the cache write takes
-            self._kv = {name: kv.permute(0, 1, 3, 2, 4).to(device=device, dtype=self._dtype).contiguous()
+            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+            heads = rank_kv_heads(self.table.num_kv_heads, get_tensor_model_parallel_world_size(),
+                                  get_tensor_model_parallel_rank())
+            # (L, 2, Hkv, P, D) -> this rank's heads, (L, 2, P, Hkv_rank, D): a layer's rows are what the
+            # cache write takes
+            self._kv = {name: kv[:, :, heads.start:heads.stop].permute(0, 1, 3, 2, 4)
+                        .to(device=device, dtype=self._dtype).contiguous()
                         for name, kv in self._host_kv.items()}
         return self._kv
 

@@ -132,3 +132,18 @@ def served_model(model_dir: str | Path, max_model_len: int | None = None) -> Ser
     return ServedModel(model_dir=str(model_dir), model_type=str(full.get("model_type", "?")),
                        num_layers=int(layers), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
                        max_position_embeddings=cfg.get("max_position_embeddings"))
+
+
+def rank_kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> range:
+    """The KV heads tensor-parallel rank ``tp_rank`` of ``tp_size`` holds, as vLLM's QKVParallelLinear
+    splits them: contiguous slices when there are at least as many heads as ranks, else each head
+    replicated on ``tp_size / num_kv_heads`` consecutive ranks."""
+    if num_kv_heads >= tp_size:
+        if num_kv_heads % tp_size:
+            raise ValueError(f"{num_kv_heads} KV heads do not split over {tp_size} tensor-parallel ranks")
+        per_rank = num_kv_heads // tp_size
+        return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+    if tp_size % num_kv_heads:
+        raise ValueError(f"{tp_size} tensor-parallel ranks do not replicate {num_kv_heads} KV heads evenly")
+    head = tp_rank // (tp_size // num_kv_heads)
+    return range(head, head + 1)

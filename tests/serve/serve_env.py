@@ -157,10 +157,10 @@ def healthy(url: str) -> bool:
 
 
 def start(python: Path, fixture: tiny_serving.Fixture, shared: Path, args: list[str] = SERVER_ARGS,
-          log_name: str = "server.log") -> dict:
+          log_name: str = "server.log", env: dict[str, str] | None = None) -> dict:
     port = _free_port()
     log = shared / log_name
-    env = child_env()
+    env = {**child_env(), **(env or {})}
     cmd = [str(python), "-m", "prefixattn", "serve", str(fixture.model_dir),
            *[a for p in fixture.prefix_args for a in ("--prefix", p)],
            "--port", str(port), *args]  # no --host: the default (127.0.0.1) is under test
