@@ -204,8 +204,10 @@ DKDV_PINNED = {
 # Other GPUs' pinned configs where sm_90's table does not serve them (dot families of kernels/smem.py;
 # chosen by `python -m bench compile --device ...`, bench/TUNING.md, "Issue 33"). A width not listed takes sm_90's.
 # mma (sm_80/89/120): 8 warps on 64 rows (dq) or 64 resident keys (dk/dv) at D = 128, where 128x32 w8
-# (dq) and 32x128 w8 (dk/dv) spilled 32-128 B; at D = 64 dk/dv 32x128 w8 (178 registers on sm_120,
-# where 64x128 w8 spilled 40-48 B and 64x64 w8/w4 36-44 B).
+# (dq) and 32x128 w8 (dk/dv) spilled 32-128 B; and half the other tile (dq 64x32, dk/dv 32x64): 64x64 w8
+# s2 was clean on the main path but spilled 12-32 B at 255 registers with padding, no prefix, bias +
+# softcap or every feature on sm_89 (32x64 / 64x32: 166-238 registers, none spill). At D = 64 dk/dv
+# 32x128 w8 (178 registers on sm_120, where 64x128 w8 spilled 40-48 B and 64x64 w8/w4 36-44 B).
 # cdna3/cdna4 (AMD, wave64): 4 waves (see forward.py: w8 spilled 356-760 B on gfx950).
 _DQ_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 # dk/dv: 128 resident keys at D = 64 (433-454 VGPRs); 32x64 at D = 128 (413 VGPRs on gfx942), where
@@ -213,13 +215,13 @@ _DQ_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 _DKDV_AMD_64 = [(64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 _DKDV_AMD = [(32, 64, 4, 2), (32, 32, 4, 1)]
 DQ_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
-    "mma": {256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]},
+    "mma": {256: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]},
     "cdna3": {128: _DQ_AMD, 256: _DQ_AMD},
     "cdna4": {128: _DQ_AMD, 256: _DQ_AMD},
 }
 DKDV_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "mma": {128: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-            256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]},
+            256: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]},
     "cdna3": {128: _DKDV_AMD_64, 256: _DKDV_AMD},
     "cdna4": {128: _DKDV_AMD_64, 256: _DKDV_AMD},
 }
