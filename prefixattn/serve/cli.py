@@ -59,19 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _max_model_len(vllm_args: list[str]) -> int | None:
+def _option_value(vllm_args: list[str], *names: str) -> str | None:
+    """The value of the first of ``names`` given (``--name VALUE`` or ``--name=VALUE``)."""
     for i, arg in enumerate(vllm_args):
-        value = arg.split("=", 1)[1] if arg.startswith("--max-model-len=") else (
-            vllm_args[i + 1] if arg == "--max-model-len" and i + 1 < len(vllm_args) else None)
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                return None  # vLLM's own parser reports it (it also takes 1k, 32K, ...)
+        for name in names:
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+            if arg == name and i + 1 < len(vllm_args):
+                return vllm_args[i + 1]
     return None
 
 
+def _max_model_len(vllm_args: list[str]) -> int | None:
+    value = _option_value(vllm_args, "--max-model-len")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None  # vLLM's own parser reports it (it also takes 1k, 32K, ...)
+
+
 def _check_vllm_args(vllm_args: list[str]) -> None:
+    servers = _option_value(vllm_args, "--api-server-count", "-asc")
+    if servers is not None and servers.strip() != "1":
+        raise ValueError(f"--api-server-count {servers}: prefix serving runs one API server process (vLLM's "
+                         "single-server entry point, whose drain on SIGTERM is tested; the option would be "
+                         "ignored there). For more, run replicas behind a load balancer: any replica serves "
+                         "any prefix by name")
     for arg in vllm_args:
         name = arg.split("=", 1)[0]
         if name in _OWN_VLLM_OPTIONS:
