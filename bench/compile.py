@@ -147,7 +147,7 @@ def _finish(rows: list[dict[str, Any]], facts=None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench compile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", default="full",
-                    choices=("devices", "ci", "pinned", "pinned128", "tuned", "full"))
+                    choices=("devices", "ci", "pinned", "pinned128", "pinned_wide", "tuned", "full"))
     from prefixattn.kernels.device import KNOWN
 
     ap.add_argument("--device", default="h100", choices=(*KNOWN, "all"))

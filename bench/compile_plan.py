@@ -242,10 +242,13 @@ def case_set(name: str) -> list[Case]:
     (a few minutes on 2 cores); pinned: the pinned and fixed launches over head dims (bf16/fp16; fp32
     at D = 64, 128) and the feature variants (bf16, D = 128; everything at once also at 256 and
     192/128); pinned128: the pinned set's bf16/fp16 cases at D <= 128 (the launches that must fit and not
-    spill on every device); tuned: the autotune lists (bf16/fp16, D = 64/128/256); full: pinned + tuned."""
+    spill on every device); pinned_wide: its bf16/fp16 cases above D = 128; tuned: the autotune lists
+    (bf16/fp16, D = 64/128/256); full: pinned + tuned."""
     cases: list[Case] = []
-    if name == "pinned128":
-        return [c for c in case_set("pinned") if c.dtype in ("bf16", "fp16") and max(c.dk, c.dv) <= 128]
+    if name in ("pinned128", "pinned_wide"):
+        wide = name == "pinned_wide"
+        return [c for c in case_set("pinned")
+                if c.dtype in ("bf16", "fp16") and (max(c.dk, c.dv) > 128) == wide]
     if name == "devices":  # CI's subset for every device: the main path, bf16, D = 64 and 128
         return [Case("base", mode, "bf16", d, d) for d in (64, 128) for mode in ("fwd", "bwd")]
     if name == "ci":
@@ -284,7 +287,8 @@ def case_set(name: str) -> list[Case]:
                     cases.append(Case("base", mode, dtype, d, d))
         cases.append(Case("all", "bwd_tuned", "bf16", 128, 128))
     if not cases:
-        raise ValueError(f"unknown case set {name!r}: devices, ci, pinned, pinned128, tuned, full")
+        raise ValueError(f"unknown case set {name!r}: "
+                         "devices, ci, pinned, pinned128, pinned_wide, tuned, full")
     return cases
 
 

@@ -52,6 +52,8 @@ from .common import (
     load_tile,
     num_sms,
     packed_rows,
+    pinned_key,
+    pinned_rows,
     prefix_strides,
     row_ptrs,
     score_bias_arg,
@@ -201,8 +203,9 @@ DKDV_PINNED = {
 }
 
 
-# Other GPUs' pinned configs where sm_90's table does not serve them (dot families of kernels/smem.py;
-# chosen by `python -m bench compile --device ...`, bench/TUNING.md, "Issue 33"). A width not listed takes sm_90's.
+# Other GPUs' pinned configs where sm_90's table does not serve them, by (dot family, variant) as in
+# forward.py; chosen by `python -m bench compile --device ...` (bench/TUNING.md, "Issue 33"). A width not
+# listed takes sm_90's.
 # mma (sm_80/89/120): 8 warps on 64 rows (dq) or 64 resident keys (dk/dv) at D = 128, where 128x32 w8
 # (dq) and 32x128 w8 (dk/dv) spilled 32-128 B; and half the other tile (dq 64x32, dk/dv 32x64): 64x64 w8
 # s2 was clean on the main path but spilled 12-32 B at 255 registers with padding, no prefix, bias +
@@ -214,24 +217,33 @@ _DQ_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 # 64x128 w4 spilled 712 B on gfx950 and 64x64 w4 648 B on gfx942
 _DKDV_AMD_64 = [(64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 _DKDV_AMD = [(32, 64, 4, 2), (32, 32, 4, 1)]
-DQ_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
-    "mma": {256: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]},
-    "cdna3": {128: _DQ_AMD, 256: _DQ_AMD},
-    "cdna4": {128: _DQ_AMD, 256: _DQ_AMD},
+# With a score bias and a softcap, sm_90's dq spilled 84-456 B at 255 registers on every wgmma config
+# (128x32, 128x16, 64x64, 64x32 at 4 or 8 warps); 32x32 w4 (mma.sync) does not. No known model has both.
+# tcgen05 with a score bias: dq 64x32 w8 s2 (128x32 w8 s3 counted 214 KiB of shared memory).
+_DQ_TCGEN05_BIAS = {256: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]}
+DQ_PINNED_BY_FAMILY: dict[tuple[str, str], dict[int, list[tuple[int, int, int, int]]]] = {
+    ("mma", ""): {256: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]},
+    ("wgmma", "bias_softcap"): {256: [(32, 32, 4, 2), (32, 32, 4, 1)]},
+    ("tcgen05", "bias"): _DQ_TCGEN05_BIAS, ("tcgen05", "bias_softcap"): _DQ_TCGEN05_BIAS,
+    ("cdna3", ""): {128: _DQ_AMD, 256: _DQ_AMD},
+    ("cdna3", "bias"): {256: [(64, 32, 4, 2), (32, 32, 4, 1)]},
+    ("cdna3", "bias_softcap"): {256: [(64, 32, 4, 2), (32, 32, 4, 1)]},
+    ("cdna4", ""): {128: _DQ_AMD, 256: _DQ_AMD},
 }
-DKDV_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
-    "mma": {128: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-            256: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]},
-    "cdna3": {128: _DKDV_AMD_64, 256: _DKDV_AMD},
-    "cdna4": {128: _DKDV_AMD_64, 256: _DKDV_AMD},
+DKDV_PINNED_BY_FAMILY: dict[tuple[str, str], dict[int, list[tuple[int, int, int, int]]]] = {
+    ("mma", ""): {128: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+                  256: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]},
+    ("cdna3", ""): {128: _DKDV_AMD_64, 256: _DKDV_AMD},
+    ("cdna3", "bias"): {256: [(32, 32, 4, 2), (32, 32, 4, 1)]},
+    ("cdna4", ""): {128: _DKDV_AMD_64, 256: _DKDV_AMD},
 }
 
 
-def pinned_tables(width: int, family: str = "wgmma") -> tuple[list, list]:
-    """The pinned dq and dk/dv configs' candidates for BLOCK_DK + BLOCK_DV = width on a device of `family`."""
-    dq = DQ_PINNED_BY_FAMILY.get(family, {}).get(width) or DQ_PINNED.get(width, DQ_CONFIGS)
-    dkdv = DKDV_PINNED_BY_FAMILY.get(family, {}).get(width) or DKDV_PINNED.get(width, DKDV_CONFIGS)
-    return dq, dkdv
+def pinned_tables(width: int, key: tuple[str, str] = ("wgmma", "")) -> tuple[list, list]:
+    """The pinned dq and dk/dv configs' candidates for BLOCK_DK + BLOCK_DV = width for ``key``
+    (common.pinned_key)."""
+    return (pinned_rows(DQ_PINNED_BY_FAMILY, DQ_PINNED, width, key, DQ_CONFIGS),
+            pinned_rows(DKDV_PINNED_BY_FAMILY, DKDV_PINNED, width, key, DKDV_CONFIGS))
 
 
 @triton.jit
@@ -729,7 +741,8 @@ def attention_backward(
     a, c = softcap_args(scale, softcap)
     es = q.element_size()
     bes = bias.element_size() if score_bias is not None else 0
-    dq_table, dkdv_table = pinned_tables(BLOCK_DK + BLOCK_DV, device_family(q.device))
+    dq_table, dkdv_table = pinned_tables(BLOCK_DK + BLOCK_DV, pinned_key(q.device, score_bias is not None,
+                                                                          softcap > 0))
     flags = dict(
         DK=Dk, DV=Dv, EVEN_DK=Dk == BLOCK_DK, EVEN_DV=Dv == BLOCK_DV,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_INDEX=prefix_index is not None,
@@ -739,12 +752,14 @@ def attention_backward(
     )
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    # 8 warps on sm_100: its ptxas (triton 3.9) spills 28-32 B whenever 4 warps hold a 4096-element tile
-    # (64 rows at D = 64, 32 at D = 128, 16 at D = 256); 64 rows on 8 warps are clean at D = 16..256
+    # sm_100: 8 warps, 32 rows at D <= 128 and 64 above. Its ptxas (triton 3.9) spills 28-32 B whenever 4
+    # warps hold a 4096-element tile (64 rows at D = 64, 32 at D = 128, 16 at D = 256), 16 B with 64 rows
+    # on 8 warps in fp16 at D = 80 (masked along D), 16-32 B with 32 rows at D = 192
+    delta_rows = 64 if device_family(q.device) != "tcgen05" or BLOCK_DV > 128 else 32
     delta_warps = 8 if device_family(q.device) == "tcgen05" else 4
-    _delta_kernel[(triton.cdiv(Sq, 64), B * Hq)](
+    _delta_kernel[(triton.cdiv(Sq, delta_rows), B * Hq)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Sq, Dv,
-        BLOCK_M=64, BLOCK_D=BLOCK_DV, num_warps=delta_warps,
+        BLOCK_M=delta_rows, BLOCK_D=BLOCK_DV, num_warps=delta_warps,
     )
     if need_dsinks:  # the sink's dS summed over rows: -sum_i exp(sink - L_i) Delta_i
         p_sink = torch.exp(sinks.float().view(1, Hq, 1) - lse)

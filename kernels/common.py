@@ -87,6 +87,21 @@ def device_family(device: torch.device) -> str:
     return dot_family(None if facts is CPU else facts)
 
 
+def pinned_key(device: torch.device, has_bias: bool, softcap: bool) -> tuple[str, str]:
+    """Which pinned tables a launch takes: (dot family, "bias" / "bias_softcap" / ""). A score bias puts
+    a bias tile beside every score tile, in registers, and a softcap before it its derivative's: where a
+    family's configs spill with them, those launches take their own tables."""
+    return device_family(device), ("bias_softcap" if softcap else "bias") if has_bias else ""
+
+
+def pinned_rows(tables: dict, default: dict, width: int, key: tuple[str, str], configs: list) -> list:
+    """The pinned candidates for BLOCK_DK + BLOCK_DV = width: ``tables[(family, variant)]``, else
+    ``tables[(family, "")]``, else sm_90's ``default``, else the autotune list ``configs``."""
+    family, variant = key
+    return ((tables.get((family, variant), {}).get(width) if variant else None)
+            or tables.get((family, ""), {}).get(width) or default.get(width, configs))
+
+
 def smem_limit(device: torch.device) -> int:
     """Shared memory one program may use on the device (smem_bytes counts every tile, so the
     whole opt-in limit is usable)."""

@@ -45,7 +45,6 @@ from .common import (
     block_p,
     bucket,
     configs_from,
-    device_family,
     dot_precision,
     fixed_config,
     group_ptr,
@@ -54,6 +53,8 @@ from .common import (
     load_tile,
     num_sms,
     packed_rows,
+    pinned_key,
+    pinned_rows,
     prefix_strides,
     row_ptrs,
     score_bias_arg,
@@ -174,24 +175,30 @@ FWD_PINNED = {
 }
 
 
-# Other GPUs' pinned configs where sm_90's table does not serve them (dot families of kernels/smem.py;
-# chosen by `python -m bench compile --device ...`, bench/TUNING.md, "Issue 33"). A width not listed takes sm_90's.
+# Other GPUs' pinned configs where sm_90's table does not serve them, by (dot family of kernels/smem.py,
+# variant of common.pinned_key); chosen by `python -m bench compile --device ...` (bench/TUNING.md,
+# "Issue 33"). A width not listed takes sm_90's.
 # mma (sm_80/89/120, mma.sync): 8 warps share 64 rows at D = 128 (two warps per 16 rows: half the
-# accumulator per thread; 128x64 w8 spilled 96 B on sm_80, 64x32 w4 40-52 B on sm_89/sm_120).
+# accumulator per thread; 128x64 w8 spilled 96 B on sm_80, 64x32 w4 40-52 B on sm_89/sm_120); with a
+# score bias 64x32 w8 (64x64 w8 spilled 48-84 B on sm_120).
+# tcgen05 (sm_100) with a score bias: 128x32 w8 s3 (128x64 w8 s3 spilled 104-116 B).
 # cdna3/cdna4 (AMD, wave64): 4 waves, one per SIMD, so a lane may use 512 registers (8 waves give
 # each 256: every w8 config spilled 248-760 B on gfx950); LDS picks the row block.
 _FWD_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
-FWD_PINNED_BY_FAMILY: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
-    "mma": {256: [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)]},
-    "cdna3": {128: _FWD_AMD, 256: _FWD_AMD},
-    "cdna4": {128: _FWD_AMD, 256: _FWD_AMD},
+_FWD_MMA_BIAS = {256: [(64, 32, 8, 2), (32, 32, 4, 1)]}
+_FWD_TCGEN05_BIAS = {256: [(128, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 1)]}
+FWD_PINNED_BY_FAMILY: dict[tuple[str, str], dict[int, list[tuple[int, int, int, int]]]] = {
+    ("mma", ""): {256: [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)]},
+    ("mma", "bias"): _FWD_MMA_BIAS, ("mma", "bias_softcap"): _FWD_MMA_BIAS,
+    ("tcgen05", "bias"): _FWD_TCGEN05_BIAS, ("tcgen05", "bias_softcap"): _FWD_TCGEN05_BIAS,
+    ("cdna3", ""): {128: _FWD_AMD, 256: _FWD_AMD},
+    ("cdna4", ""): {128: _FWD_AMD, 256: _FWD_AMD},
 }
 
 
-def pinned_table(width: int, family: str = "wgmma") -> list[tuple[int, int, int, int]]:
-    """The pinned config's candidates for BLOCK_DK + BLOCK_DV = width on a device of `family`."""
-    own = FWD_PINNED_BY_FAMILY.get(family, {}).get(width)
-    return own or FWD_PINNED.get(width, FWD_CONFIGS)
+def pinned_table(width: int, key: tuple[str, str] = ("wgmma", "")) -> list[tuple[int, int, int, int]]:
+    """The pinned config's candidates for BLOCK_DK + BLOCK_DV = width for ``key`` (common.pinned_key)."""
+    return pinned_rows(FWD_PINNED_BY_FAMILY, FWD_PINNED, width, key, FWD_CONFIGS)
 
 
 @triton.jit
@@ -503,7 +510,8 @@ def attention_forward(
     if R <= DECODE_ROWS:
         cfg = decode_config(R, BLOCK_DK + BLOCK_DV, fits)
     elif deterministic:
-        cfg = fixed_config(pinned_table(BLOCK_DK + BLOCK_DV, device_family(q.device)), fits)
+        key = pinned_key(q.device, score_bias is not None, softcap > 0)
+        cfg = fixed_config(pinned_table(BLOCK_DK + BLOCK_DV, key), fits)
     else:
         cfg = None
     if cfg is not None:

@@ -73,7 +73,9 @@ def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize:
         return 0 if uses_wgmma(rows, num_warps, es, precision, family) else rows * cols * es
 
     bias_es = (meta.get("BIAS_ELSIZE") or es) if meta.get("HAS_BIAS") else 0
-    bias_buffers = max(num_stages - 1, 1) if meta.get("SOFTCAP") else 1
+    # tcgen05 keeps stages - 1 buffers of the bias with or without a softcap (measured: 16 KiB more than
+    # one buffer at 128x32 and 128x64 w8 s3)
+    bias_buffers = max(num_stages - 1, 1) if meta.get("SOFTCAP") or family == "tcgen05" else 1
 
     def loop(resident: int, streamed: int) -> int:
         # cdna3: the resident tiles pass through LDS once, before the loop, which reuses it
@@ -94,8 +96,11 @@ def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize:
             if family == "tcgen05" and uses_wgmma(resident, num_warps, es, precision, family):
                 tiles += 2 * es * resident * bm
             return tiles
-        # layer 0 (only the prefix gradient): the key-block branch is compiled out
-        need = branch(bp) if meta.get("DO_SEQUENCE") is False else max(branch(bn), branch(bp))
+        # layer 0 (only the prefix gradient): the key-block branch is compiled out; on tcgen05 not its
+        # whole allocation (82240 B where the prefix branch counts 74752 at D = 128, 32x128 w8 s2), so
+        # there the full kernel's count bounds it
+        prefix_only = meta.get("DO_SEQUENCE") is False and family != "tcgen05"
+        need = branch(bp) if prefix_only else max(branch(bn), branch(bp))
         if meta.get("ATOMIC_DQ"):
             if uses_wgmma(bm, num_warps, es, precision, family):
                 need += bm * bdk * 4

@@ -3,6 +3,8 @@ deterministic backward), the shared-memory budget, and the eager path that skips
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from helpers import Case, assert_close_rel, concat_reference, count_launches, make_case
 from prefixattn.kernels import backward, common, forward
@@ -121,10 +123,13 @@ def test_each_gpu_takes_its_family_configs():
             families[name] = common.device_family(cuda)
             half, fp32 = common.dot_precision(torch.bfloat16, cuda), common.dot_precision(torch.float32, cuda)
             assert half == ("ieee" if facts.gfx else "tf32") and fp32 == "ieee", name  # allow_tf32 off
-            for width in (128, 256):
-                meta = dict(BLOCK_DK=width // 2, BLOCK_DV=width // 2, BLOCK_P=64, DOT_PRECISION=half)
-                for kernel, table in (("fwd", forward.pinned_table(width, families[name])),
-                                      *zip(("dq", "dkdv"), backward.pinned_tables(width, families[name]), strict=True)):
+            for width, (bias, softcap) in itertools.product((128, 256), ((False, False), (True, False), (True, True))):
+                key = common.pinned_key(cuda, bias, softcap)
+                assert key == (families[name], ("bias_softcap" if softcap else "bias") if bias else "")
+                meta = dict(BLOCK_DK=width // 2, BLOCK_DV=width // 2, BLOCK_P=64, DOT_PRECISION=half,
+                            HAS_BIAS=bias, SOFTCAP=softcap)
+                for kernel, table in (("fwd", forward.pinned_table(width, key)),
+                                      *zip(("dq", "dkdv"), backward.pinned_tables(width, key), strict=True)):
                     fits = common.smem_fits(kernel, meta, 2, cuda)
                     cfg = fixed_config(table, fits)
                     row = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
@@ -136,4 +141,8 @@ def test_each_gpu_takes_its_family_configs():
     assert families == {"a100": "mma", "l4": "mma", "h100": "wgmma", "h200": "wgmma", "b200": "tcgen05",
                         "rtx5090": "mma", "mi300x": "cdna3", "mi355x": "cdna4"}
     assert common.device_family(torch.device("cpu")) == "wgmma"  # the interpreter plans as an H100
-    assert forward.pinned_table(256) == forward.pinned_table(256, "tcgen05") == forward.FWD_PINNED[256]
+    assert forward.pinned_table(256) == forward.pinned_table(256, ("tcgen05", "")) == forward.FWD_PINNED[256]
+    # a variant without a table of its own takes its family's, then sm_90's
+    assert forward.pinned_table(256, ("mma", "bias")) != forward.pinned_table(256, ("mma", ""))
+    assert backward.pinned_tables(256, ("mma", "bias"))[1] == backward.pinned_tables(256, ("mma", ""))[1]
+    assert backward.pinned_tables(512, ("wgmma", "bias_softcap")) == backward.pinned_tables(512)
