@@ -217,25 +217,31 @@ _DQ_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 # 64x128 w4 spilled 712 B on gfx950 and 64x64 w4 648 B on gfx942
 _DKDV_AMD_64 = [(64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 _DKDV_AMD = [(32, 64, 4, 2), (32, 32, 4, 1)]
+# D = 192/256 (widths 384/512): 4 waves there too (sm_90's w8 configs spilled 392-1164 B on gfx950)
+_DQ_AMD_WIDE = [(32, 16, 4, 2), (32, 32, 4, 1)]
+_DKDV_AMD_WIDE = [(16, 32, 4, 2), (32, 32, 4, 1)]
 # With a score bias and a softcap, sm_90's dq spilled 84-456 B at 255 registers on every wgmma config
 # (128x32, 128x16, 64x64, 64x32 at 4 or 8 warps); 32x32 w4 (mma.sync) does not. No known model has both.
 # tcgen05 with a score bias: dq 64x32 w8 s2 (128x32 w8 s3 counted 214 KiB of shared memory).
 _DQ_TCGEN05_BIAS = {256: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]}
 DQ_PINNED_BY_FAMILY: dict[tuple[str, str], dict[int, list[tuple[int, int, int, int]]]] = {
-    ("mma", ""): {256: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]},
+    # D = 192/256: 32x32 on 8 warps (w4 spilled 12-220 B on sm_89/sm_120)
+    ("mma", ""): {256: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+                  384: [(32, 32, 8, 2), (32, 32, 4, 1)], 512: [(32, 32, 8, 2), (32, 32, 4, 1)]},
     ("wgmma", "bias_softcap"): {256: [(32, 32, 4, 2), (32, 32, 4, 1)]},
     ("tcgen05", "bias"): _DQ_TCGEN05_BIAS, ("tcgen05", "bias_softcap"): _DQ_TCGEN05_BIAS,
-    ("cdna3", ""): {128: _DQ_AMD, 256: _DQ_AMD},
-    ("cdna3", "bias"): {256: [(64, 32, 4, 2), (32, 32, 4, 1)]},
+    ("cdna3", ""): {128: _DQ_AMD, 256: _DQ_AMD, 384: _DQ_AMD_WIDE, 512: _DQ_AMD_WIDE},
+    ("cdna3", "bias"): {256: [(64, 32, 4, 2), (32, 32, 4, 1)], 512: [(16, 32, 4, 2), (32, 32, 4, 1)]},
     ("cdna3", "bias_softcap"): {256: [(64, 32, 4, 2), (32, 32, 4, 1)]},
-    ("cdna4", ""): {128: _DQ_AMD, 256: _DQ_AMD},
+    ("cdna4", ""): {128: _DQ_AMD, 256: _DQ_AMD, 384: _DQ_AMD_WIDE, 512: _DQ_AMD_WIDE},
 }
 DKDV_PINNED_BY_FAMILY: dict[tuple[str, str], dict[int, list[tuple[int, int, int, int]]]] = {
     ("mma", ""): {128: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-                  256: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]},
-    ("cdna3", ""): {128: _DKDV_AMD_64, 256: _DKDV_AMD},
+                  256: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+                  384: [(32, 32, 8, 2), (32, 32, 4, 1)], 512: [(32, 32, 8, 2), (32, 32, 4, 1)]},
+    ("cdna3", ""): {128: _DKDV_AMD_64, 256: _DKDV_AMD, 384: _DKDV_AMD_WIDE, 512: _DKDV_AMD_WIDE},
     ("cdna3", "bias"): {256: [(32, 32, 4, 2), (32, 32, 4, 1)]},
-    ("cdna4", ""): {128: _DKDV_AMD_64, 256: _DKDV_AMD},
+    ("cdna4", ""): {128: _DKDV_AMD_64, 256: _DKDV_AMD, 384: _DKDV_AMD_WIDE, 512: _DKDV_AMD_WIDE},
 }
 
 

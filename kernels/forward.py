@@ -185,14 +185,15 @@ FWD_PINNED = {
 # cdna3/cdna4 (AMD, wave64): 4 waves, one per SIMD, so a lane may use 512 registers (8 waves give
 # each 256: every w8 config spilled 248-760 B on gfx950); LDS picks the row block.
 _FWD_AMD = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
-_FWD_MMA_BIAS = {256: [(64, 32, 8, 2), (32, 32, 4, 1)]}
+_FWD_AMD_WIDE = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1)]  # D = 192/256: 4 waves there too
+_FWD_MMA_BIAS = {256: [(64, 32, 8, 2), (32, 32, 4, 1)], 512: [(32, 32, 8, 2), (32, 32, 4, 1)]}
 _FWD_TCGEN05_BIAS = {256: [(128, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 1)]}
 FWD_PINNED_BY_FAMILY: dict[tuple[str, str], dict[int, list[tuple[int, int, int, int]]]] = {
     ("mma", ""): {256: [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)]},
     ("mma", "bias"): _FWD_MMA_BIAS, ("mma", "bias_softcap"): _FWD_MMA_BIAS,
     ("tcgen05", "bias"): _FWD_TCGEN05_BIAS, ("tcgen05", "bias_softcap"): _FWD_TCGEN05_BIAS,
-    ("cdna3", ""): {128: _FWD_AMD, 256: _FWD_AMD},
-    ("cdna4", ""): {128: _FWD_AMD, 256: _FWD_AMD},
+    ("cdna3", ""): {128: _FWD_AMD, 256: _FWD_AMD, 384: _FWD_AMD_WIDE, 512: _FWD_AMD_WIDE},
+    ("cdna4", ""): {128: _FWD_AMD, 256: _FWD_AMD, 384: _FWD_AMD_WIDE, 512: _FWD_AMD_WIDE},
 }
 
 

@@ -95,6 +95,8 @@ def smem_bytes(kernel: str, meta: dict, num_warps: int, num_stages: int, elsize:
             tiles = loop(es * resident * w, es * buffers(resident) * bm * w + score_tile(resident, bm) + bias)
             if family == "tcgen05" and uses_wgmma(resident, num_warps, es, precision, family):
                 tiles += 2 * es * resident * bm
+                if w > 256:  # measured above D = 128: 24 KiB more at 256/256, 16 KiB at 192/128 (32x64 w8 s2)
+                    tiles += 3 * es * bm * w // 4
             return tiles
         # layer 0 (only the prefix gradient): the key-block branch is compiled out; on tcgen05 not its
         # whole allocation (82240 B where the prefix branch counts 74752 at D = 128, 32x128 w8 s2), so
