@@ -19,8 +19,11 @@ echo "== build (sdist, then the wheel from the sdist) =="
 ls "$WORK/dist"
 version=$("$WORK/build-env/bin/python" -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
 wheel=$(ls "$WORK"/dist/prefixattn-"$version"-*.whl)
+# the listing is read whole before it is searched: `zipfile -l | grep -q` fails under pipefail whenever grep
+# exits at its match before zipfile has printed the rest (BrokenPipeError; it did in a CI run)
+listing=$("$WORK/build-env/bin/python" -c "import sys, zipfile; print('\n'.join(zipfile.ZipFile(sys.argv[1]).namelist()))" "$wheel")
 for f in LICENSE prefixattn/py.typed prefixattn/kernels/forward.py; do
-    "$WORK/build-env/bin/python" -m zipfile -l "$wheel" | grep -q "$f" || { echo "the wheel lacks $f"; exit 1; }
+    grep -qF "$f" <<< "$listing" || { echo "the wheel lacks $f"; exit 1; }
 done
 
 echo "== a clean venv with the wheel =="
