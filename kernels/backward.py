@@ -761,8 +761,8 @@ def attention_backward(
     # sm_100: 8 warps, 32 rows at D <= 128 and 64 above. Its ptxas (triton 3.9) spills 28-32 B whenever 4
     # warps hold a 4096-element tile (64 rows at D = 64, 32 at D = 128, 16 at D = 256), 16 B with 64 rows
     # on 8 warps in fp16 at D = 80 (masked along D), 16-32 B with 32 rows at D = 192
-    delta_rows = 64 if device_family(q.device) != "tcgen05" or BLOCK_DV > 128 else 32
-    delta_warps = 8 if device_family(q.device) == "tcgen05" else 4
+    sm100 = device_family(q.device) == "tcgen05"
+    delta_rows, delta_warps = (32 if BLOCK_DV <= 128 else 64, 8) if sm100 else (64, 4)
     _delta_kernel[(triton.cdiv(Sq, delta_rows), B * Hq)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Sq, Dv,
         BLOCK_M=delta_rows, BLOCK_D=BLOCK_DV, num_warps=delta_warps,
