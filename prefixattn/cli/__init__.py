@@ -75,8 +75,9 @@ or a sequence classifier ({"text", "label"} lines; its head trains with the pref
 --cartridge trains a cartridge (PEFT's CARTRIDGE type; Eyuboglu et al. 2025): a long raw prefix whose
 first --frozen-tokens (1) never train, initialised from the frozen model's keys and values of a corpus
 (--init-text FILE: its first P tokens, repeated when shorter); OUT/adapter is a CARTRIDGE adapter. The
-question/answer (self-study) data is yours (--data); the demo initialises from the built-in task's
-corpus (the permutation written out) and trains on the built-in task.
+question/answer data is yours (--data; prefixattn distill writes self-study conversations about a
+context and trains on the teacher's distribution instead); the demo initialises from the built-in
+task's corpus (the permutation written out) and trains on the built-in task.
 
 --resume continues the latest complete checkpoint in OUT with the run's own settings: the options
 left out take the run's values, not the defaults below. Options given again must agree with the

@@ -4,7 +4,6 @@ from the command itself (``distill.py``) so that building the parser loads no tr
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,11 +77,6 @@ class DistillConfig:
                              "them")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is available")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("prefixattn distill runs in one process: under torchrun / accelerate launch "
-                             f"(WORLD_SIZE={os.environ['WORLD_SIZE']}) it is refused: its multi-process path "
-                             "(the live teacher under DDP, self-study generation split over ranks) is not "
-                             "tested yet; run it without the launcher")
 
 
 DISTILL_HELP = """Distil a context into a prefix or a cartridge: self-study conversations about the context
@@ -94,7 +88,9 @@ teacher, the frozen model with the context in front, to the student, the frozen 
   prefixattn distill --model DIR --context doc.txt --generator-url http://localhost:8000/v1
   prefixattn distill --model DIR --context doc.txt --generate-only        only write OUT/selfstudy.jsonl
   prefixattn distill --model DIR --context doc.txt --data convs.jsonl --cartridge
-  prefixattn distill --out runs/doc --resume ...                          continue after an interruption"""
+  prefixattn distill --out runs/doc --resume ...                          continue after an interruption
+  torchrun --nproc-per-node 4 -m prefixattn.cli distill --model DIR --context doc.txt
+                                     4 processes: self-study split over them, data-parallel training"""
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:

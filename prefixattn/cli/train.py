@@ -49,6 +49,7 @@ from .config import TrainConfig
 from .model import DTYPES, build_base_model, check_model_dir, check_tokenizer_source
 from .outputs import give_normal_modes, write_json_atomic
 from .plot import plot_losses
+from .processes import world
 from .resume import PATHS, absolute, settings_for_resume
 from .trainer import (
     PrefixTrainer,
@@ -135,11 +136,6 @@ def _check_prefix_kind(cfg: TrainConfig) -> None:
                          "be set to given keys and values (and a cartridge holds them directly)")
     if cfg.init_text is not None and not cfg.resume and not Path(cfg.init_text).is_file():
         raise ValueError(f"--init-text {cfg.init_text}: no such file")
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process, as torchrun / accelerate launch set them."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def report_to(choice: str) -> list[str]:

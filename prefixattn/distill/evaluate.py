@@ -6,6 +6,7 @@ a given prefix (the initial one, the trained one)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,10 +19,12 @@ from .student import student_loss, teacher_topk
 
 @torch.no_grad()
 def evaluate(model: nn.Module, records: list[dict[str, Any]], pad_id: int, *, bare: bool = False,
-             context: ContextKV | None = None, batch_size: int = 8, k: int = 20) -> dict[str, float]:
+             context: ContextKV | None = None, batch_size: int = 8, k: int = 20,
+             reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
     """{"kl": mean per answer token, "agreement": greedy agreement, "tokens": answer tokens} of the patched
     ``model`` (``bare``: without any prefix) on ``records``. ``context``: compute the teacher over it
-    instead of using the recorded top-k."""
+    instead of using the recorded top-k. ``reduce``: sums the [KL, agreeing tokens, tokens] totals over
+    processes that each evaluated their share of the records, before the means are taken."""
     was_training = model.training
     model.eval()
     kl_sum, agree, tokens = 0.0, 0, 0
@@ -39,4 +42,7 @@ def evaluate(model: nn.Module, records: list[dict[str, Any]], pad_id: int, *, ba
                 tokens += kl.numel()
     finally:
         model.train(was_training)
+    if reduce is not None:
+        kl_sum, agree, tokens = reduce([kl_sum, float(agree), float(tokens)])
+        agree, tokens = round(agree), round(tokens)
     return {"kl": kl_sum / max(tokens, 1), "agreement": agree / max(tokens, 1), "tokens": tokens}

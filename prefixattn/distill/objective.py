@@ -80,16 +80,19 @@ def topk_kl(student_logits: torch.Tensor, teacher: TopK) -> torch.Tensor:
 
 
 def distill_loss(student_logits: torch.Tensor, teacher: TopK, *, targets: torch.Tensor | None = None,
-                 lm_weight: float = 0.0) -> torch.Tensor:
+                 lm_weight: float = 0.0, num_items: int | torch.Tensor | None = None) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) from the teacher's top-k, plus ``lm_weight`` times the
     language-model loss (cross-entropy of ``targets``, (N,) ids: the conversation's own next tokens).
     ``student_logits`` (N, V) are the student's logits at the response positions (the logits that predict
-    each response token)."""
+    each response token). ``num_items``: divide the sums by it instead of N (the response tokens of the
+    whole global batch, when this is one process's part of it)."""
     if not (lm_weight >= 0.0 and math.isfinite(lm_weight)):
         raise ValueError(f"lm_weight must be >= 0, got {lm_weight}")
-    loss = topk_kl(student_logits, teacher).mean()
+    total = topk_kl(student_logits, teacher).sum()
     if lm_weight:
         if targets is None:
             raise ValueError("lm_weight > 0 needs the targets (the response tokens)")
-        loss = loss + lm_weight * F.cross_entropy(student_logits.float(), targets.to(student_logits.device))
-    return loss
+        total = total + lm_weight * F.cross_entropy(student_logits.float(), targets.to(student_logits.device),
+                                                    reduction="sum")
+    count = student_logits.shape[0] if num_items is None else num_items
+    return total / count

@@ -15,11 +15,17 @@ Seeded (conversation i's chunk and kind, and each group's sampling, follow from 
 JSONL as it goes (one flushed line per conversation), resumable (a rerun skips the conversations the file
 holds and drops a line a killed run left half-written), deduplicated (a conversation equal to one already
 written is not written again), with a progress line and ETA on stderr.
+
+Split over processes (``shard=(rank, size)``, under torchrun): the groups are dealt round-robin, each
+process writes its own file next to ``out`` (``selfstudy.rank1-of-2.jsonl``), and ``merge_shards`` then
+appends them to ``out`` in the order one process writes (by chunk, then index): the same file as a
+one-process run, whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -243,54 +249,107 @@ class Progress:
         sys.stderr.flush()
 
 
-def _existing(path: Path) -> tuple[set[int], set[str]]:
-    """Indices and conversation keys already in ``path``; a last line a killed run left half-written is
-    dropped (the file is cut back to its last complete line)."""
+def _complete_records(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path``; a last line a killed run left half-written is dropped (the file is cut
+    back to its last complete line)."""
     if not path.is_file():
-        return set(), set()
+        return []
     raw = path.read_bytes()
     keep = raw if raw.endswith(b"\n") or not raw else raw[:raw.rfind(b"\n") + 1]
     if keep != raw:
         path.write_bytes(keep)
-    indices, keys = set(), set()
-    for line in keep.decode("utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            indices.add(int(record["index"]))
-            keys.add(conversation_key(record))
-    return indices, keys
+    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+
+
+def _existing(*paths: Path) -> tuple[set[int], set[str]]:
+    """Indices and conversation keys already in the files (``_complete_records``)."""
+    records = [r for path in paths for r in _complete_records(path)]
+    return {int(r["index"]) for r in records}, {conversation_key(r) for r in records}
+
+
+def shard_path(path: Path, rank: int, size: int) -> Path:
+    """The file process ``rank`` of ``size`` writes its conversations to before ``merge_shards``."""
+    return path.with_name(f"{path.stem}.rank{rank}-of-{size}{path.suffix}")
+
+
+def shard_files(path: Path) -> list[Path]:
+    """Every process's file next to ``path`` (from any number of processes: a run resumed with another)."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*-of-*{path.suffix}"))
+
+
+def merge_shards(path: str | Path) -> int:
+    """Append the conversations of the processes' files (``shard_files``) to ``path`` and delete those
+    files; returns how many were appended. Order and deduplication are a one-process run's: by chunk,
+    then index, a conversation equal to one before it dropped. Run by one process while the others wait."""
+    path = Path(path)
+    shards = shard_files(path)
+    if not shards:
+        return 0
+    done, keys = _existing(path)
+    found = sorted((r for shard in shards for r in _complete_records(shard)),
+                   key=lambda r: (int(r["chunk"]), int(r["index"])))
+    added = 0
+    with path.open("a", encoding="utf-8") as f:
+        for record in found:
+            key = conversation_key(record)
+            if int(record["index"]) in done or key in keys:
+                continue
+            done.add(int(record["index"]))
+            keys.add(key)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            added += 1
+        f.flush()
+        os.fsync(f.fileno())
+    for shard in shards:  # only once their conversations are safely in ``path``
+        shard.unlink()
+    return added
 
 
 def generate_selfstudy(model: nn.Module, tokenizer: Any, corpus_ids: Any, out: str | Path,
                        cfg: SelfStudyConfig = SelfStudyConfig(), *, generator: Any = None,
                        progress: bool = True, context_digest: str | None = None,
-                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       log: Callable[[str], None] | None = None,
+                       shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Write ``cfg.conversations`` self-study conversations about ``corpus_ids`` to the JSONL file ``out``
     (resuming it). ``model``: the patched frozen model (the teacher); ``generator``: who writes the
-    turns (default: ``InProcessGenerator``). Returns counts (written, skipped as done, duplicates, empty)."""
+    turns (default: ``InProcessGenerator``). ``shard=(rank, size)``: this process writes every size-th
+    group, to ``shard_path(out, rank, size)``; ``merge_shards(out)`` once all have finished. Returns
+    counts (written, skipped as done, duplicates, empty) of this process's share."""
     cfg.check()
     corpus = torch.as_tensor(corpus_ids, dtype=torch.long).flatten()
     if corpus.numel() == 0:
         raise ValueError("the corpus is empty (no tokens)")
+    rank, size = shard
+    if not 0 <= rank < size:
+        raise ValueError(f"shard {shard}: want (rank, size) with 0 <= rank < size")
     generator = generator or InProcessGenerator(model, tokenizer)
-    path = Path(out)
+    main = Path(out)
+    path = main if size == 1 else shard_path(main, rank, size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done, keys = _existing(path)
+    done, keys = _existing(main, path) if size > 1 else _existing(main)
     spans = chunk_spans(corpus.numel(), cfg.chunk_tokens)
     everything = plan(cfg, len(spans))
-    todo = [c for c in everything if c[0] not in done]
-    digest = context_digest or digest_ids(corpus)
-    tok_digest = tokenizer_digest(tokenizer)
-    counts = {"written": 0, "already": cfg.conversations - len(todo), "duplicates": 0, "empty": 0}
-    bar = Progress(cfg.conversations, counts["already"], enabled=progress)
-    # groups are fixed by the plan (not by what is left), so a resumed run samples what an uninterrupted
-    # one would have: a group with any conversation missing is generated again, only the missing written
+    # groups are fixed by the plan (not by what is left or by the processes), so a resumed run, or one
+    # split over processes, samples what an uninterrupted one-process run would have: a group with any
+    # conversation missing is generated again, only the missing written
     by_chunk: dict[int, list[tuple[int, int, str]]] = {}
     for item in everything:
         by_chunk.setdefault(item[1], []).append(item)
+    mine: dict[int, list[list[tuple[int, int, str]]]] = {}
+    number = 0
+    for chunk, items in sorted(by_chunk.items()):
+        for g in range(0, len(items), cfg.batch_size):
+            if number % size == rank:
+                mine.setdefault(chunk, []).append(items[g:g + cfg.batch_size])
+            number += 1
+    share = [i for groups in mine.values() for group in groups for i, _, _ in group]
+    digest = context_digest or digest_ids(corpus)
+    tok_digest = tokenizer_digest(tokenizer)
+    counts = {"written": 0, "already": sum(i in done for i in share), "duplicates": 0, "empty": 0}
+    bar = Progress(len(share), counts["already"], enabled=progress,
+                   label="self-study" if size == 1 else f"self-study (process {rank + 1} of {size})")
     with path.open("a", encoding="utf-8") as f:
-        for chunk, items in sorted(by_chunk.items()):
-            groups = [items[g:g + cfg.batch_size] for g in range(0, len(items), cfg.batch_size)]
+        for chunk, groups in sorted(mine.items()):
             groups = [group for group in groups if any(i not in done for i, _, _ in group)]
             if not groups:
                 continue

@@ -85,11 +85,12 @@ def batch_teacher(batch: dict[str, torch.Tensor]) -> TopK | None:
 
 def student_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, context: ContextKV | None = None,
                  k: int = 20, lm_weight: float = 0.0, return_kl: bool = False,
-                 teacher: TopK | None = None) -> Any:
+                 teacher: TopK | None = None, num_items: int | torch.Tensor | None = None) -> Any:
     """The distillation loss of the patched ``model`` (its prefix is the student) on a batch of
     conversations: ``input_ids``, ``attention_mask``, ``labels`` (-100 outside the responses) and either the
     recorded teacher top-k (``topk_ids`` / ``topk_logprobs``, (B, S, k), at each response token's position)
-    or a ``context`` whose kept K/V the teacher reads now (or ``teacher``, computed by the caller)."""
+    or a ``context`` whose kept K/V the teacher reads now (or ``teacher``, computed by the caller).
+    ``num_items``: the response tokens the loss is averaged over (default: the batch's)."""
     teacher = teacher if teacher is not None else batch_teacher(batch)
     if teacher is None:
         if context is None:
@@ -100,7 +101,7 @@ def student_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, context: C
     rows, cols = response_positions(batch["labels"])
     picked = logits[rows, cols]
     targets = batch["labels"][rows, cols + 1]
-    loss = distill_loss(picked, teacher, targets=targets, lm_weight=lm_weight)
+    loss = distill_loss(picked, teacher, targets=targets, lm_weight=lm_weight, num_items=num_items)
     if return_kl:
         return loss, topk_kl(picked.detach(), teacher), picked.detach().argmax(-1) == teacher.ids[:, 0].to(
             picked.device)

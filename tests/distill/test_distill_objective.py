@@ -60,6 +60,9 @@ def test_lm_mix_and_bad_input():
     mixed = distill_loss(student, topk_of(teacher), targets=targets, lm_weight=0.5)
     ce = torch.nn.functional.cross_entropy(student, targets)
     torch.testing.assert_close(mixed, kl + 0.5 * ce)
+    # one process's part of a global batch of 10 answer tokens: its sums over the 10, not its own mean
+    part = distill_loss(student, topk_of(teacher), targets=targets, lm_weight=0.5, num_items=10)
+    torch.testing.assert_close(part, mixed * 4 / 10)
     mixed.backward()
     assert student.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="outside the student's vocabulary"):

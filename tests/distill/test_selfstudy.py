@@ -15,7 +15,14 @@ import torch
 import prefixattn
 from prefixattn.cli.model import byte_tokenizer, tiny_llama_config
 from prefixattn.distill.records import digest_ids, read_records, tokenizer_digest
-from prefixattn.distill.selfstudy import EndpointGenerator, SelfStudyConfig, chunk_spans, generate_selfstudy
+from prefixattn.distill.selfstudy import (
+    EndpointGenerator,
+    SelfStudyConfig,
+    chunk_spans,
+    generate_selfstudy,
+    merge_shards,
+    shard_files,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CFG = SelfStudyConfig(conversations=5, chunk_tokens=40, question_tokens=6, answer_tokens=8, batch_size=2, top_k=5)
@@ -66,6 +73,36 @@ def test_records_resume_and_dedup(setup, tmp_path):
     # everything there: nothing written twice
     assert generate_selfstudy(model, tok, corpus, out, CFG, progress=False)["written"] == 0
     assert len(_lines(out)) == len(lines)
+
+
+def test_split_over_processes_merges_into_the_one_process_file(setup, tmp_path):
+    """Each process's share (every size-th group) in its own file, merged: the bytes one process writes,
+    also when a process was killed mid-line and the run resumed with another number of processes."""
+    tok, _, model, corpus = setup
+    cfg = SelfStudyConfig(conversations=9, chunk_tokens=40, question_tokens=6, answer_tokens=8, batch_size=2, top_k=5)
+    one = tmp_path / "one.jsonl"
+    generate_selfstudy(model, tok, corpus, one, cfg, progress=False)
+    split = tmp_path / "split" / "ss.jsonl"
+    shares = [generate_selfstudy(model, tok, corpus, split, cfg, progress=False, shard=(r, 3)) for r in range(3)]
+    files = shard_files(split)
+    assert [f.name for f in files] == [f"ss.rank{r}-of-3.jsonl" for r in range(3)]
+    assert not split.exists()  # nothing in the merged file before the merge
+    # 4 chunks of 36 tokens, conversation i on chunk i % 4; the groups of 2 in order (chunk 0: 0,4 | 8;
+    # chunk 1: 1,5; chunk 2: 2,6; chunk 3: 3,7) dealt round-robin over the 3 processes
+    assert [{json.loads(x)["index"] for x in _lines(f)} for f in files] == [{0, 4, 2, 6}, {8, 3, 7}, {1, 5}]
+    assert sum(c["written"] + c["empty"] for c in shares) == 9
+    assert merge_shards(split) == len(_lines(one))
+    assert split.read_bytes() == one.read_bytes() and not shard_files(split)
+    assert merge_shards(split) == 0  # nothing left to merge
+    # killed: process 1 of 2 cut mid-line, process 0 never wrote; resumed by 2 processes, then by 1
+    again = tmp_path / "again" / "ss.jsonl"
+    generate_selfstudy(model, tok, corpus, again, cfg, progress=False, shard=(1, 2))
+    cut = shard_files(again)[0]
+    cut.write_text(cut.read_text()[:-9])
+    assert generate_selfstudy(model, tok, corpus, again, cfg, progress=False, shard=(0, 3))["already"] == 0
+    merge_shards(again)  # what a resumed run's process 0 does first, whatever the processes now
+    generate_selfstudy(model, tok, corpus, again, cfg, progress=False)
+    assert sorted(_lines(again)) == sorted(_lines(one))
 
 
 class _Completions(BaseHTTPRequestHandler):
