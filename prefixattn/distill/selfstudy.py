@@ -258,7 +258,9 @@ def _complete_records(path: Path) -> list[dict[str, Any]]:
     keep = raw if raw.endswith(b"\n") or not raw else raw[:raw.rfind(b"\n") + 1]
     if keep != raw:
         path.write_bytes(keep)
-    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+    # split at newlines only: str.splitlines also splits at U+2028, U+0085 and other separators, which
+    # json.dumps(ensure_ascii=False) leaves raw inside the strings of a generated text
+    return [json.loads(line) for line in keep.decode("utf-8").split("\n") if line.strip()]
 
 
 def _existing(*paths: Path) -> tuple[set[int], set[str]]:

@@ -22,13 +22,13 @@ def test_demo_resume_and_a_saved_model(tmp_path, capsys):
     assert all(0 <= r["agreement"] <= 1 and r["kl"] >= 0 for r in report["eval"].values())
     assert (out / "prefix.safetensors").is_file() and (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
-    lines = (out / "selfstudy.jsonl").read_text().splitlines()
+    lines = (out / "selfstudy.jsonl").read_bytes().splitlines()
     assert len(lines) >= 4
     # resume: train further from the last checkpoint, the conversations are not generated again
     assert main(["distill", "--out", str(out), *TINY[:-7], "--steps", "6", "--save-every", "2", "--batch-size",
                  "2", "--top-k", "4", "--backend", "torch", "--no-plot", "--resume"]) == 0
     assert (out / "checkpoint-6").is_dir()
-    assert (out / "selfstudy.jsonl").read_text().splitlines() == lines
+    assert (out / "selfstudy.jsonl").read_bytes().splitlines() == lines
     assert main(["distill", "--out", str(out), *TINY]) == 2
     assert "--resume" in capsys.readouterr().err
     # the recorded conversations again, the teacher reading the whole context's kept K/V at every step

@@ -41,8 +41,8 @@ def setup():
     return tok, base, model, corpus
 
 
-def _lines(path):
-    return path.read_text().splitlines()
+def _lines(path):  # JSONL lines: a generated text may hold U+2028 and the like, where splitlines() splits
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def test_records_resume_and_dedup(setup, tmp_path):
@@ -69,7 +69,7 @@ def test_records_resume_and_dedup(setup, tmp_path):
     out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:17])
     again = generate_selfstudy(model, tok, corpus, out, CFG, progress=False)
     assert again["already"] == 2
-    assert sorted(_lines(out)) == sorted(whole.splitlines())
+    assert sorted(_lines(out)) == sorted(line for line in whole.split("\n") if line)
     # everything there: nothing written twice
     assert generate_selfstudy(model, tok, corpus, out, CFG, progress=False)["written"] == 0
     assert len(_lines(out)) == len(lines)
@@ -94,6 +94,12 @@ def test_split_over_processes_merges_into_the_one_process_file(setup, tmp_path):
     assert merge_shards(split) == len(_lines(one))
     assert split.read_bytes() == one.read_bytes() and not shard_files(split)
     assert merge_shards(split) == 0  # nothing left to merge
+    # generated text holds any character: line and paragraph separators stay inside their record
+    first = json.loads(_lines(one)[0])
+    odd = {**first, "index": 9, "prompt": "a\u2028b\x85c\u2029d\x1ce", "prompt_ids": first["prompt_ids"] + [97]}
+    (tmp_path / "split" / "ss.rank0-of-1.jsonl").write_text(json.dumps(odd, ensure_ascii=False) + "\n")
+    assert merge_shards(split) == 1
+    assert read_records(split, vocab=len(tok))[-1]["prompt"] == odd["prompt"]
     # killed: process 1 of 2 cut mid-line, process 0 never wrote; resumed by 2 processes, then by 1
     again = tmp_path / "again" / "ss.jsonl"
     generate_selfstudy(model, tok, corpus, again, cfg, progress=False, shard=(1, 2))
