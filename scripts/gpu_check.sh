@@ -28,7 +28,8 @@
 # A Triton cache carried in .gpu/triton-cache (git-ignored: name it in the device tool's `carry`)
 # is used when present; facts.txt records how many kernels it held before and after. Whether it
 # can hit is explained in bench/TUNING.md ("Carrying a Triton cache").
-# GPU_CHECK_HANG_STAGE=NAME replaces that stage by a hang (tests of the time boxes).
+# GPU_CHECK_HANG_STAGE=NAME replaces that stage by a hang, GPU_CHECK_REPORT_RESERVE=S keeps S seconds
+# (default 30) for the report (tests of the time boxes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +50,7 @@ BUDGET=${GPU_CHECK_BUDGET:-$((340 * SCALE))}
 PY=${PYTHON:-python3}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
-REPORT_RESERVE=30  # seconds kept for the report stage
+REPORT_RESERVE=${GPU_CHECK_REPORT_RESERVE:-30}  # seconds kept for the report stage
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")

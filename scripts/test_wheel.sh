@@ -12,9 +12,20 @@ trap 'rm -rf "$WORK"' EXIT
 PY=${PYTHON:-python3}
 
 echo "== build (sdist, then the wheel from the sdist) =="
+# from a copy of the checkout's files (what git tracks and what it does not ignore), so that the build
+# writes nothing (prefixattn.egg-info) into the checkout while scripts/test_oldest.sh installs from it
+SRC="$WORK/src"
+mkdir -p "$SRC"
+if git rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2> /dev/null \
+        | tar -xf - -C "$SRC"
+else  # an unpacked sdist or a copy without git
+    tar --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude=./dist --exclude='./*.egg-info' \
+        -cf - . | tar -xf - -C "$SRC"
+fi
 "$PY" -m venv "$WORK/build-env"
 "$WORK/build-env/bin/python" -m pip install -q -c scripts/constraints.txt build
-"$WORK/build-env/bin/python" -m build -q --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1 || {
+"$WORK/build-env/bin/python" -m build -q --outdir "$WORK/dist" "$SRC" > "$WORK/build.log" 2>&1 || {
     cat "$WORK/build.log"; exit 1; }
 ls "$WORK/dist"
 version=$("$WORK/build-env/bin/python" -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")

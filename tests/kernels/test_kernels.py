@@ -188,7 +188,7 @@ def test_nondeterministic_dq_skips_the_dq_kernel(monkeypatch):
 SPLIT_CASES = [
     Case(Sq=1, Sk=300, Hq=8, Hkv=2, prefix="bank", padding="left"),  # decode over a long cache
     Case(Sq=3, Sk=260, P=0, padding="empty_row"),  # a split (or every split) sees nothing
-    Case(Sq=40, Sk=300, Hq=4, Hkv=4, D=80, softcap=4.0),  # chunked prefill, odd D
+    Case(Sq=24, Sk=300, Hq=2, Hkv=2, D=80, softcap=4.0),  # chunked prefill, odd D
     Case(Sq=5, Sk=270, causal=False, padding="right", prefix="row"),
     Case(Sq=2, Sk=280, window=150, sinks=True, D=24, Dv=40, P=3),  # window across splits, sink in split 0
     Case(Sq=1, Sk=520, window=200, P=2, Hq=8, Hkv=2, padding="left"),  # splits start at the window
