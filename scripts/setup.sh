@@ -16,14 +16,14 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
+# uv installs the rest (parallel downloads and a cache: seconds where pip took about a minute)
+[ -x "$VENV/bin/uv" ] || "$VENV/bin/python" -m pip install -q "$(grep -m1 '^uv==' "$CONSTRAINTS")"
 torch_pin=$(grep -m1 '^torch==' "$CONSTRAINTS" | cut -d= -f3)
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_pin')" 2>/dev/null; then
     # CPU build from this machine's disk where there is no GPU; on a GPU machine PyPI's CUDA build
-    "$VENV/bin/python" -m pip install -q "torch==$torch_pin"
+    bash scripts/install_torch.sh "$VENV" "$torch_pin" "$CONSTRAINTS"
 fi
-# the rest through uv (parallel downloads and a cache: seconds where pip took about a minute), at the
-# pinned versions, the installed torch kept as it is
-[ -x "$VENV/bin/uv" ] || "$VENV/bin/python" -m pip install -q "$(grep -m1 '^uv==' "$CONSTRAINTS")"
+# everything else at the pinned versions, the installed torch kept as it is
 pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
 grep -v -e '^#' -e '^torch==' "$CONSTRAINTS" > "$pins"

@@ -38,11 +38,11 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install -q)
+[ -x "$VENV/bin/uv" ] || "${PIP[@]}" "$(grep -m1 "^uv==" scripts/constraints-vllm.txt)"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    "${PIP[@]}" torch==2.13.0
+    bash scripts/install_torch.sh "$VENV" 2.13.0 scripts/constraints-vllm.txt
 fi
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
-    [ -x "$VENV/bin/uv" ] || "${PIP[@]}" "$(grep -m1 "^uv==" scripts/constraints-vllm.txt)"
     # the versions tests/serve was last green with (scripts/constraints-vllm.txt), torch as installed
     pins=$(mktemp)
     grep -v -e '^#' -e '^torch==' scripts/constraints-vllm.txt > "$pins"
