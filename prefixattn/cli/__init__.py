@@ -21,8 +21,7 @@ from .info import cmd_info
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
+    from .processes import leave_group
     from .train import train
 
     cfg = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if f != "plot"},
@@ -32,8 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_group()
     return 0
 
 

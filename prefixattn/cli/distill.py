@@ -50,7 +50,7 @@ from prefixattn.hf.context import check_context_ids
 from .distill_args import FIXED_ON_RESUME, DistillConfig
 from .model import build_base_model, byte_tokenizer, tiny_llama_config
 from .outputs import give_normal_modes, write_json_atomic
-from .processes import all_sum, barrier, world
+from .processes import all_sum, barrier, leave_group, world
 from .trainer import (
     PrefixTrainer,
     latest_complete,
@@ -341,5 +341,8 @@ def _write_outputs(cfg: DistillConfig, model: Any, report: dict[str, Any], histo
 def cmd_distill(args: argparse.Namespace) -> int:
     cfg = DistillConfig(**{f: getattr(args, f) for f in DistillConfig.__dataclass_fields__ if f != "plot"},
                         plot=not args.no_plot)
-    distill(cfg)
+    try:
+        distill(cfg)
+    finally:
+        leave_group()
     return 0

@@ -23,6 +23,13 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def leave_group() -> None:
+    """Destroy the process group the Trainer's arguments started (the Trainer leaves it to the caller),
+    once the command is done."""
+    if _group():
+        torch.distributed.destroy_process_group()
+
+
 def all_sum(values: list[float], device: torch.device | str) -> list[float]:
     """Each value summed over the processes (float64; on ``device``, where the backend wants it: NCCL
     reduces GPU tensors)."""

@@ -49,7 +49,7 @@ from .config import TrainConfig
 from .model import DTYPES, build_base_model, check_model_dir, check_tokenizer_source
 from .outputs import give_normal_modes, write_json_atomic
 from .plot import plot_losses
-from .processes import world
+from .processes import barrier, world
 from .resume import PATHS, absolute, settings_for_resume
 from .trainer import (
     PrefixTrainer,
@@ -506,6 +506,5 @@ def train(cfg: TrainConfig, log: Any = print, given: set[str] | None = None) -> 
                    else f"adapter (PEFT format): {out / 'adapter'}")
         say(f"{adapter}; prefix: {out / 'prefix.safetensors'}" + (f"; loss curve: {plot}" if plot else ""))
     with contextlib.suppress(Exception):  # the Trainer leaves the process group to the caller
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        barrier()
     return summary
