@@ -18,10 +18,10 @@ from .. import __version__
 from .config import TrainConfig
 from .distill_args import DISTILL_HELP, add_distill_arguments
 from .info import cmd_info
+from .processes import leave_group
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .processes import leave_group
     from .train import train
 
     cfg = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if f != "plot"},
